@@ -1,0 +1,1 @@
+"""Registration misalignment bundle: custom code referenced from the configs as ``scripts.*``."""

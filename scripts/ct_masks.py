@@ -1,0 +1,109 @@
+"""Body (torso) and lung masks of a chest CT from HU thresholds and morphology (METHOD.md section 2).
+
+Any decent segmentation will do for the artificial deformations: the body mask limits where the DVF, the sponge
+model and the noise act, the lung mask places the respiratory motion and the mixed-frequency edges. Arrays are
+handled in SimpleITK's numpy order (z, y, x).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+BODY_THRESHOLD_HU = -500.0  # soft tissue, bone and the chest wall lie above; outside air (-1024) and lung lie below
+LUNG_THRESHOLD_HU = -400.0  # aerated lung (about -850) and airways lie below
+MIN_BODY_ML = 500.0  # a torso is litres; less than this is an empty or all-air image
+MIN_LUNG_ML = 100.0  # two lungs hold litres; less than this means the scan shows no lung (e.g. abdomen only)
+MIN_LUNG_COMPONENT_FRACTION = 0.1  # air pockets smaller than this fraction of the largest one are bowel gas etc.
+MIN_SIZE_VOXELS = 8  # every axis must have at least this many voxels to be a 3-D scan
+
+# in-plane (y, x) connectivity only: fills holes slice by slice, so the lungs count as inside the body even though
+# the airways reach the top of the scan
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def check_3d_image(image: sitk.Image, source: str = "image") -> None:
+    """Raise ValueError naming ``source`` unless ``image`` is a scalar 3-D volume with at least 8 voxels per axis."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"{source}: expected a scalar 3-D CT volume, got a {image.GetDimension()}-D image with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s) of size {image.GetSize()}"
+        )
+    if min(image.GetSize()) < MIN_SIZE_VOXELS:
+        raise ValueError(
+            f"{source}: size {image.GetSize()} is not a 3-D volume (fewer than {MIN_SIZE_VOXELS} voxels along an axis)"
+        )
+
+
+def _voxel_ml(image: sitk.Image) -> float:
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
+def _largest_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Components of ``mask`` (26-connected) at least ``min_fraction`` the size of the largest one."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= max(1, min_fraction * sizes.max())
+    keep[0] = False
+    return keep[labels]
+
+
+def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
+    """Fill every axial slice's holes of a ``(z, y, x)`` mask (background not connected to the slice border)."""
+    labels, _ = ndimage.label(~mask, structure=_IN_PLANE)
+    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(),
+                                       labels[:, :, -1].ravel()]))  # fmt: skip
+    outside = np.isin(labels, border[border > 0])
+    return ~outside
+
+
+def body_mask_array(hu: np.ndarray) -> np.ndarray:
+    """Torso mask of a ``(z, y, x)`` HU array: threshold, largest component, in-plane hole filling (bool)."""
+    tissue = hu > BODY_THRESHOLD_HU
+    tissue = ndimage.binary_opening(tissue, structure=ndimage.generate_binary_structure(3, 1))  # cut thin table links
+    body = _largest_components(tissue, min_fraction=1.0)
+    return fill_holes_in_plane(body)
+
+
+def lung_mask_array(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Lung (and central airway) mask of a ``(z, y, x)`` HU array inside ``body``: air below -400 HU, large parts,
+    vessels filled by in-plane hole filling."""
+    air = (hu < LUNG_THRESHOLD_HU) & ndimage.binary_erosion(body, iterations=2)
+    air = ndimage.binary_opening(air, structure=ndimage.generate_binary_structure(3, 1))
+    lung = _largest_components(air, MIN_LUNG_COMPONENT_FRACTION)
+    return fill_holes_in_plane(lung) & body
+
+
+def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(mask.astype(np.uint8))
+    out.CopyInformation(reference)
+    return out
+
+
+def ct_masks(image: sitk.Image, source: str = "image") -> tuple[sitk.Image, sitk.Image]:
+    """Body and lung masks (uint8 0/1 images on the grid of ``image``, HU); clear errors naming ``source`` for a
+    2-D image, an empty or all-air image, or a scan without lung."""
+    check_3d_image(image, source)
+    hu = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(hu).all():
+        raise ValueError(f"{source}: the image holds NaN or infinite values")
+    body = body_mask_array(hu)
+    body_ml = float(body.sum()) * _voxel_ml(image)
+    if body_ml < MIN_BODY_ML:
+        raise ValueError(
+            f"{source}: empty or all-air image: only {body_ml:.0f} ml above {BODY_THRESHOLD_HU:.0f} HU "
+            f"(need {MIN_BODY_ML:.0f} ml of body); is it a CT in HU?"
+        )
+    lung = lung_mask_array(hu, body)
+    lung_ml = float(lung.sum()) * _voxel_ml(image)
+    if lung_ml < MIN_LUNG_ML:
+        raise ValueError(
+            f"{source}: no lung found: {lung_ml:.0f} ml of air inside the body (need {MIN_LUNG_ML:.0f} ml); "
+            "the artificial deformations need a chest CT with the lungs in view"
+        )
+    return _mask_image(body, image), _mask_image(lung, image)

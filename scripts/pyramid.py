@@ -1,0 +1,61 @@
+"""The 1/2/4 mm image pyramid: smoothing down-sampling with a normalised cubic B-spline kernel.
+
+Sample ``j`` of level ``s`` is centred on 1 mm voxel ``s * j`` (METHOD.md section 2), so every level shares
+the 1 mm grid's origin and a 1 mm point ``p`` with ``p % 4 == 0`` is a sample of all three levels.
+"""
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def bspline_kernel_1d(factor: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Cubic B-spline stretched by ``factor`` and normalised to sum 1 (``4 * factor - 1`` taps)."""
+    if factor == 1:
+        return torch.ones(1, dtype=dtype)
+    x = torch.arange(-2 * factor + 1, 2 * factor, dtype=torch.float64).abs() / factor
+    k = torch.where(x < 1, 2.0 / 3.0 - x**2 + x**3 / 2.0, (2.0 - x) ** 3 / 6.0)
+    return (k / k.sum()).to(dtype)
+
+
+def num_level_samples(size: int, factor: int) -> int:
+    """Samples of level ``factor`` needed so that ``factor * (m - 1) >= size - 1`` (the last 1 mm voxel is covered)."""
+    return (size - 1 + factor - 1) // factor + 1
+
+
+def smooth_downsample_with_kernel(image: torch.Tensor, kernel: torch.Tensor, factor: int) -> torch.Tensor:
+    """Down-sample ``[B, C, D, H, W]`` by ``factor`` with a separable 1-D ``kernel``; borders replicated.
+
+    The output has ``num_level_samples(n, factor)`` samples along each axis (TorchScript-compatible).
+    """
+    if factor == 1:
+        return image
+    half = kernel.numel() // 2
+    b, c = image.shape[0], image.shape[1]
+    out = image.reshape(b * c, 1, image.shape[2], image.shape[3], image.shape[4])
+    kernel = kernel.to(dtype=image.dtype, device=image.device)
+    for axis in range(3):
+        size = out.shape[2 + axis]
+        m = num_level_samples(size, factor)
+        extra = factor * (m - 1) - (size - 1)  # samples past the end need replicated voxels too
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = half
+        pad[2 * (2 - axis) + 1] = half + extra
+        out = F.pad(out, pad, mode="replicate")
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        stride = [1, 1, 1]
+        stride[axis] = factor
+        out = F.conv3d(out, kernel.reshape(shape), stride=stride)
+    return out.reshape(b, c, out.shape[2], out.shape[3], out.shape[4])
+
+
+def smooth_downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Down-sample a ``[B, C, D, H, W]`` tensor by ``factor`` (level ``factor`` of the pyramid)."""
+    return smooth_downsample_with_kernel(image, bspline_kernel_1d(factor), factor)
+
+
+def image_pyramid(image: torch.Tensor, factors: Sequence[int] = (4, 2, 1)) -> List[torch.Tensor]:
+    """The levels of ``image`` (1 mm, ``[B, C, D, H, W]``) for ``factors``, each computed from the 1 mm image."""
+    return [smooth_downsample(image, f) for f in factors]
