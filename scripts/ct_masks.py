@@ -15,7 +15,7 @@ BODY_THRESHOLD_HU = -500.0  # soft tissue, bone and the chest wall lie above; ou
 LUNG_THRESHOLD_HU = -400.0  # aerated lung (about -850) and airways lie below
 MIN_BODY_ML = 500.0  # a torso is litres; less than this is an empty or all-air image
 MIN_LUNG_ML = 100.0  # two lungs hold litres; less than this means the scan shows no lung (e.g. abdomen only)
-MIN_LUNG_COMPONENT_FRACTION = 0.1  # air pockets smaller than this fraction of the largest one are bowel gas etc.
+MIN_LUNG_COMPONENT_FRACTION = 0.25  # air pockets below this fraction of the largest one: stomach or bowel gas
 MIN_SIZE_VOXELS = 8  # every axis must have at least this many voxels to be a 3-D scan
 
 # in-plane (y, x) connectivity only: fills holes slice by slice, so the lungs count as inside the body even though
@@ -65,8 +65,9 @@ def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
 def body_mask_array(hu: np.ndarray) -> np.ndarray:
     """Torso mask of a ``(z, y, x)`` HU array: threshold, largest component, in-plane hole filling (bool)."""
     tissue = hu > BODY_THRESHOLD_HU
-    tissue = ndimage.binary_opening(tissue, structure=ndimage.generate_binary_structure(3, 1))  # cut thin table links
-    body = _largest_components(tissue, min_fraction=1.0)
+    cross = ndimage.generate_binary_structure(3, 1)
+    core = _largest_components(ndimage.binary_opening(tissue, structure=cross), min_fraction=1.0)  # cut table links
+    body = tissue & ndimage.binary_dilation(core, structure=cross, iterations=2)  # give back thin skin the opening cut
     return fill_holes_in_plane(body)
 
 

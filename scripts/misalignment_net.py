@@ -83,12 +83,12 @@ class MisalignmentNet(nn.Module):
         self.halo = 4 * ((reach + 3) // 4)  # 1 mm context a tile needs, a multiple of 4 to stay on every grid
         self.register_buffer("kernel_2mm", bspline_kernel_1d(2), persistent=False)
         self.register_buffer("kernel_4mm", bspline_kernel_1d(4), persistent=False)
-        self.background = (BACKGROUND_HU + HU_OFFSET) / HU_SCALE
+        self.tile_align = TILE_ALIGN
+        self.hu_offset, self.hu_scale, self.background_hu = HU_OFFSET, HU_SCALE, BACKGROUND_HU
 
-    @staticmethod
-    def normalize(image: torch.Tensor) -> torch.Tensor:
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """HU to network input units: (HU + 1000) / 1000."""
-        return (image + HU_OFFSET) / HU_SCALE
+        return (image + self.hu_offset) / self.hu_scale
 
     def forward_tile(self, level_inputs: List[torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, steps, n_fine, n, n, n]`` for one 1 mm latent tile from its encoder windows (HU).
@@ -130,7 +130,7 @@ class MisalignmentNet(nn.Module):
                 s, n = level_window(center[a], latent_size[a], factor)
                 start.append(s)
                 size.append(n)
-            inputs.append(crop_with_padding(levels[k], start, size, BACKGROUND_HU))
+            inputs.append(crop_with_padding(levels[k], start, size, self.background_hu))
         return inputs
 
     def pyramid(self, image: torch.Tensor) -> List[torch.Tensor]:
@@ -155,7 +155,7 @@ class MisalignmentNet(nn.Module):
         latent_size: List[int] = []
         for a in range(3):
             n = image.shape[2 + a] + 2 * self.halo
-            n = n + (1 - n) % TILE_ALIGN
+            n = n + (1 - n) % self.tile_align
             latent_size.append(n)
             center.append(-self.halo + (n - 1) // 2)
         logits = self.forward_tile(self.tile_inputs(levels, center, latent_size))

@@ -1,0 +1,45 @@
+"""Atomic file writes: every output goes to a temporary name beside the target and is renamed when complete."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import SimpleITK as sitk
+
+
+def _temporary_path(path: Path) -> Path:
+    suffix = "".join(path.suffixes) or ".tmp"  # keep .nii.gz so SimpleITK picks the right writer
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file on failure)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_path(path)
+    try:
+        with tmp.open("w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write a SimpleITK image to ``path`` (format from the extension) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_path(path)
+    try:
+        sitk.WriteImage(image, str(tmp), compress)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
