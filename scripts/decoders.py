@@ -57,7 +57,7 @@ def _cnn_head(in_channels: int, widths: Tuple[int, ...], out_channels: int) -> n
 class HierarchicalLSTMDecoder(MisalignmentDecoder):
     """ConvLSTM read coarse to fine (L4, L2, L1), one softmax head per step over the finest labels."""
 
-    def __init__(self, latent_channels: int = 112, hidden_channels: int = 32, split: str = "6-3-1") -> None:
+    def __init__(self, latent_channels: int = 112, hidden_channels: int = 16, split: str = "6-3-1") -> None:
         split_thresholds(split)  # fails early on an unknown split
         super().__init__(
             list(step_edges(split)), fine_edges(split), step_grouping_matrices(split), class_grouping_matrix(split)

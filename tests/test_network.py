@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from scripts.convlstm import ConvLSTM3dCell
 from scripts.decoders import HierarchicalLSTMDecoder, MultiScaleCNNDecoder, SingleScaleCNNDecoder
@@ -175,5 +174,3 @@ def test_network_is_torchscript_compatible():
     image = torch.rand(1, 2, 8, 8, 8) * 1000 - 1000
     with torch.no_grad():
         torch.testing.assert_close(scripted(image), net(image))
-
-
