@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import SimpleITK as sitk
 
 
 def _temporary_path(path: Path) -> Path:
-    suffix = "".join(path.suffixes) or ".tmp"  # keep .nii.gz so SimpleITK picks the right writer
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A unique hidden name beside ``path`` with the same extension (so SimpleITK picks the right writer); created
+    by the writer itself, so the file gets the usual permissions (mkstemp would make it owner-only)."""
+    suffix = "".join(path.suffixes) or ".tmp"
+    return path.with_name(f".{path.name.split('.')[0]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

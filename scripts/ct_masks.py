@@ -16,6 +16,8 @@ LUNG_THRESHOLD_HU = -400.0  # aerated lung (about -850) and airways lie below
 MIN_BODY_ML = 500.0  # a torso is litres; less than this is an empty or all-air image
 MIN_LUNG_ML = 100.0  # two lungs hold litres; less than this means the scan shows no lung (e.g. abdomen only)
 MIN_LUNG_COMPONENT_FRACTION = 0.25  # air pockets below this fraction of the largest one: stomach or bowel gas
+LUNG_CORE_MM = 5.0  # lung cores: air deeper than this; thinner links (e.g. lung base to stomach gas) are cut
+LUNG_REACH_MM = 40.0  # lung voxels lie at most this far from a core (the thin apex and recesses)
 MIN_SIZE_VOXELS = 8  # every axis must have at least this many voxels to be a 3-D scan
 
 # in-plane (y, x) connectivity only: fills holes slice by slice, so the lungs count as inside the body even though
@@ -71,12 +73,41 @@ def body_mask_array(hu: np.ndarray) -> np.ndarray:
     return fill_holes_in_plane(body)
 
 
-def lung_mask_array(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """Lung (and central airway) mask of a ``(z, y, x)`` HU array inside ``body``: air below -400 HU, large parts,
-    vessels filled by in-plane hole filling."""
+def _lung_cores(air: np.ndarray, spacing_zyx: tuple[float, ...]) -> np.ndarray:
+    """Labels of the lung cores of a ``(z, y, x)`` air mask: parts thicker than ``LUNG_CORE_MM``; large ones whose
+    centroid lies within the axial range of the largest (thick bowel gas below the diaphragm is dropped)."""
+    depth = ndimage.distance_transform_edt(air, sampling=spacing_zyx)
+    labels, count = ndimage.label(depth > LUNG_CORE_MM, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return labels
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    largest = int(sizes.argmax())
+    z_index = np.nonzero(labels == largest)[0]
+    centroids = ndimage.mean(np.indices(labels.shape)[0], labels, index=np.arange(count + 1))
+    keep = (sizes >= MIN_LUNG_COMPONENT_FRACTION * sizes[largest]) & (centroids >= z_index.min())
+    keep &= centroids <= z_index.max()
+    keep[0] = False
+    return np.where(keep[labels], labels, 0)
+
+
+def lung_mask_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: tuple[float, ...] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """Lung (and central airway) mask of a ``(z, y, x)`` HU array inside ``body`` (bool).
+
+    Air below -400 HU; thick lung cores found on a 2x coarser grid; every air voxel goes to its nearest core so
+    that gas in the bowel, even where it touches a lung base, stays out; vessels filled slice by slice.
+    """
     air = (hu < LUNG_THRESHOLD_HU) & ndimage.binary_erosion(body, iterations=2)
-    air = ndimage.binary_opening(air, structure=ndimage.generate_binary_structure(3, 1))
-    lung = _largest_components(air, MIN_LUNG_COMPONENT_FRACTION)
+    coarse_spacing = tuple(2.0 * s for s in spacing_zyx)
+    cores = _lung_cores(air[::2, ::2, ::2], coarse_spacing)
+    if not cores.any():
+        return np.zeros_like(air)
+    nearest = ndimage.distance_transform_edt(cores == 0, sampling=coarse_spacing, return_distances=False,
+                                             return_indices=True)  # fmt: skip
+    territory = cores[tuple(nearest)] > 0  # coarse voxels closer to a kept lung core than to a dropped one
+    territory &= ndimage.binary_dilation(cores > 0, iterations=int(np.ceil(LUNG_REACH_MM / min(coarse_spacing))))
+    territory = territory.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: air.shape[0], : air.shape[1], : air.shape[2]]
+    lung = _largest_components(air & territory, MIN_LUNG_COMPONENT_FRACTION)
     return fill_holes_in_plane(lung) & body
 
 
@@ -100,7 +131,7 @@ def ct_masks(image: sitk.Image, source: str = "image") -> tuple[sitk.Image, sitk
             f"{source}: empty or all-air image: only {body_ml:.0f} ml above {BODY_THRESHOLD_HU:.0f} HU "
             f"(need {MIN_BODY_ML:.0f} ml of body); is it a CT in HU?"
         )
-    lung = lung_mask_array(hu, body)
+    lung = lung_mask_array(hu, body, tuple(image.GetSpacing()[::-1]))
     lung_ml = float(lung.sum()) * _voxel_ml(image)
     if lung_ml < MIN_LUNG_ML:
         raise ValueError(

@@ -130,7 +130,9 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     except RuntimeError as err:
         raise ValueError(f"{path}: cannot read {what}: {str(err).strip().splitlines()[-1]}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: {what} must be a scalar 3-D image, got {image.GetDimension()}-D size {image.GetSize()}")
+        raise ValueError(
+            f"{path}: {what} must be a scalar 3-D image, got {image.GetDimension()}-D size {image.GetSize()}"
+        )
     return image
 
 
@@ -205,7 +207,9 @@ class ElastixPair:
     ) -> None:
         self.options = options
         spacing = options.working_spacing_mm
-        prepare = (lambda im, m=False: resample_to_working_grid(im, spacing, m)) if spacing else (lambda im, m=False: im)
+        prepare = (
+            (lambda im, m=False: resample_to_working_grid(im, spacing, m)) if spacing else (lambda im, m=False: im)
+        )
         self.fixed = sitk_to_itk(prepare(fixed))
         self.moving = sitk_to_itk(prepare(moving))
         self.fixed_mask = sitk_to_itk(prepare(fixed_mask, True), np.uint8) if fixed_mask is not None else None
@@ -347,7 +351,9 @@ def register_pair(
             maps = pair.register([bspline_parameter_map(BSPLINE_ITERATIONS[name], options)], initial=affine)
         register_s = time.perf_counter() - t0 + affine_s  # every setting includes the (shared) affine stage
         t0 = time.perf_counter()
-        image_path = atomic_write_image(deform_image(maps, moving_image, fixed_image), output_dir / f"{stem}_{name}.nii.gz")
+        image_path = atomic_write_image(
+            deform_image(maps, moving_image, fixed_image), output_dir / f"{stem}_{name}.nii.gz"
+        )
         entry = {"image": str(image_path), "registration_s": register_s, "resample_s": time.perf_counter() - t0}
         if fixed_table is not None:
             mapped = transform_points(maps, fixed_table.points(), pair.moving)

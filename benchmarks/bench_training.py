@@ -1,0 +1,153 @@
+"""Training-step throughput: samples/s, achieved GFLOP/s and its ratio to a plain conv3d peak measured in the same run.
+
+One step = forward + loss + backward + Adam update on 101^3 patches, exactly the path the training configs use
+(``PatchTrainingNetwork`` / ``AutocastInferer`` / the losses). FLOPs of forward + backward come from
+``torch.utils.flop_counter.FlopCounterMode``; the peak is a Conv3d(32 -> 32, 3^3) forward in fp32 and bf16, contiguous
+and channels-last, the fastest of which is the reference. Prints medians; run from the repository root:
+
+    python -m benchmarks.bench_training --models "['regnet','misalignment']" --batches "[1]" --repeats 3
+"""
+
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import fire
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from scripts.losses import HierarchicalCrossEntropyLoss, RegNetLoss
+from scripts.misalignment_net import MisalignmentNet
+from scripts.regnet import RegNet
+from scripts.train_engine import AutocastInferer, PatchTrainingNetwork
+
+PATCH = 101
+
+
+def _median_seconds(step: Callable[[], None], repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def conv3d_peak(size: int = 48, repeats: int = 5) -> Dict[str, float]:
+    """GFLOP/s of a Conv3d(32, 32, 3, padding=1) forward on ``[1, 32, size^3]`` in four forms (medians)."""
+    results = {}
+    flops = 2 * 32 * 32 * 27 * size**3
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for layout_name, layout in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last_3d)):
+            conv = torch.nn.Conv3d(32, 32, 3, padding=1).to(dtype=dtype, memory_format=layout)
+            x = torch.randn(1, 32, size, size, size).to(dtype=dtype, memory_format=layout)
+            with torch.no_grad():
+                seconds = _median_seconds(lambda: conv(x), repeats, warmup=2)
+            results[f"conv3d {dtype_name} {layout_name}"] = flops / seconds / 1e9
+    return results
+
+
+def _training_step(model: str, batch: int, precision: str, decoder: str, channels_last: bool) -> Callable[[], None]:
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    inferer = AutocastInferer("bfloat16" if precision == "bf16" else None)
+
+    def patch() -> torch.Tensor:
+        return (torch.rand(batch, 2, PATCH, PATCH, PATCH) * 1500 - 1000).round().to(memory_format=layout)
+
+    if model == "regnet":
+        network: torch.nn.Module = RegNet().to(memory_format=layout)
+        inputs = patch() / 1000.0 + 1.0
+        target = torch.randn(batch, 3, 21, 21, 21)
+        loss_fn: torch.nn.Module = RegNetLoss()
+    elif model == "misalignment":
+        net = MisalignmentNet(decoder=decoder)
+        network = PatchTrainingNetwork(net).to(memory_format=layout)
+        inputs = tuple(patch() for _ in range(3))
+        target = torch.rand(batch, 1, 25, 25, 25) * 12
+        loss_fn = HierarchicalCrossEntropyLoss.from_decoder(net.decoder)
+    else:
+        raise ValueError(f"unknown model {model!r}; use 'regnet' or 'misalignment'")
+    network.train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(inferer(inputs, network), target)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def training_throughput(
+    model: str, batch: int, precision: str, decoder: str = "lstm", channels_last: bool = False, repeats: int = 3
+) -> Dict[str, float]:
+    """Median seconds per step, samples/s, GFLOP per step (forward + backward) and achieved GFLOP/s."""
+    step = _training_step(model, batch, precision, decoder, channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    seconds = _median_seconds(step, repeats, warmup=1)
+    return {
+        "seconds_per_step": seconds,
+        "samples_per_s": batch / seconds,
+        "gflop_per_step": flops / 1e9,
+        "gflop_per_s": flops / seconds / 1e9,
+    }
+
+
+def run_benchmark(
+    models: Sequence[str] = ("regnet", "misalignment"),
+    batches: Sequence[int] = (1,),
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    decoder: str = "lstm",
+    channels_last: bool = False,
+    repeats: int = 3,
+    threads: int = 0,
+) -> List[Dict[str, object]]:
+    """Measure the conv3d peak, then every (model, batch, precision); print a table and one JSON line per row."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {repeats} (after 1 warm-up)")
+    peaks = conv3d_peak()
+    for name, value in peaks.items():
+        print(f"{name:32s} {value:8.1f} GFLOP/s")
+    peak_name = max(peaks, key=peaks.get)
+    peak = peaks[peak_name]
+    print(f"peak reference: {peak_name} = {peak:.1f} GFLOP/s")
+    rows: List[Dict[str, object]] = []
+    for model in models:
+        for batch in batches:
+            for precision in precisions:
+                result = training_throughput(model, batch, precision, decoder, channels_last, repeats)
+                row: Dict[str, object] = {
+                    "model": model if model == "regnet" else f"misalignment-{decoder}",
+                    "batch": batch,
+                    "precision": precision,
+                    "channels_last": channels_last,
+                    **{k: round(v, 4) for k, v in result.items()},
+                    "ratio_to_peak": round(result["gflop_per_s"] / peak, 4),
+                    "peak_reference": peak_name,
+                }
+                rows.append(row)
+                print(
+                    f"{row['model']:22s} batch {batch:2d} {precision}: {result['seconds_per_step']:7.2f} s/step "
+                    f"{result['samples_per_s']:6.3f} samples/s {result['gflop_per_step']:8.1f} GFLOP/step "
+                    f"{result['gflop_per_s']:7.1f} GFLOP/s = {100 * row['ratio_to_peak']:.0f}% of peak"
+                )
+                print(json.dumps(row))
+    return rows
+
+
+def main(**kwargs: object) -> None:
+    """Command line: the arguments of ``run_benchmark``."""
+    run_benchmark(**kwargs)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,371 @@
+"""One-command simulated benchmark on open CT (issue 5): a known deformation, elastix, landmarks, predictors, report.
+
+From a real scan NOT used for training (default: the validation scan thorax_ricord1a_419639 in ../shared/data/ct),
+make a second time point with scripts.evaluation_deformation, pick about 300 distinctive lung landmarks in the fixed
+scan (scripts.landmark_selection), register with the protocol's five settings (scripts.elastix_registration, on a
+2 mm working grid by default), get each landmark's true residual error TRE_i = || x_M^i - T(x_F^i) || from the known
+partner x_M and the registration's T, run every method of the comparison through the inference contract, score
+them with scripts.landmark_metrics and write the report (scripts.benchmark_report).
+
+Images derived from the scan stay in ``work_dir`` (outside the repository: the validation scan is CC BY-NC and must
+never be copied into it); only the report goes to ``output_dir``.
+
+CLI::
+
+    python -m scripts.simulated_benchmark --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from scripts.atomic_write import atomic_write_image
+from scripts.benchmark_report import plot_landmark_slices, write_report
+from scripts.ct_masks import ct_masks
+from scripts.elastix_registration import RegistrationOptions, parse_settings, read_image, register_pair
+from scripts.evaluation_deformation import EvaluationDeformationSettings, deform_scan, draw_deformation
+from scripts.landmark_csv import read_landmarks, table_from_points, write_landmarks
+from scripts.landmark_metrics import evaluate, load_predictions, true_classes
+from scripts.landmark_selection import select_landmarks
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CT_DIR = BUNDLE_ROOT.parent / "shared" / "data" / "ct"
+DEFAULT_SCAN = SHARED_CT_DIR / "thorax_ricord1a_419639.nii.gz"
+TRAINING_SCANS = ("thorax_popi_like_00", "thorax_lungpetctdx_A0001", "thorax_lungpetctdx_A0002")
+MAJORITY_CLASS = 0  # "correct": the most frequent class of the training pairs (60 % of patch centres, METHOD.md 6)
+
+
+@dataclass
+class MethodSpec:
+    """A method of the comparison: ``kind`` "bundle" runs the inference contract with ``weights`` and extra CLI
+    overrides; "majority" predicts one class everywhere; "pending" is not implemented yet (``reason``)."""
+
+    name: str
+    kind: str
+    weights: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+DEFAULT_METHODS = (
+    MethodSpec("LSTM 6-3-1", "bundle", "models/model.pt"),
+    MethodSpec("multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--decoder", "multi_cnn"]),
+    MethodSpec("single-scale CNN", "bundle", "models/model_single_cnn.pt", ["--decoder", "single_cnn"]),
+    MethodSpec("RegNet-t", "pending", reason="RegNet weights and the thresholding baseline do not exist yet"),
+    MethodSpec("local NCC", "pending", reason="NCC thresholds (chosen on generated training pairs) not fitted yet"),
+    MethodSpec("majority class", "majority"),
+)
+
+
+@dataclass
+class PredictorRun:
+    """Outcome of one predictor call: ``csv`` is the per-landmark prediction file when it ran."""
+
+    status: str  # "ran", "not run" or "failed"
+    csv: Path | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+
+
+def run_bundle_predictor(
+    fixed: Path,
+    moving: Path,
+    landmarks: Path,
+    output_dir: Path,
+    config_file: str | Path = "configs/inference.json",
+    weights: str | Path | None = "models/model.pt",
+    overrides: list[str] | tuple[str, ...] = (),
+    timeout_s: float = 3600.0,
+) -> PredictorRun:
+    """Run the inference contract as a subprocess in the bundle root:
+    ``python -m monai.bundle run --config_file C --fixed_image F --moving_image M --landmarks P --output_dir D``;
+    the weights go in as ``--checkpoint``; "not run" when the config or the weights are missing (untrained output
+    is never scored), "failed" when no ``<stem>_landmarks.csv`` appears."""
+    config_file = BUNDLE_ROOT / config_file
+    if not config_file.is_file():
+        return PredictorRun("not run", reason=f"{config_file} does not exist yet")
+    if weights is not None and not (BUNDLE_ROOT / weights).is_file():
+        return PredictorRun("not run", reason=f"weights {weights} do not exist yet")
+    if weights is not None:
+        overrides = ["--checkpoint", str(BUNDLE_ROOT / weights), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(config_file),
+        "--fixed_image",
+        str(fixed),
+        "--moving_image",
+        str(moving),
+        "--landmarks",
+        str(landmarks),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+    ]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return PredictorRun("failed", seconds=timeout_s, reason=f"timed out after {timeout_s:.0f} s")
+    seconds = time.perf_counter() - start
+    csv = output_dir / f"{_stem(moving)}_landmarks.csv"
+    if done.returncode != 0 or not csv.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return PredictorRun(
+            "failed", seconds=seconds, reason=f"exit {done.returncode}, no {csv.name}: {' | '.join(tail)}"
+        )
+    return PredictorRun("ran", csv, seconds)
+
+
+def run_majority(landmarks: Path, moving: Path, output_dir: Path) -> PredictorRun:
+    """The majority-class baseline: ``MAJORITY_CLASS`` for every landmark, one-hot probabilities."""
+    start = time.perf_counter()
+    table = read_landmarks(landmarks)
+    n = len(table)
+    one_hot = np.eye(3)[MAJORITY_CLASS]
+    table = table.with_column("pred", [str(MAJORITY_CLASS)] * n)
+    for k, name in enumerate(("p_correct", "p_poor", "p_wrong")):
+        table = table.with_column(name, np.full(n, one_hot[k]))
+    csv = write_landmarks(table, output_dir / f"{_stem(moving)}_landmarks.csv")
+    return PredictorRun("ran", csv, time.perf_counter() - start)
+
+
+def _check_scan(scan: Path, allow_training_scan: bool) -> None:
+    stem = _stem(scan)
+    if stem in TRAINING_SCANS and not allow_training_scan:
+        raise ValueError(f"{scan}: {stem} is a training scan; the benchmark must run on a scan not used for training")
+
+
+def _check_work_dir(work_dir: Path) -> None:
+    resolved = work_dir.resolve()
+    if resolved == BUNDLE_ROOT or BUNDLE_ROOT in resolved.parents:
+        raise ValueError(
+            f"{work_dir}: the work folder holds images derived from the scan and must lie outside the repository "
+            f"({BUNDLE_ROOT})"
+        )
+
+
+def make_pair(scan: Path, work_dir: Path, seed: int, landmarks: int, min_spacing_mm: float) -> dict:
+    """Second time point, masks, landmarks and their true partners; returns paths, parameters and seconds."""
+    start = time.perf_counter()
+    fixed = read_image(scan, "scan")
+    body, lung = ct_masks(fixed, str(scan))
+    deformation = draw_deformation(fixed, body, lung, seed, EvaluationDeformationSettings())
+    moving = deform_scan(fixed, body, lung, deformation, seed)
+    stem = _stem(scan)
+    moving_path = atomic_write_image(moving, work_dir / f"{stem}_moving.nii.gz")
+    points = select_landmarks(fixed, lung, count=landmarks, min_spacing_mm=min_spacing_mm)
+    partners = deformation.partners(points)
+    inside = np.array([_inside(fixed, p) for p in partners])
+    points, partners = points[inside], partners[inside]
+    fixed_csv = write_landmarks(table_from_points(points), work_dir / f"{stem}_fixed_landmarks.csv")
+    moving_csv = write_landmarks(table_from_points(partners), work_dir / f"{stem}_moving_landmarks.csv")
+    displacement = np.linalg.norm(partners - points, axis=1)
+    return {
+        "fixed": scan,
+        "moving": moving_path,
+        "fixed_landmarks": fixed_csv,
+        "moving_landmarks": moving_csv,
+        "deformation": deformation.parameters,
+        "landmarks": int(len(points)),
+        "landmark_displacement_mm": {"mean": float(displacement.mean()), "max": float(displacement.max())},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _inside(image: sitk.Image, point: np.ndarray) -> bool:
+    index = image.TransformPhysicalPointToContinuousIndex([float(v) for v in point])
+    return all(0 <= i <= s - 1 for i, s in zip(index, image.GetSize()))
+
+
+def _ground_truth(registration: dict) -> dict:
+    out = {}
+    for setting, entry in registration["settings"].items():
+        tre = read_landmarks(entry["points"]).float_columns(["tre"])[:, 0]
+        counts = np.bincount(true_classes(tre), minlength=3)
+        out[setting] = {
+            "counts": counts.tolist(),
+            "mean": float(tre.mean()),
+            "median": float(np.median(tre)),
+            "max": float(tre.max()),
+        }
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_methods(registration: dict, fixed: Path, work_dir: Path, methods: tuple[MethodSpec, ...]) -> dict:
+    """Run every method on every registered pair; score those that ran (per setting and total)."""
+    out = {}
+    for spec in methods:
+        entry: dict = {"kind": spec.kind}
+        if spec.kind == "pending":
+            out[spec.name] = {**entry, "status": "not run", "reason": spec.reason}
+            continue
+        folder = work_dir / "predictions" / "".join(ch if ch.isalnum() else "_" for ch in spec.name)
+        runs = {}
+        for setting, reg in registration["settings"].items():
+            moving, points = Path(reg["image"]), Path(reg["points"])
+            if spec.kind == "majority":
+                runs[setting] = run_majority(points, moving, folder)
+            else:
+                runs[setting] = run_bundle_predictor(
+                    fixed, moving, points, folder, weights=spec.weights, overrides=spec.overrides
+                )
+            if runs[setting].status != "ran":
+                break  # the same reason would repeat for every setting
+        failed = [r for r in runs.values() if r.status != "ran"]
+        entry["seconds"] = {s: r.seconds for s, r in runs.items()}
+        if failed:
+            out[spec.name] = {**entry, "status": failed[0].status, "reason": failed[0].reason}
+            continue
+        if spec.weights and (BUNDLE_ROOT / spec.weights).is_file():
+            entry["weights_sha256"] = _sha256(BUNDLE_ROOT / spec.weights)
+        predictions = [load_predictions(r.csv, setting=s) for s, r in runs.items()]
+        out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions)}
+    return out
+
+
+def _landmark_figure(registration: dict, setting: str, fixed: Path, report_dir: Path) -> Path:
+    entry = registration["settings"][setting]
+    fixed_image = sitk.ReadImage(str(fixed))
+    table = read_landmarks(entry["points"])
+    voxels = np.array([fixed_image.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in table.points()])
+    classes = true_classes(table.float_columns(["tre"])[:, 0])
+    return plot_landmark_slices(
+        sitk.GetArrayViewFromImage(fixed_image),
+        sitk.GetArrayViewFromImage(sitk.ReadImage(entry["image"])),
+        voxels,
+        classes,
+        fixed_image.GetSpacing(),
+        f"{setting}: landmarks coloured by true TRE class (green < 3 mm, yellow 3-6, red >= 6)",
+        report_dir / f"landmarks_{setting}.png",
+    )
+
+
+def run_benchmark(
+    output_dir: str = "docs/benchmark",
+    work_dir: str | None = None,
+    scan: str = str(DEFAULT_SCAN),
+    seed: int = 0,
+    landmarks: int = 300,
+    min_spacing_mm: float = 15.0,
+    setting: str = "all",
+    working_spacing_mm: float = 2.0,
+    threads: int = 2,
+    samples: int = 3000,
+    allow_training_scan: bool = False,
+    keep_work_dir: bool = True,
+    slices_in_report: bool = False,
+    methods: tuple[MethodSpec, ...] = DEFAULT_METHODS,
+) -> dict:
+    """Run the whole benchmark and write the report into ``output_dir``; returns the report dictionary. Slice
+    figures of the scan (Fig. 4 style) go to ``work_dir`` unless ``slices_in_report`` (mind the scan's licence)."""
+    total_start = time.perf_counter()
+    scan_path = Path(scan)
+    if not scan_path.is_file():
+        raise FileNotFoundError(f"{scan_path}: scan not found (is ../shared present beside the repository?)")
+    _check_scan(scan_path, allow_training_scan)
+    settings = parse_settings(setting)
+    temporary = work_dir is None
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="misalignment_benchmark_"))
+    _check_work_dir(work)
+    work.mkdir(parents=True, exist_ok=True)
+    report_dir = Path(output_dir)
+    if not report_dir.is_absolute():
+        report_dir = BUNDLE_ROOT / report_dir
+
+    pair = make_pair(scan_path, work, seed, landmarks, min_spacing_mm)
+    options = RegistrationOptions(
+        threads=threads, number_of_spatial_samples=samples, working_spacing_mm=working_spacing_mm
+    )
+    start = time.perf_counter()
+    registration = register_pair(
+        pair["fixed"],
+        pair["moving"],
+        work / "registration",
+        settings,
+        pair["fixed_landmarks"],
+        pair["moving_landmarks"],
+        options=options,
+    )
+    registration_s = time.perf_counter() - start
+    start = time.perf_counter()
+    method_results = run_methods(registration, scan_path, work, methods)
+    methods_s = time.perf_counter() - start
+    # slice images of the scan go into the report only on request: the default scan is CC BY-NC (see README there)
+    figure = _landmark_figure(registration, settings[-1], scan_path, report_dir if slices_in_report else work)
+
+    timing = {"make pair (masks, deformation, landmarks)": pair["seconds"]}
+    timing.update(
+        {f"registration {s} (incl. shared affine)": e["registration_s"] for s, e in registration["settings"].items()}
+    )
+    timing.update({f"resample {s} on the fixed grid": e["resample_s"] for s, e in registration["settings"].items()})
+    timing["registration, all settings"] = registration_s
+    for name, m in method_results.items():
+        for s, seconds in m.get("seconds", {}).items():
+            timing[f"{name} {s}"] = seconds
+    timing["all methods"] = methods_s
+    timing["total"] = time.perf_counter() - total_start
+    result = {
+        "description": (
+            f"Scan {_stem(scan_path)} (not a training scan) against a simulated second time point with a known "
+            f"deformation (respiratory + local motion, seed {seed}) and intensity changes; {pair['landmarks']} "
+            "Förstner landmarks in the lungs; elastix registration on a "
+            f"{working_spacing_mm:g} mm working grid; true TRE from the known deformation."
+        ),
+        "setup": {
+            "scan": str(scan_path),
+            "seed": seed,
+            "landmarks": pair["landmarks"],
+            "landmark_displacement_mm": pair["landmark_displacement_mm"],
+            "deformation": pair["deformation"],
+            "registration": {
+                "working_spacing_mm": working_spacing_mm,
+                "threads": threads,
+                "samples": samples,
+                "working_size": registration["working_size"],
+            },
+        },
+        "ground_truth": _ground_truth(registration),
+        "methods": method_results,
+        "figures": {"landmarks": str(figure)} if slices_in_report else {},
+        "figures_outside_report": {} if slices_in_report else {"landmarks": str(figure)},
+        "timing": timing,
+    }
+    result["files"] = write_report(result, report_dir)
+    if temporary and not keep_work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"report": result["files"]["markdown"], "timing": timing}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(run_benchmark)

@@ -1,0 +1,138 @@
+"""Pieces of the simulated benchmark on a small synthetic chest phantom (the real run takes minutes: not a test)."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from scripts.benchmark_report import write_report
+from scripts.ct_masks import ct_masks
+from scripts.evaluation_deformation import deform_scan, draw_deformation, sliding_region
+from scripts.landmark_csv import read_landmarks, table_from_points, write_landmarks
+from scripts.landmark_metrics import evaluate, load_predictions
+from scripts.landmark_selection import select_landmarks
+from scripts.simulated_benchmark import (
+    BUNDLE_ROOT,
+    MethodSpec,
+    _check_scan,
+    _check_work_dir,
+    run_bundle_predictor,
+    run_methods,
+)
+
+
+@pytest.fixture(scope="module")
+def phantom() -> sitk.Image:
+    """A 2.5 mm chest phantom (z, y, x = 64, 64, 64): soft-tissue torso, two lungs, random bright vessels."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:64, :64, :64].astype(float)
+    hu = np.full((64, 64, 64), -1024.0)
+    hu[((x - 32) / 28) ** 2 + ((y - 32) / 22) ** 2 < 1] = 40.0
+    for cx in (20, 44):
+        lung = ((x - cx) / 9) ** 2 + ((y - 32) / 14) ** 2 + ((z - 32) / 26) ** 2 < 1
+        hu[lung] = -850.0
+    for cz, cy, cx in rng.uniform([12, 22, 14], [52, 42, 50], (60, 3)):
+        blob = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < 1.5**2
+        hu[blob & (hu < -500)] = 0.0
+    image = sitk.GetImageFromArray(hu.astype(np.int16))
+    image.SetSpacing((2.5, 2.5, 2.5))
+    return image
+
+
+def test_evaluation_deformation_partners_and_size(phantom):
+    body, lung = ct_masks(phantom)
+    deformation = draw_deformation(phantom, body, lung, seed=3)
+    params = deformation.parameters
+    assert params["min_jacobian"] > 0.3
+    assert params["max_per_axis_mm"][2] > 10.0  # larger than the training maximum of 10 mm per axis
+    points = np.array([[80.0, 80.0, 60.0], [55.0, 70.0, 100.0]])
+    partners = deformation.partners(points)
+    assert np.allclose(partners + deformation.displacement(partners), points, atol=1e-3)  # x_M + v(x_M) = x_F
+    moving = deform_scan(phantom, body, lung, deformation, seed=3)
+    assert moving.GetSize() == phantom.GetSize() and moving.GetPixelID() == sitk.sitkInt16
+    again = draw_deformation(phantom, body, lung, seed=3).parameters
+    assert again["respiratory_si_mm"] == params["respiratory_si_mm"]  # seeded
+
+
+def test_landmarks_are_spread_and_in_lung(phantom):
+    _, lung = ct_masks(phantom)
+    points = select_landmarks(phantom, lung, count=20, min_spacing_mm=10.0)
+    assert points.shape == (20, 3)
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(20) * 1e9
+    assert distances.min() >= 10.0 * 0.9**3 - 1e-6  # spacing only lowered in 10 % steps if needed
+    lung_array = sitk.GetArrayViewFromImage(lung)
+    for p in points:
+        x, y, z = phantom.TransformPhysicalPointToIndex(p.tolist())
+        assert lung_array[z, y, x] == 1
+
+
+def test_predictor_not_run_without_config_or_weights(tmp_path):
+    run = run_bundle_predictor(
+        tmp_path / "f.nii.gz",
+        tmp_path / "m.nii.gz",
+        tmp_path / "p.csv",
+        tmp_path,
+        config_file="configs/does_not_exist.json",
+    )
+    assert run.status == "not run" and "does_not_exist.json" in run.reason
+    (tmp_path / "inference.json").write_text("{}")
+    run = run_bundle_predictor(
+        tmp_path / "f.nii.gz",
+        tmp_path / "m.nii.gz",
+        tmp_path / "p.csv",
+        tmp_path,
+        config_file=tmp_path / "inference.json",
+        weights="models/none_such.pt",
+    )
+    assert run.status == "not run" and "none_such.pt" in run.reason
+
+
+def test_majority_and_report(tmp_path):
+    tre = np.array([1.0, 2.0, 4.0, 8.0])
+    registration = {"settings": {}}
+    for setting in ("affine", "bspline20"):
+        points = write_landmarks(
+            table_from_points(np.zeros((4, 3)), {"tre": tre}), tmp_path / f"s_{setting}_points.csv"
+        )
+        registration["settings"][setting] = {"image": str(tmp_path / f"s_{setting}.nii.gz"), "points": str(points)}
+    methods = (MethodSpec("majority class", "majority"), MethodSpec("RegNet-t", "pending", reason="no weights"))
+    results = run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods)
+    majority = results["majority class"]
+    assert majority["status"] == "ran"
+    assert majority["scores"]["total"]["accuracy"] == pytest.approx(0.5)
+    assert majority["scores"]["total"]["cw"] == 2
+    csv = tmp_path / "predictions" / "majority_class" / "s_affine_landmarks.csv"
+    assert read_landmarks(csv, required=("pred", "p_correct", "p_poor", "p_wrong", "tre")).values["pred"] == ["0"] * 4
+    assert load_predictions(csv).setting == "affine"
+    assert results["RegNet-t"] == {"kind": "pending", "status": "not run", "reason": "no weights"}
+    result = {
+        "methods": results,
+        "ground_truth": {"affine": {"counts": [2, 1, 1], "mean": 3.75, "median": 3.0, "max": 8.0}},
+        "timing": {"total": 1.0},
+    }
+    files = write_report(result, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| total | majority class | " in text and "**RegNet-t**: not run (no weights)" in text
+    assert (tmp_path / "report" / "confusion_majority_class.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["methods"]["RegNet-t"]["status"] == "not run"
+    assert set(files) >= {"markdown", "json"}
+    assert evaluate([load_predictions(csv)])["affine"]["n"] == 4
+
+
+def test_guards(tmp_path):
+    with pytest.raises(ValueError, match="training scan"):
+        _check_scan(tmp_path / "thorax_popi_like_00.nii.gz", allow_training_scan=False)
+    with pytest.raises(ValueError, match="outside the repository"):
+        _check_work_dir(BUNDLE_ROOT / "work")
+    _check_work_dir(tmp_path)  # outside the repository: fine
+
+
+def test_sliding_region_moves_lung_and_below_only():
+    lung = np.zeros((10, 5, 5), dtype=bool)
+    lung[4:7, 2, 2] = True  # one lung column, z index 0 inferior
+    body = np.ones_like(lung)
+    region = sliding_region(lung, body)
+    assert region[0, 2, 2] and region[7, 2, 2]  # below the lung, and its one-voxel dilation
+    assert not region[9, 2, 2] and not region[5, 0, 0]  # above the lung, chest wall beside it
+    assert np.array_equal(sliding_region(lung[::-1], body, inferior_first=False), region[::-1])
