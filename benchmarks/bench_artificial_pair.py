@@ -69,7 +69,9 @@ def main(
     for dvf_type in [types] if isinstance(types, str) else types:
         for _ in range(repeats):
             row = {}
-            dvf, row["dvf"] = _timed(draw_dvf, rng, dvf_type, 3, coarse_image, coarse_body, coarse_lung, spacing, settings)
+            dvf, row["dvf"] = _timed(
+                draw_dvf, rng, dvf_type, 3, coarse_image, coarse_body, coarse_lung, spacing, settings
+            )
             dvf_image = dvf_to_sitk(dvf, image)
             warped, row["warp (cubic)"] = _timed(warp_image, image, dvf_image)
             warped_body, row["warp body (nearest)"] = _timed(warp_mask, body, dvf_image)

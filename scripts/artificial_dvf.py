@@ -25,6 +25,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from scipy import ndimage
 
+from scripts.pyramid import smooth_downsample
+
 DVF_GRID_FACTOR = 2  # the DVF lives on every 2nd image voxel (2 mm for a 1 mm image)
 REFERENCE_LUNG_ML = 4000.0  # mixed frequency: lung volume for which the original iteration counts are used
 DVF_TYPES = ("single_frequency", "mixed_frequency", "respiratory_motion", "identity")
@@ -148,7 +150,9 @@ def bspline_basis(num_samples: int, spacing_mm: float, num_cells: int) -> np.nda
     return _cubic_bspline(position[:, None] - (np.arange(num_cells + 3)[None, :] - 1)).astype(np.float32)
 
 
-def evaluate_bspline(coefficients: np.ndarray, shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...]) -> np.ndarray:
+def evaluate_bspline(
+    coefficients: np.ndarray, shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...]
+) -> np.ndarray:
     """Dense ``[C, z, y, x]`` field of uniform cubic B-spline ``coefficients`` ``[C, cz, cy, cx]`` spanning the grid.
 
     Own code because the tensor-product evaluation is three small matrix products, about 100x faster than
@@ -215,8 +219,6 @@ def to_coarse_mask(mask: np.ndarray, factor: int = DVF_GRID_FACTOR) -> np.ndarra
 
 def to_coarse_image(image: np.ndarray, factor: int = DVF_GRID_FACTOR) -> np.ndarray:
     """Image on the coarse grid with the pyramid's smoothing down-sampling (scripts.pyramid)."""
-    from scripts.pyramid import smooth_downsample
-
     return smooth_downsample(torch.tensor(np.asarray(image), dtype=torch.float32)[None, None], factor)[0, 0].numpy()
 
 

@@ -118,6 +118,21 @@ def ground_truth_markdown(truth: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _rounded(value, digits: int = 2):
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def setup_markdown(setup: dict) -> str:
+    """One bullet per setup entry, nested values as compact JSON with floats rounded to 0.01."""
+    return "\n".join(f"- **{k}**: `{json.dumps(_rounded(v), ensure_ascii=False)}`" for k, v in setup.items())
+
+
 def timing_markdown(timing: dict) -> str:
     """Seconds per stage."""
     lines = ["| stage | seconds |", "|---|---|"]
@@ -139,9 +154,7 @@ def write_report(result: dict, output_dir: str | Path) -> dict[str, str]:
         "",
         "## Setup",
         "",
-        "```json",
-        json.dumps(result.get("setup", {}), indent=1),
-        "```",
+        setup_markdown(result.get("setup", {})),
         "",
         "## Ground truth: landmarks per class (true TRE)",
         "",
@@ -169,11 +182,9 @@ def write_report(result: dict, output_dir: str | Path) -> dict[str, str]:
             "",
             f"![confusion {name}]({png.name})",
             "",
-            f"## {name}: Table 4, per LSTM step (all settings)",
-            "",
-            table4_markdown(m["scores"]),
-            "",
         ]
+        if m["scores"][TOTAL].get("steps"):  # only the LSTM decoder has per-step outputs
+            sections += [f"## {name}: Table 4, per LSTM step (all settings)", "", table4_markdown(m["scores"]), ""]
     for name, path in result.get("figures", {}).items():
         sections += [f"![{name}]({Path(path).name})", ""]
     for name, path in result.get("figures_outside_report", {}).items():

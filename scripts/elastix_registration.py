@@ -49,6 +49,9 @@ class RegistrationOptions:
     threads: int = 2
     working_spacing_mm: float | None = None  # None: register at the images' own resolution
     default_value: float = BACKGROUND_HU  # deformed image outside the moving scan
+    # ASGD step-size estimation: "DisplacementDistribution" (Qiao et al. 2016) took 8 s where elastix's default
+    # "Original" took 74 s for one B-spline stage of the validation scan at 2 mm on 2 busy cores
+    asgd_estimation: str = "DisplacementDistribution"
 
 
 def parse_settings(setting: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -70,6 +73,7 @@ def _common_map(options: RegistrationOptions, iterations: int) -> dict[str, list
         "NumberOfHistogramBins": [str(options.number_of_histogram_bins)],
         "Optimizer": ["AdaptiveStochasticGradientDescent"],
         "AutomaticParameterEstimation": ["true"],
+        "ASGDParameterEstimationMethod": [options.asgd_estimation],
         "MaximumNumberOfIterations": [str(iterations)],
         "NumberOfResolutions": [str(options.number_of_resolutions)],
         "FixedImagePyramid": ["FixedSmoothingImagePyramid"],
@@ -138,7 +142,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
 
 def sitk_to_itk(image: sitk.Image, pixel_type: type = np.float32) -> itk.Image:
     """Same voxels and geometry as an itk image (numpy order (z, y, x) is shared by both libraries)."""
-    out = itk.image_from_array(np.ascontiguousarray(sitk.GetArrayViewFromImage(image), dtype=pixel_type))
+    out = itk.image_from_array(np.array(sitk.GetArrayViewFromImage(image), dtype=pixel_type))  # a copy, never a view
     out.SetOrigin(image.GetOrigin())
     out.SetSpacing(image.GetSpacing())
     out.SetDirection(itk.matrix_from_array(np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)))
@@ -385,6 +389,7 @@ def main(
     seed: int = RegistrationOptions.random_seed,
     samples: int = RegistrationOptions.number_of_spatial_samples,
     affine_iterations: int = RegistrationOptions.affine_iterations,
+    asgd_estimation: str = RegistrationOptions.asgd_estimation,
 ) -> None:
     """CLI: register with the named setting(s) (``all``, ``affine``, ``bspline20``, ... or a comma list); prints
     the seconds per setting."""
@@ -393,6 +398,7 @@ def main(
         random_seed=int(seed),
         number_of_spatial_samples=int(samples),
         affine_iterations=int(affine_iterations),
+        asgd_estimation=str(asgd_estimation),
         working_spacing_mm=float(working_spacing_mm) if working_spacing_mm else None,
     )
     log = register_pair(

@@ -1,13 +1,13 @@
 """The evaluation "second time point": a realistic, known deformation of a real scan plus intensity changes.
 
 Used only by the simulated benchmark, never for training. Its settings are disjoint from the training generators
-(METHOD.md section 6, maximum 10 mm per axis): respiratory motion with a cranio-caudal amplitude of 15-25 mm at the
-lung base that moves lungs and abdomen but not the chest wall (sliding along the pleura, which smooth B-splines
-cannot follow exactly), an antero-posterior scaling of 6-10 %, plus local random motion on a 24 mm grid of up to
-6-9 mm per axis (scaled down until nothing folds);
-seeds are drawn from their own namespace (``EVALUATION_SEED_SPACE``). Own code on numpy/scipy because the training
-generators (scripts/artificial_dvf.py) did not exist when this was written; the field is a dense displacement on a
-coarse grid wrapped in a SimpleITK DisplacementFieldTransform, so it can be evaluated exactly at any point.
+(METHOD.md section 6, maximum 10 mm per axis): respiratory motion with a cranio-caudal amplitude of 12-25 mm at
+the lung base, drawn per side (right/left hemidiaphragm), that moves lungs and abdomen but not the chest wall
+(sliding along the pleura, which smooth B-splines cannot follow exactly), an antero-posterior scaling of 6-10 %,
+plus local random motion on a 24 mm grid of up to 6-9 mm per axis (scaled down until nothing folds); seeds come
+from their own namespace (``EVALUATION_SEED_SPACE``). Own code on numpy/scipy because the training generators
+(scripts/artificial_dvf.py) did not exist when this was written; the field is a dense displacement on a coarse
+grid wrapped in a SimpleITK DisplacementFieldTransform, so it can be evaluated exactly at any point.
 
 Convention: the moving image is I_M(y) = I_F(y + v(y)) (SimpleITK resampling, v defined on the moving side); the
 true partner x_M of a fixed point x_F solves x_M + v(x_M) = x_F (fixed-point iteration, v is smooth and small).
@@ -31,7 +31,8 @@ class EvaluationDeformationSettings:
     """Ranges of the evaluation deformation (all larger or different from the training ones)."""
 
     field_spacing_mm: float = 4.0  # grid of the dense displacement field
-    respiratory_si_mm: tuple[float, float] = (15.0, 25.0)  # cranio-caudal amplitude at the lung base
+    respiratory_si_mm: tuple[float, float] = (12.0, 25.0)  # cranio-caudal amplitude at the lung base, per side
+    midline_width_mm: float = 10.0  # the right/left amplitudes blend across the midline (logistic width)
     respiratory_ap_scale: tuple[float, float] = (0.06, 0.10)  # antero-posterior scaling at the lung base
     local_grid_mm: float = 24.0
     local_max_mm: tuple[float, float] = (6.0, 9.0)  # per axis
@@ -142,8 +143,11 @@ def draw_deformation(
         region = ndimage.gaussian_filter(region, s.sliding_sigma_mm / h) * body_c
     else:
         region = broad
-    si = rng.uniform(*s.respiratory_si_mm)
+    si_right, si_left = rng.uniform(*s.respiratory_si_mm, size=2)  # the two hemidiaphragms move differently
     ap = rng.uniform(*s.respiratory_ap_scale)
+    x_mid = lung_points[:, 0].mean()  # LPS: +x is the patient's left
+    left = 1.0 / (1.0 + np.exp(-(points[..., 0] - x_mid) / s.midline_width_mm))
+    si = si_right * (1.0 - left) + si_left * left
     field = np.zeros((nz, ny, nx, 3))
     field[..., 2] = -si * fade * region  # exhale: structures of I_M lie higher, so I_M(y) samples I_F lower
     field[..., 1] = ap * (points[..., 1] - y_centre) * fade * broad  # a sharp AP step would fold at the pleura
@@ -174,7 +178,7 @@ def draw_deformation(
     transform.SetInterpolator(sitk.sitkLinear)
     parameters = {
         "seed": int(seed),
-        "respiratory_si_mm": si,
+        "respiratory_si_mm": {"right": si_right, "left": si_left},
         "respiratory_ap_scale": ap,
         "local_max_mm": local_max * scale,
         "max_displacement_mm": float(np.linalg.norm(total, axis=-1).max()),
@@ -211,7 +215,7 @@ def deform_scan(
     hu = sitk.GetArrayFromImage(warped)
     in_lung = sitk.GetArrayViewFromImage(lung_moving) > 0
     in_body = sitk.GetArrayViewFromImage(body_moving) > 0
-    jac = np.clip(sitk.GetArrayViewFromImage(jacobian_image(deformation, fixed)), *s.sponge_clip)
+    jac = np.clip(sitk.GetArrayFromImage(jacobian_image(deformation, fixed)), *s.sponge_clip)  # copy: temporary image
     # density (HU + 1000) scales with the volume ratio: where I_M samples a larger I_F volume, the tissue is denser
     hu[in_lung] = (hu[in_lung] + 1000.0) * jac[in_lung] - 1000.0
     scale = rng.uniform(*s.intensity_scale)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -167,9 +168,19 @@ def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
     if min(size) < MIN_SIZE_VOXELS:
         raise InputError(f"{role} {path}: expected a 3-D volume, got size {size} (a 2-D slice?)")
     image = sitk.Cast(image, sitk.sitkFloat32)
-    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all() or _nifti_has_nan(path):
         raise InputError(f"{role} {path}: the image holds NaN or infinite values")
     return image
+
+
+def _nifti_has_nan(path: Path) -> bool:
+    """ITK's NIfTI reader turns NaN into 0, so a floating-point NIfTI file is checked again with nibabel."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return False
+    data = nib.load(str(path))
+    if not np.issubdtype(data.get_data_dtype(), np.floating):
+        return False
+    return not np.isfinite(np.asanyarray(data.dataobj)).all()
 
 
 def check_overlap(
@@ -184,8 +195,9 @@ def check_overlap(
     if fraction <= 0:
         raise InputError(
             f"{role} {moving_path} does not overlap the fixed image {fixed_path} in space: fixed spans "
-            f"{np.round(f_lo, 1).tolist()} to {np.round(f_hi, 1).tolist()} mm, {role} spans {np.round(m_lo, 1).tolist()}"
-            f" to {np.round(m_hi, 1).tolist()} mm (LPS); check the origins and directions in the headers"
+            f"{np.round(f_lo, 1).tolist()} to {np.round(f_hi, 1).tolist()} mm, {role} spans "
+            f"{np.round(m_lo, 1).tolist()} to {np.round(m_hi, 1).tolist()} mm (LPS); check the origins and directions "
+            "in the headers"
         )
     return fraction
 

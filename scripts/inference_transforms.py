@@ -146,7 +146,10 @@ class SaveLandmarkPredictionsd(_OutputWriter):
         table = read_landmarks(landmarks_path)
         step_values = None if steps is None else sample_nearest(steps, grid, table.points())
         path = write_landmark_predictions(
-            self.output_path(d, "landmarks.csv"), table, sample_nearest(probabilities, grid, table.points()), step_values
+            self.output_path(d, "landmarks.csv"),
+            table,
+            sample_nearest(probabilities, grid, table.points()),
+            step_values,
         )
         logger.info("wrote %s", path)
         return d
@@ -189,18 +192,24 @@ class SaveOverlayd(_OutputWriter):
         return d
 
 
+class BadInputExit(SystemExit):
+    """Ends a bundle run on a bad input with one message naming the file and the problem (the original error is
+    the ``__cause__``). A SystemExit, so that MONAI's config machinery does not wrap it in RuntimeErrors."""
+
+
 def run_reporting_input_errors(evaluator: Any) -> Any:
-    """Run ``evaluator``; a bad input (an ``InputError``, ``ValueError`` or ``OSError`` at the root of the chain)
-    surfaces as itself, naming the file and the problem, instead of the RuntimeError chain that MONAI's transform
-    machinery wraps around it."""
+    """Run ``evaluator``; a bad input (an ``InputError``, ``ValueError`` or ``OSError`` at the root of the chain
+    of errors that MONAI's transform machinery wraps around it) ends the run with ``BadInputExit`` whose message is
+    that error's: the file and the problem."""
     try:
         return evaluator.run()
     except Exception as error:
         root: BaseException = error
         while root.__cause__ is not None:
             root = root.__cause__
-        if root is not error and isinstance(root, (InputError, ValueError, OSError)):
-            raise root from None
+        if isinstance(root, (InputError, ValueError, OSError)):
+            logger.error("bad input: %s", root)
+            raise BadInputExit(f"bad input: {root}") from root
         raise
 
 

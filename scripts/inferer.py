@@ -40,12 +40,109 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def inference_copy(network: nn.Module, precision: str = "float32", channels_last: bool = True) -> nn.Module:
-    """An eval-mode copy of ``network`` prepared for fast CPU/GPU inference: BatchNorm folded, weights in
-    ``precision`` ("float32" or "bfloat16"), channels-last-3d memory format."""
+class FusedConvReLU3d(nn.Module):
+    """``relu(conv3d(x))`` in one oneDNN call (post-op fusion, one pass less over memory) on CPU; plain PyTorch
+    elsewhere. Own module because PyTorch's eager API has no fused 3-D convolution + ReLU."""
+
+    def __init__(self, conv: nn.Conv3d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if x.device.type == "cpu" and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "relu", [], ""
+            )
+        return torch.relu(conv(x))
+
+
+def fuse_conv_relu(module: nn.Module) -> nn.Module:
+    """Replace every ``Conv3d -> [Identity] -> ReLU`` run inside ``nn.Sequential`` blocks by ``FusedConvReLU3d``."""
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return module
+    for child in module.children():
+        if isinstance(child, nn.Sequential):
+            items = list(child)
+            for i, item in enumerate(items):
+                if not isinstance(item, nn.Conv3d):
+                    continue
+                j = i + 1
+                while j < len(items) and isinstance(items[j], nn.Identity):
+                    j += 1
+                if j < len(items) and isinstance(items[j], nn.ReLU):
+                    child[i] = FusedConvReLU3d(item)
+                    child[j] = nn.Identity()
+        fuse_conv_relu(child)
+    return module
+
+
+class FastConvLSTM3dCell(nn.Module):
+    """Inference form of ``scripts.convlstm.ConvLSTM3dCell`` with the same weights and result: from the zero state
+    only the input part of the gate convolution runs and the forget gate is skipped (``c = 0``); otherwise the
+    input and hidden state are concatenated in one memory format (a mixed-format ``cat`` is slow on CPU)."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        gates: nn.Conv3d = cell.gates
+        hidden = cell.hidden_channels
+        self.hidden_channels = hidden
+        self.forget_bias = float(cell.forget_bias)
+        self.gates = gates
+        inputs = gates.in_channels - hidden
+        keep = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden)])  # i, j, o
+        self.first = nn.Conv3d(
+            inputs, 3 * hidden, gates.kernel_size, padding=gates.padding, bias=gates.bias is not None
+        )
+        with torch.no_grad():
+            self.first.weight.copy_(gates.weight[keep, :inputs])
+            if gates.bias is not None:
+                self.first.bias.copy_(gates.bias[keep])
+        self.first.to(device=gates.weight.device, dtype=gates.weight.dtype)
+
+    def forward(
+        self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Advance one step; returns the new ``(h, c)``."""
+        if state is None:
+            i, j, o = torch.chunk(self.first(x), 3, dim=1)
+            c = torch.sigmoid(i) * torch.tanh(j)
+        else:
+            h, c = state
+            stacked = torch.cat([x, h.contiguous(memory_format=_memory_format(x))], dim=1)
+            i, j, f, o = torch.chunk(self.gates(stacked), 4, dim=1)
+            c = c * torch.sigmoid(f + self.forget_bias) + torch.sigmoid(i) * torch.tanh(j)
+        return torch.tanh(c) * torch.sigmoid(o), c
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def fast_lstm_cells(module: nn.Module) -> nn.Module:
+    """Replace every ``ConvLSTM3dCell`` (by its attributes ``gates``, ``hidden_channels``, ``forget_bias``) by
+    ``FastConvLSTM3dCell``."""
+    for name, child in module.named_children():
+        if type(child).__name__ == "ConvLSTM3dCell" and hasattr(child, "gates") and hasattr(child, "forget_bias"):
+            setattr(module, name, FastConvLSTM3dCell(child))
+        else:
+            fast_lstm_cells(child)
+    return module
+
+
+def inference_copy(
+    network: nn.Module, precision: str = "float32", channels_last: bool = True, fuse: bool = True
+) -> nn.Module:
+    """An eval-mode copy of ``network`` prepared for fast inference, same results up to rounding: BatchNorm folded
+    into the convolutions, (with ``fuse``) convolution + ReLU fused and the ConvLSTM's zero-state step shortened,
+    weights in ``precision`` ("float32" or "bfloat16"), channels-last-3d memory format."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
     prepared = fold_batch_norm(copy.deepcopy(network).eval())
+    if fuse:
+        prepared = fast_lstm_cells(fuse_conv_relu(prepared))
     prepared = prepared.to(dtype=PRECISIONS[precision])
     if channels_last:
         prepared = prepared.to(memory_format=torch.channels_last_3d)

@@ -10,7 +10,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.losses import BendingEnergyLoss
 
 
 def step_labels(magnitude: torch.Tensor, edges: Sequence[float]) -> torch.Tensor:
@@ -74,17 +73,43 @@ class HierarchicalCrossEntropyLoss(nn.Module):
         return self.step_losses(logits, magnitude).sum()
 
 
+def bending_energy(dvf: torch.Tensor) -> torch.Tensor:
+    """Mean over voxels and components of sum_ij (d2u/dxi dxj)^2, finite differences in voxel units.
+
+    ``dvf [B, 3, D, H, W]``. Same stencils and value as MONAI's ``BendingEnergyLoss`` ([1, -2, 1] and the compact
+    mixed 4-point stencil, interior voxels), written with tuple indexing: MONAI 1.6.1 indexes with lists, which
+    torch deprecates with a warning on every call.
+    """
+    inner = (slice(1, -1),) * 3
+
+    def shifted(**offsets: int) -> torch.Tensor:
+        index = [slice(1 + offsets.get(f"a{a}", 0), dvf.shape[2 + a] - 1 + offsets.get(f"a{a}", 0)) for a in range(3)]
+        return dvf[(slice(None), slice(None), *index)]
+
+    centre = dvf[(slice(None), slice(None), *inner)]
+    energy = torch.zeros_like(centre)
+    for a in range(3):
+        energy = energy + (shifted(**{f"a{a}": 1}) - 2 * centre + shifted(**{f"a{a}": -1})) ** 2
+        for b in range(a + 1, 3):
+            mixed = (
+                shifted(**{f"a{a}": 1, f"a{b}": 1})
+                - shifted(**{f"a{a}": 1, f"a{b}": -1})
+                - shifted(**{f"a{a}": -1, f"a{b}": 1})
+                + shifted(**{f"a{a}": -1, f"a{b}": -1})
+            ) / 4.0
+            energy = energy + 2 * mixed**2
+    return energy.mean()
+
+
 class RegNetLoss(nn.Module):
     """Huber(delta) on the displacement field plus ``bending_weight`` x bending energy of the prediction.
 
-    The bending energy is MONAI's ``BendingEnergyLoss`` (finite second differences in voxel units, mean over voxels
-    and components); METHOD.md section 4: delta 1, weight 0.1.
+    METHOD.md section 4: delta 1, weight 0.1; ``bending_energy`` is in voxel units (mean over voxels, components).
     """
 
     def __init__(self, delta: float = 1.0, bending_weight: float = 0.1) -> None:
         super().__init__()
         self.huber = nn.HuberLoss(delta=delta)
-        self.bending = BendingEnergyLoss()
         self.bending_weight = bending_weight
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -92,4 +117,4 @@ class RegNetLoss(nn.Module):
         if pred.shape != target.shape:
             raise ValueError(f"predicted DVF {tuple(pred.shape)} and target DVF {tuple(target.shape)} differ in shape")
         pred = pred.float()
-        return self.huber(pred, target.float()) + self.bending_weight * self.bending(pred)
+        return self.huber(pred, target.float()) + self.bending_weight * bending_energy(pred)

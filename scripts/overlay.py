@@ -11,18 +11,15 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from scripts.constants import CLASS_NAMES  # noqa: E402
-from scripts.image_io import Grid, atomic_output  # noqa: E402
-from scripts.landmark_csv import LandmarkTable  # noqa: E402
-from scripts.landmarks import true_classes as landmark_classes  # noqa: E402
+from scripts.constants import CLASS_NAMES
+from scripts.image_io import Grid, atomic_output
+from scripts.landmark_csv import LandmarkTable
+from scripts.landmarks import true_classes as landmark_classes
 
 CLASS_COLOURS = ("#1fb41f", "#ffd21f", "#e8221f")  # correct green, poor yellow, wrong red
 CLASS_LABELS = ("correct [0,3) mm", "poor [3,6) mm", "wrong [6,inf) mm")
@@ -31,14 +28,14 @@ SLAB_MM = 3.0  # landmarks within this distance of a slice are drawn on it
 MAP_ALPHA = 0.45
 
 
-def choose_slices(labels: np.ndarray, landmark_index: Optional[np.ndarray]) -> Tuple[int, int]:
-    """Axial (z) and coronal (y) slice: the ones holding the most landmarks, else the mask's centre of mass.
-
-    ``labels``: ``(z, y, x)`` with -1 outside the mask; ``landmark_index``: ``[N, 3]`` continuous (x, y, z)."""
+def choose_slices(labels: np.ndarray, landmark_index: Optional[np.ndarray], slab: float = SLAB_MM) -> Tuple[int, int]:
+    """Axial (z) and coronal (y) slice: the ones with the most landmarks within ``slab`` voxels, else the mask's
+    centre of mass. ``labels``: ``(z, y, x)`` with -1 outside the mask; ``landmark_index``: ``[N, 3]`` continuous
+    (x, y, z) indices."""
     if landmark_index is not None and len(landmark_index):
         z, y = landmark_index[:, 2], landmark_index[:, 1]
-        counts_z = [np.sum(np.abs(z - k) <= SLAB_MM) for k in range(labels.shape[0])]
-        counts_y = [np.sum(np.abs(y - k) <= SLAB_MM) for k in range(labels.shape[1])]
+        counts_z = [np.sum(np.abs(z - k) <= slab) for k in range(labels.shape[0])]
+        counts_y = [np.sum(np.abs(y - k) <= slab) for k in range(labels.shape[1])]
         return int(np.argmax(counts_z)), int(np.argmax(counts_y))
     inside = np.argwhere(labels >= 0)
     if len(inside) == 0:
@@ -77,13 +74,15 @@ def save_overlay(
     """
     index = None if landmarks is None else grid.continuous_index(landmarks.points())
     true_classes = None if landmarks is None else landmark_classes(landmarks)
-    z, y = choose_slices(labels, index)
+    slab = SLAB_MM / min(grid.spacing)
+    z, y = choose_slices(labels, index, slab)
     cmap = ListedColormap(CLASS_COLOURS)
     views = [
         ("axial", lambda v: v[z], (1, 0), False),  # rows y (anterior up), columns x (patient left on the right)
         ("coronal", lambda v: v[:, y], (2, 0), True),  # rows z (head up), columns x
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(13.5, 10), dpi=90, layout="constrained")
+    fig = Figure(figsize=(13.5, 10), dpi=90, layout="constrained")
+    axes = fig.subplots(2, 3)
     for row, (name, take, (row_axis, col_axis), flip) in enumerate(views):
         fixed, moving, lab = take(image[0]), take(image[1]), take(labels)
         rows, cols = _crop_box(lab >= 0)
@@ -99,7 +98,7 @@ def save_overlay(
             if index is not None and col > 0:
                 depth = index[:, 2] if name == "axial" else index[:, 1]
                 level = z if name == "axial" else y
-                near = np.abs(depth - level) <= SLAB_MM
+                near = np.abs(depth - level) <= slab
                 colours = ["white"] * len(index) if true_classes is None else [CLASS_COLOURS[c] for c in true_classes]
                 r = index[near, row_axis] - (rows.start or 0)
                 c = index[near, col_axis] - (cols.start or 0)
@@ -111,17 +110,19 @@ def save_overlay(
     handles = [Patch(color=c, label=t) for c, t in zip(CLASS_COLOURS, CLASS_LABELS)]
     legend_title = "map (and landmark true class)" if true_classes is not None else "map"
     fig.legend(handles=handles, loc="outside lower center", ncol=3, title=legend_title, fontsize=10)
-    if trained:
-        fig.suptitle(f"{title}: misalignment map ({', '.join(CLASS_NAMES)})", fontsize=13)
-    else:
-        fig.suptitle(
-            f"{title}: UNTRAINED WEIGHTS - NOT A PREDICTION\n(models/model.pt not found; the map only shows that the "
-            "pipeline runs)",
-            fontsize=14,
-            color="#c00000",
-            fontweight="bold",
-        )
+    text, colour = overlay_title(title, trained)
+    fig.suptitle(text, fontsize=13 if trained else 14, color=colour, fontweight="normal" if trained else "bold")
     with atomic_output(path) as temporary:
         fig.savefig(temporary, format="png")
-    plt.close(fig)
     return Path(path)
+
+
+def overlay_title(title: str, trained: bool) -> Tuple[str, str]:
+    """The PNG's title and its colour: plainly "UNTRAINED WEIGHTS - NOT A PREDICTION" (red) without trained weights."""
+    if trained:
+        return f"{title}: misalignment map ({', '.join(CLASS_NAMES)})", "black"
+    return (
+        f"{title}: UNTRAINED WEIGHTS - NOT A PREDICTION\n(models/model.pt not found; the map only shows that the "
+        "pipeline runs)",
+        "#c00000",
+    )

@@ -24,7 +24,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from scripts.artificial_dvf import dvf_from_sitk
 from scripts.constants import BACKGROUND_HU, CLASS_THRESHOLDS_MM, FIXED_CHANNEL, LATENT_SIZE, PATCH_SIZE
-from scripts.pyramid import image_pyramid
+from scripts.pyramid import smooth_downsample
 
 LEVELS = (4, 2, 1)
 CENTRE_STEP = 4  # centres on multiples of 4 (1 mm voxels) are samples of every level
@@ -46,13 +46,14 @@ def _axis_weights(index: np.ndarray, factor: int, size: int) -> tuple[np.ndarray
 def dvf_at_voxels(coarse: np.ndarray, factor: int, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Dense field ``[3, len(z), len(y), len(x)]`` at the 1 mm voxel grid ``z x y x x`` from the coarse ``[3, ...]``
     field whose sample j lies on voxel ``factor * j`` (linear in between; outside: nearest edge)."""
-    out = coarse
-    for axis, index in enumerate((z, y, x)):
-        lo, hi, w = _axis_weights(np.asarray(index), factor, coarse.shape[1 + axis])
+    weights = [_axis_weights(np.asarray(i), factor, n) for i, n in zip((z, y, x), coarse.shape[1:])]
+    box = tuple(slice(int(lo.min()), int(hi.max()) + 1) for lo, hi, _ in weights)
+    out = coarse[(slice(None),) + box]  # only the block that is needed
+    for axis, ((lo, hi, w), b) in enumerate(zip(weights, box)):
         shape = [1, 1, 1, 1]
         shape[1 + axis] = -1
         w = w.reshape(shape)
-        out = np.take(out, lo, axis=1 + axis) * (1 - w) + np.take(out, hi, axis=1 + axis) * w
+        out = np.take(out, lo - b.start, axis=1 + axis) * (1 - w) + np.take(out, hi - b.start, axis=1 + axis) * w
     return out.astype(np.float32)
 
 
@@ -138,27 +139,29 @@ class BalancedCentreSampler:
 # ------------------------------------------------------------------------------------------------ image patches
 def crop_with_background(volume: torch.Tensor, centre, size: int = PATCH_SIZE, fill: float = BACKGROUND_HU):
     """``[C, size, size, size]`` crop of ``volume`` ``[C, z, y, x]`` centred on sample ``centre``; outside the
-    volume: ``fill``."""
+    volume: ``fill``. (Copied through numpy: 2-4x faster than a strided torch copy on CPU.)"""
     half = size // 2
-    out = torch.full((volume.shape[0], size, size, size), fill, dtype=volume.dtype)
+    source = volume.numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    out = np.full((source.shape[0], size, size, size), fill, dtype=source.dtype)
     src, dst = [], []
-    for c, n in zip(centre, volume.shape[1:]):
+    for c, n in zip(centre, source.shape[1:]):
         lo, hi = int(c) - half, int(c) + half + 1
         a, b = max(lo, 0), min(hi, n)
         if a >= b:
-            return out
+            return torch.from_numpy(out)
         src.append(slice(a, b))
         dst.append(slice(a - lo, b - lo))
-    out[(slice(None), *dst)] = volume[(slice(None), *src)]
-    return out
+    out[(slice(None), *dst)] = source[(slice(None), *src)]
+    return torch.from_numpy(out)
 
 
 def pair_pyramid(fixed: np.ndarray, deformed: np.ndarray, levels=LEVELS) -> dict[int, torch.Tensor]:
-    """Levels ``{s: [2, z_s, y_s, x_s]}`` of the pair (channel 0 fixed, 1 deformed), each from the 1 mm images."""
+    """Levels ``{s: [2, z_s, y_s, x_s]}`` of the pair (channel 0 fixed, 1 deformed), each from the 1 mm images with
+    the smoothing down-sampling of scripts.pyramid."""
     pair = torch.stack([torch.as_tensor(fixed, dtype=torch.float32), torch.as_tensor(deformed, dtype=torch.float32)])
     if FIXED_CHANNEL != 0:
         pair = pair.flip(0)
-    return {s: level[0] for s, level in zip(levels, image_pyramid(pair[None], tuple(levels)))}
+    return {s: smooth_downsample(pair[None], s)[0] for s in levels}
 
 
 def misalignment_sample(pyramid: dict[int, torch.Tensor], coarse_dvf: np.ndarray, factor: int, centre) -> dict:
@@ -206,7 +209,9 @@ def load_pair(entry: dict, levels=LEVELS) -> dict:
     dvf = sitk.ReadImage(entry["dvf"])
     factor = int(round(dvf.GetSpacing()[0] / fixed.GetSpacing()[0]))
     return {
-        "pyramid": pair_pyramid(sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(sitk.ReadImage(entry["deformed"]))),
+        "pyramid": pair_pyramid(
+            sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(sitk.ReadImage(entry["deformed"]))
+        ),
         "dvf": dvf_from_sitk(dvf),
         "factor": factor,
         "body_mask": sitk.GetArrayFromImage(sitk.ReadImage(entry["body_mask"])) > 0,

@@ -27,7 +27,6 @@ from scripts.artificial_dvf import (
     DVF_RECIPE,
     RandArtificialDVFd,
     RandNextImaged,
-    check_axis_aligned,
     dvf_settings,
 )
 from scripts.artificial_intensity import apply_background, deform_image

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -258,8 +259,8 @@ def _landmark_figure(registration: dict, setting: str, fixed: Path, report_dir: 
     voxels = np.array([fixed_image.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in table.points()])
     classes = true_classes(table.float_columns(["tre"])[:, 0])
     return plot_landmark_slices(
-        sitk.GetArrayViewFromImage(fixed_image),
-        sitk.GetArrayViewFromImage(sitk.ReadImage(entry["image"])),
+        sitk.GetArrayFromImage(fixed_image),
+        sitk.GetArrayFromImage(sitk.ReadImage(entry["image"])),  # copies: a view would outlive its image
         voxels,
         classes,
         fixed_image.GetSpacing(),
@@ -287,6 +288,7 @@ def run_benchmark(
     """Run the whole benchmark and write the report into ``output_dir``; returns the report dictionary. Slice
     figures of the scan (Fig. 4 style) go to ``work_dir`` unless ``slices_in_report`` (mind the scan's licence)."""
     total_start = time.perf_counter()
+    load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
     scan_path = Path(scan)
     if not scan_path.is_file():
         raise FileNotFoundError(f"{scan_path}: scan not found (is ../shared present beside the repository?)")
@@ -328,7 +330,7 @@ def run_benchmark(
     timing.update({f"resample {s} on the fixed grid": e["resample_s"] for s, e in registration["settings"].items()})
     timing["registration, all settings"] = registration_s
     for name, m in method_results.items():
-        for s, seconds in m.get("seconds", {}).items():
+        for s, seconds in (m.get("seconds", {}) if m["status"] == "ran" else {}).items():
             timing[f"{name} {s}"] = seconds
     timing["all methods"] = methods_s
     timing["total"] = time.perf_counter() - total_start
@@ -345,6 +347,7 @@ def run_benchmark(
             "landmarks": pair["landmarks"],
             "landmark_displacement_mm": pair["landmark_displacement_mm"],
             "deformation": pair["deformation"],
+            "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": load_at_start},
             "registration": {
                 "working_spacing_mm": working_spacing_mm,
                 "threads": threads,
@@ -368,4 +371,4 @@ def run_benchmark(
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(run_benchmark)
+    fire.Fire(run_benchmark, serialize=lambda result: None)  # the summary is printed; the report is on disk

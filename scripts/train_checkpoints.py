@@ -26,8 +26,8 @@ _ITERATION = re.compile(r"iteration=(\d+)")
 
 
 def cpu_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """``module.state_dict()`` as detached CPU tensors (loadable anywhere with ``torch.load(weights_only=True)``)."""
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    """``module.state_dict()`` as detached, contiguous CPU tensors (``torch.load(weights_only=True)`` anywhere)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
 def atomic_torch_save(obj: object, path: Union[str, Path]) -> Path:

@@ -46,6 +46,8 @@ class TransformedPatches(IterableDataset):
         fixed_epoch: if set, every pass replays this epoch of ``patches``: the same samples at every validation.
         shard_by_rank: under torch.distributed, keep every world_size-th sample for this rank (validation: each
             process scores its share, the metrics are summed across processes).
+        max_deformation_mm: the maximum deformation the config expects; a warning names the datalist's pairs
+            prepared with another one (e.g. the 10 mm misalignment set used for RegNet^4, which expects 20 mm).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class TransformedPatches(IterableDataset):
         max_samples: Optional[int] = None,
         fixed_epoch: Optional[int] = None,
         shard_by_rank: bool = False,
+        max_deformation_mm: Optional[float] = None,
     ) -> None:
         super().__init__()
         if max_samples is not None and max_samples < 1:
@@ -62,6 +65,13 @@ class TransformedPatches(IterableDataset):
         entries = getattr(patches, "entries", None)
         if entries is not None:
             check_pair_files(entries)
+            if max_deformation_mm is not None:
+                found = sorted({float(e.get("max_deformation_mm", max_deformation_mm)) for e in entries})
+                if found != [float(max_deformation_mm)]:
+                    logger.warning(
+                        f"pairs prepared with maximum deformation {found} mm; this config expects "
+                        f"{max_deformation_mm} mm (see python -m scripts.prepare_data --regnet_level)"
+                    )
         self.patches = patches
         self.transform = transform
         self.max_samples = max_samples

@@ -33,6 +33,14 @@ def as_bool(value: Union[bool, str, int]) -> bool:
     return bool(value)
 
 
+def to_device(
+    module: nn.Module, device: Union[str, torch.device], channels_last: Union[bool, str] = False
+) -> nn.Module:
+    """``module`` moved to ``device``, its 5-D weights in channels-last order if ``channels_last`` (config helper)."""
+    memory_format = torch.channels_last_3d if as_bool(channels_last) else torch.contiguous_format
+    return module.to(device=device, memory_format=memory_format)
+
+
 class PatchTrainingNetwork(nn.Module):
     """``forward(image_4mm, image_2mm, image_1mm)`` -> ``net.forward_patches`` logits ``[B, steps, n_fine, 25^3]``.
 
@@ -96,10 +104,13 @@ class AutocastInferer(Inferer):
 
     ``dtype``: None (full precision), "bfloat16" or "float16"; autocast uses the inputs' device type, so bf16 works
     on CPU as well as on GPU. The loss should cast the output to float32 (``scripts.losses`` does).
+    ``channels_last``: pass 5-D inputs in channels-last memory order (oneDNN's fast path on CPU; give the network
+    the same order with ``network.to(memory_format=torch.channels_last_3d)``).
     """
 
-    def __init__(self, dtype: Optional[str] = None) -> None:
+    def __init__(self, dtype: Optional[str] = None, channels_last: Union[bool, str] = False) -> None:
         super().__init__()
+        self.memory_format = torch.channels_last_3d if as_bool(channels_last) else torch.contiguous_format
         if dtype in (None, "", "none", "float32"):
             self.dtype = None
         elif dtype in AUTOCAST_DTYPES:
@@ -109,6 +120,7 @@ class AutocastInferer(Inferer):
 
     def __call__(self, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        tensors = tuple(t.contiguous(memory_format=self.memory_format) if t.ndim == 5 else t for t in tensors)
         device_type = tensors[0].device.type
         with torch.autocast(device_type=device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return network(*tensors, *args, **kwargs)

@@ -88,6 +88,7 @@ def test_parameter_maps_follow_the_protocol():
         assert m["Optimizer"] == ["AdaptiveStochasticGradientDescent"]
         assert m["NumberOfResolutions"] == ["3"]
         assert m["RandomSeed"] == [str(options.random_seed)]
+        assert m["ASGDParameterEstimationMethod"] == ["DisplacementDistribution"]
     assert bspline["MaximumNumberOfIterations"] == ["2000"]
     assert bspline["GridSpacingSchedule"] == ["4.0", "2.0", "1.0"]
     assert affine["Transform"] == ["AffineTransform"] and bspline["Transform"] == ["BSplineTransform"]

@@ -1,6 +1,7 @@
 """Hierarchical cross-entropy (paper eq. 2) and the RegNet loss on hand-checkable inputs."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from scripts.decoders import HierarchicalLSTMDecoder, MultiScaleCNNDecoder, SingleScaleCNNDecoder
 from scripts.labels import SPLITS, hierarchical_labels
-from scripts.losses import HierarchicalCrossEntropyLoss, RegNetLoss, step_labels
+from scripts.losses import HierarchicalCrossEntropyLoss, RegNetLoss, bending_energy, step_labels
 
 
 def _lstm_loss(split: str = "6-3-1") -> HierarchicalCrossEntropyLoss:
@@ -112,3 +113,13 @@ def test_regnet_loss_hand_values():
     assert loss(pred, target).item() == pytest.approx(huber + 0.1 * (2 * a) ** 2 / 3, rel=1e-5)
     with pytest.raises(ValueError, match="differ in shape"):
         loss(pred, torch.zeros(1, 3, 4, 4, 4))
+
+
+def test_bending_energy_equals_monai():
+    from monai.losses import BendingEnergyLoss
+
+    dvf = torch.randn(2, 3, 6, 7, 5)
+    with warnings.catch_warnings():  # MONAI 1.6.1 indexes with lists (deprecated by torch): why we have our own
+        warnings.simplefilter("ignore")
+        expected = BendingEnergyLoss()(dvf)
+    assert bending_energy(dvf).item() == pytest.approx(expected.item(), rel=1e-5)

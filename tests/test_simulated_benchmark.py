@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts.benchmark_report import write_report
+from scripts.benchmark_report import table4_markdown, write_report
 from scripts.ct_masks import ct_masks
 from scripts.evaluation_deformation import deform_scan, draw_deformation, sliding_region
 from scripts.landmark_csv import read_landmarks, table_from_points, write_landmarks
@@ -53,6 +53,7 @@ def test_evaluation_deformation_partners_and_size(phantom):
     assert moving.GetSize() == phantom.GetSize() and moving.GetPixelID() == sitk.sitkInt16
     again = draw_deformation(phantom, body, lung, seed=3).parameters
     assert again["respiratory_si_mm"] == params["respiratory_si_mm"]  # seeded
+    assert set(params["respiratory_si_mm"]) == {"right", "left"}
 
 
 def test_landmarks_are_spread_and_in_lung(phantom):
@@ -136,3 +137,14 @@ def test_sliding_region_moves_lung_and_below_only():
     assert region[0, 2, 2] and region[7, 2, 2]  # below the lung, and its one-voxel dilation
     assert not region[9, 2, 2] and not region[5, 0, 0]  # above the lung, chest wall beside it
     assert np.array_equal(sliding_region(lung[::-1], body, inferior_first=False), region[::-1])
+
+
+def test_table4_lists_each_step_then_the_merged_answer(tmp_path):
+    tre = np.array([0.5, 2.0, 4.0, 7.0])
+    extra = {"pred": ["0", "0", "1", "2"], "step1": ["0", "0", "0", "1"], "step2": ["0", "1", "1", "2"], "tre": tre}
+    write_landmarks(table_from_points(np.zeros((4, 3)), extra), tmp_path / "s_affine_landmarks.csv")
+    scores = evaluate([load_predictions(tmp_path / "s_affine_landmarks.csv")])
+    text = table4_markdown(scores)
+    rows = text.splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["step1", "step2", "final (merged)"]
+    assert "0-6: 100.0, >=6: 100.0" in rows[0] and "| 75.0 |" in rows[1]  # step 2 gets 3 of 4 right

@@ -176,3 +176,11 @@ def test_regnet_checkpoint_of_another_architecture(tmp_path, dataset_dir):
     torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "models" / "regnet_4mm.pt")
     workflow = make_workflow("train.json", tmp_path, dataset_dir)
     _fails_before_training(workflow, tmp_path, "regnet_4mm.pt does not fit the 4 mm RegNet encoder")
+
+
+def test_freeze_encoders_override_trains_only_the_decoder(tmp_path):
+    workflow = make_workflow("train.json", tmp_path, tmp_path / "data", freeze_encoders="true")
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+    net = workflow.parser.get_parsed_content("network_def")
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in net.decoder.parameters()}

@@ -17,7 +17,7 @@ from scripts.train_checkpoints import (
     resumable_checkpoint,
 )
 from scripts.train_data import PAIR_FILE_KEYS, TransformedPatches, check_pair_files
-from scripts.train_engine import AutocastInferer, PatchTrainingNetwork, PrepareKeysBatch, as_bool
+from scripts.train_engine import AutocastInferer, PatchTrainingNetwork, PrepareKeysBatch, as_bool, to_device
 from scripts.train_metrics import KEY_METRIC, cohen_kappa, misalignment_metrics
 from scripts.train_transforms import RandIntegerHUNoised
 
@@ -55,6 +55,11 @@ def test_prepare_batch_and_autocast_inferer():
     assert AutocastInferer()(inputs, lambda a, b: a - b).sum().item() == 6.0  # tuple -> several arguments
     with pytest.raises(ValueError, match="autocast dtype"):
         AutocastInferer("int8")
+    volume = torch.zeros(1, 2, 3, 3, 3)
+    seen = AutocastInferer(channels_last="true")(volume, lambda x: x)
+    assert seen.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(seen, volume)
+    conv = to_device(nn.Conv3d(2, 4, 3), "cpu", channels_last=True)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_bool_flags_from_the_command_line():
@@ -192,3 +197,13 @@ def test_transformed_patches_check_the_datalist_files(tmp_path):
         TransformedPatches(_CountingPatches(entries=[entry, broken]))
     with pytest.raises(ValueError, match="entries without \\['dvf'\\]"):
         check_pair_files([{k: v for k, v in entry.items() if k != "dvf"}])
+
+
+def test_transformed_patches_warn_about_another_maximum_deformation(tmp_path, caplog):
+    present = tmp_path / "a.nii.gz"
+    present.write_text("x")
+    entry = {**{k: str(present) for k in PAIR_FILE_KEYS}, "max_deformation_mm": 10.0}
+    TransformedPatches(_CountingPatches(entries=[entry]), max_deformation_mm=10.0)
+    assert "maximum deformation" not in caplog.text
+    TransformedPatches(_CountingPatches(entries=[entry]), max_deformation_mm=20.0)
+    assert "prepared with maximum deformation [10.0] mm; this config expects 20.0 mm" in caplog.text

@@ -1,0 +1,43 @@
+"""The shipped sample pair (sample_data/) and the pieces of scripts/make_sample_pair.py that make it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from scripts.image_io import Grid, read_image
+from scripts.landmarks import read_landmarks_in_image, true_classes
+from scripts.make_sample_pair import invert_at_points
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def test_shipped_sample_pair_is_small_consistent_and_mixed():
+    """Fixed and registered moving image on one grid, every landmark inside, all three true classes present."""
+    fixed = read_image(SAMPLE_DIR / "fixed.nii.gz", "fixed image")
+    moving = read_image(SAMPLE_DIR / "moving.nii.gz", "moving image")
+    assert Grid.of(moving).same_as(Grid.of(fixed))
+    assert sum((SAMPLE_DIR / n).stat().st_size for n in ("fixed.nii.gz", "moving.nii.gz")) < 4e6
+    table = read_landmarks_in_image(SAMPLE_DIR / "landmarks.csv", Grid.of(fixed), "fixed.nii.gz")
+    assert table.columns == ["id", "x", "y", "z", "tre"] and len(table) >= 50
+    counts = np.bincount(true_classes(table), minlength=3)
+    assert (counts >= 5).all()  # correct, poor and wrong landmarks
+    difference = np.abs(sitk.GetArrayViewFromImage(fixed) - sitk.GetArrayViewFromImage(moving))
+    assert 5.0 < np.median(difference[sitk.GetArrayViewFromImage(fixed) > -500]) < 300.0  # similar, not identical
+
+
+def test_invert_at_points_inverts_a_smooth_displacement():
+    reference = sitk.Image([20, 20, 20], sitk.sitkFloat64)
+    reference.SetSpacing((2.0, 2.0, 2.0))
+    z, y, x = np.meshgrid(*[np.arange(20.0)] * 3, indexing="ij")
+    field = np.stack([3.0 * np.sin(z / 6.0), 2.0 * np.cos(x / 5.0), 1.5 * np.sin(y / 7.0)], axis=-1)
+    displacement = sitk.GetImageFromArray(field, isVector=True)
+    displacement.CopyInformation(reference)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    points = np.array([[10.0, 12.0, 14.0], [20.0, 18.0, 9.0]])
+    inverse = invert_at_points(transform, points)
+    forward = np.array([transform.TransformPoint(tuple(p)) for p in inverse])
+    np.testing.assert_allclose(forward, points, atol=0.01)
+    assert np.abs(inverse - points).max() > 0.5  # the inverse really moved the points
