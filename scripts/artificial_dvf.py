@@ -330,7 +330,9 @@ def mixed_frequency_dvf(
     B-spline field with coefficients in [M, 2M], each component smoothed with a random sigma, capped at M."""
     image_sitk = sitk.GetImageFromArray(image.astype(np.float32))
     image_sitk.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
-    canny = sitk.GetArrayViewFromImage(sitk.CannyEdgeDetection(image_sitk, *canny_thresholds_hu)) > 0
+    canny = (
+        sitk.GetArrayFromImage(sitk.CannyEdgeDetection(image_sitk, *canny_thresholds_hu)) > 0
+    )  # a view would outlive its image
     edges = canny & ndimage.binary_dilation(lung)
     radius = max(1, int(round(block_radius_mm / float(np.mean(spacing_zyx)))))
     # the schedule was tuned on adult lungs: scale it with the lung volume, or small lungs lose every edge region

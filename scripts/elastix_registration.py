@@ -1,10 +1,12 @@
 """Conventional registration of the evaluation protocol (METHOD.md section 9) with itk-elastix.
 
 Five settings from poor to good: ``affine``, and a B-spline registration after that affine with 20, 100, 500 or
-2000 iterations (``bspline20`` ... ``bspline2000``). Both stages use Mattes mutual information, adaptive stochastic
-gradient descent and 3 resolutions. The affine result is computed once and shared by every B-spline setting of a
-run. Registration may run on a coarser isotropic working grid (``working_spacing_mm``); the deformed moving image is
-always resampled with the found transform on the full-resolution fixed grid.
+2000 iterations (``bspline20`` ... ``bspline2000``). Both stages use Mattes mutual information (32 bins), adaptive
+stochastic gradient descent (step size estimated by displacement distribution, 3000 random samples per iteration)
+and 3 resolutions; the B-spline grid ends at 10 mm (schedule 4-2-1); a fixed ``RandomSeed`` makes runs repeatable.
+The affine result is computed once and shared by every B-spline setting of a run. Registration may run on a
+coarser isotropic working grid (``working_spacing_mm``); the deformed moving image is always resampled with the
+found transform on the full-resolution fixed grid.
 
 Transformix maps FIXED-space points to MOVING space, T(x_F), which is what the target registration error needs:
 TRE_i = || x_M^i - T(x_F^i) ||.

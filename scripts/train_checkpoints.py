@@ -126,7 +126,11 @@ def resumable_checkpoint(directory: Union[str, Path], network: nn.Module, key: s
     content = load_state_dict_file(path)
     if key not in content or not isinstance(content[key], Mapping):
         raise ValueError(f"checkpoint {path} has no '{key}' state_dict (keys: {sorted(content)})")
-    check_state_dict(content[key], network, path, f"the configured {type(network).__name__}")
+    try:
+        check_state_dict(content[key], network, path, f"the configured {type(network).__name__}")
+    except ValueError as error:
+        hint = "resume with the settings it was trained with, or start afresh: --resume false or another --output_dir"
+        raise ValueError(f"{error}; {hint}") from None
     logger.info(f"resuming from {path}")
     return str(path)
 

@@ -85,8 +85,9 @@ def test_train_config_default_network_two_iterations(tmp_path, dataset_dir):
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     inference = ConfigParser()
     inference.read_config(str(CONFIGS / "inference.json"))
+    inference["bundle_root"] = str(tmp_path)
     inference.get_parsed_content("network_def").load_state_dict(state)  # the network inference.json builds
-    assert inference["checkpoint"].endswith("/models/model.pt")
+    assert inference.get_parsed_content("checkpoint") == str(tmp_path / "models" / "model.pt")  # where it looks
     assert all(v.device.type == "cpu" for v in state.values())
     assert (tmp_path / "runs" / "train" / "checkpoints" / "checkpoint_final_iteration=2.pt").is_file()
     assert list((tmp_path / "runs" / "train").glob("events.out.tfevents.*"))
