@@ -33,6 +33,7 @@ AIR_HU = -1024.0  # outside the body in the source scans
 # crop box (LPS mm, lower and upper corner) around the lower part of both lungs of A0001 (the whole lung width, so
 # the body mask holds them), 86 mm high: 12 tiles of the default inference tile, a short first README command
 DEFAULT_BOX = ((-165.0, 25.0, -436.0), (135.0, 265.0, -350.0))
+MARGIN_MM = 30.0  # the simulated second time point extends this far beyond the fixed image on every side
 
 
 def crop_and_resample(scan: sitk.Image, box: Tuple[Sequence[float], Sequence[float]], spacing: float) -> sitk.Image:
@@ -61,7 +62,7 @@ def true_deformation(
     z, y, x = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
     fade = np.clip((z_top - z) / max(z_top - z_base, 1), 0.0, 1.0) ** 1.5  # 1 at the lung base, 0 at its top
     field = np.zeros(shape + (3,))  # (dx, dy, dz) in mm
-    field[..., 2] = -breathing_mm * fade  # moving point y shows fixed anatomy further down: the diaphragm rose
+    field[..., 2] = breathing_mm * fade  # moving point y shows fixed anatomy higher up: the diaphragm went down
     field[..., 1] = -0.06 * (y - y_centre) * spacing[1] * fade  # antero-posterior contraction around the lung centre
     coarse = [max(2, int(np.ceil(n * s / 40.0)) + 1) for n, s in zip(shape, spacing[::-1])]  # ~40 mm control grid
     for axis in range(3):
@@ -138,9 +139,13 @@ def make_sample_pair(
     (id, x, y, z, tre) to ``output_dir``; returns a summary of the true residual errors."""
     scan = sitk.ReadImage(str(scan_path))
     fixed = crop_and_resample(scan, box, spacing)
-    body, lung = ct_masks(fixed, str(scan_path))
-    deformation = true_deformation(fixed, body, lung, seed)
-    moving = make_moving(fixed, body, deformation, seed)
+    _, lung = ct_masks(fixed, str(scan_path))
+    # the second time point covers a larger box, so the registered image has anatomy up to the fixed image's edges
+    lower, upper = np.asarray(box[0], float) - MARGIN_MM, np.asarray(box[1], float) + MARGIN_MM
+    extended = crop_and_resample(scan, (lower, upper), spacing)
+    extended_body, extended_lung = ct_masks(extended, str(scan_path))
+    deformation = true_deformation(extended, extended_body, extended_lung, seed)
+    moving = make_moving(extended, extended_body, deformation, seed)
     registration = register(fixed, moving, seed=seed)
     registered = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, registration, sitk.sitkBSpline, AIR_HU)
     registered_array = np.clip(np.rint(sitk.GetArrayFromImage(registered)), -1024, 3071).astype(np.int16)

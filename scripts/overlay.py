@@ -54,6 +54,10 @@ def _crop_box(mask: np.ndarray, margin: int = 10) -> Tuple[slice, slice]:
     )
 
 
+def _extent(box: slice, size: int) -> int:
+    return len(range(*box.indices(size)))
+
+
 def save_overlay(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -81,11 +85,15 @@ def save_overlay(
         ("axial", lambda v: v[z], (1, 0), False),  # rows y (anterior up), columns x (patient left on the right)
         ("coronal", lambda v: v[:, y], (2, 0), True),  # rows z (head up), columns x
     ]
-    fig = Figure(figsize=(13.5, 10), dpi=90, layout="constrained")
-    axes = fig.subplots(2, 3)
+    boxes = [_crop_box(take(labels) >= 0) for _, take, _, _ in views]
+    heights = [_extent(r, labels.shape[1 if k == 0 else 0]) / _extent(c, labels.shape[2]) for k, (r, c) in
+               enumerate(boxes)]  # fmt: skip
+    panel_width = 4.4  # inches
+    fig = Figure(figsize=(3 * panel_width, panel_width * sum(heights) + 2.2), dpi=90, layout="constrained")
+    axes = fig.subplots(2, 3, gridspec_kw={"height_ratios": heights})
     for row, (name, take, (row_axis, col_axis), flip) in enumerate(views):
         fixed, moving, lab = take(image[0]), take(image[1]), take(labels)
-        rows, cols = _crop_box(lab >= 0)
+        rows, cols = boxes[row]
         origin = "lower" if flip else "upper"
         panels = [("fixed", fixed), ("deformed moving", moving), ("predicted misalignment", fixed)]
         for col, (label, background) in enumerate(panels):

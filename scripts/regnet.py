@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scripts.constants import HU_OFFSET, HU_SCALE
+
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # PyTorch convention; TF's 0.99
 
@@ -94,7 +96,8 @@ class RegNet(nn.Module):
     """Full RegNet: Uadv encoder + displacement head, ``[B, 2, 101+4k, ...] -> [B, 3, 21+4k, ...]`` mm.
 
     1,262,973 parameters. Used for pre-training each level (RegNet^4, ^2, ^1) and for the RegNet-t baseline.
-    The 3 output channels are the displacement in mm along the image axes in (x, y, z) order.
+    Input in HU, normalised inside as MisalignmentNet does, so the encoder weights transfer unchanged. The 3 output
+    channels are the displacement in mm along the image axes in (x, y, z) order.
     """
 
     def __init__(self, in_channels: int = 2) -> None:
@@ -107,4 +110,4 @@ class RegNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        return self.head(self.encoder((x + HU_OFFSET) / HU_SCALE))
