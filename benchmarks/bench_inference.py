@@ -116,7 +116,8 @@ def worker(fixed: str, moving: str, precision: str, tile_size: int, threads: int
     torch.set_num_threads(threads)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     network = MisalignmentNet().eval()
-    if CHECKPOINT.is_file():
+    trained = CHECKPOINT.is_file()
+    if trained:
         network.load_state_dict(torch.load(CHECKPOINT, map_location="cpu"))
     pair = load_pair(fixed, moving)
     loaded = time.perf_counter()
@@ -165,7 +166,7 @@ def worker(fixed: str, moving: str, precision: str, tile_size: int, threads: int
         "gflop_per_cpu_s": flops / 1e9 / infer_cpu,
         "ratio_to_conv_peak_per_cpu_s": flops / 1e9 / infer_cpu / peak[best_cpu],
         "threads": torch.get_num_threads(),
-        "trained_weights": CHECKPOINT.is_file(),
+        "trained_weights": trained,
         "load_average_1min": os.getloadavg()[0],
     }
     print("RESULT " + json.dumps(result), flush=True)

@@ -31,6 +31,11 @@ UNTRAINED_WARNING = (
 )
 
 
+CONSTANT_MAP_STD = 1e-3  # class probabilities varying less than this over the mask: a constant map
+CONSTANT_MAP_NOTE = "the map is constant (same probabilities everywhere): the weights look untrained or collapsed"
+CONSTANT_MAP_WARNING = f"{CONSTANT_MAP_NOTE}; it is not a useful prediction"
+
+
 def _path(value: Any) -> str:
     """A path from a data-dictionary value (``""``/None for none; a one-item list after MONAI collation)."""
     if isinstance(value, (list, tuple)):
@@ -175,6 +180,9 @@ class SaveOverlayd(_OutputWriter):
         probabilities, _ = split_prediction(d[self.keys[0]])
         mask = _numpy(d["mask"])[0].astype(bool)
         labels = np.where(mask, probabilities.argmax(axis=0), -1)
+        constant = bool(mask.any()) and float(probabilities[:, mask].std(axis=1).max()) < CONSTANT_MAP_STD
+        if constant:
+            logger.warning(CONSTANT_MAP_WARNING)
         landmarks_path = _path(d.get(self.landmarks_key))
         table = read_landmarks(landmarks_path) if landmarks_path else None
         path = save_overlay(
@@ -185,6 +193,7 @@ class SaveOverlayd(_OutputWriter):
             table,
             title=f"{image_stem(_path(d[self.moving_key]))}",
             trained=self.trained,
+            note=CONSTANT_MAP_NOTE if constant and self.trained else "",
         )
         logger.info("wrote %s", path)
         if not self.trained:

@@ -234,7 +234,7 @@ class MisalignmentInferer(Inferer):
                 starts, block = self.plan(masks[b], net.halo)
                 latent = [latent_size_for(n, net.halo) for n in block]
                 logger.info(
-                    "misalignment map: %d tiles of %s latent voxels (blocks %s) over a %s grid, %s",
+                    "misalignment map: %d tiles of %s latent voxels (blocks %s, z y x) over a %s grid, %s",
                     len(starts), latent, list(block), list(spatial), self.precision,
                 )  # fmt: skip
                 for start in tqdm(starts, desc="misalignment tiles", disable=not self.progress, leave=False):

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 AIR_HU = -1024.0  # outside the body in the source scans
 # crop box (LPS mm, lower and upper corner) around the lower part of both lungs of A0001 (the whole lung width, so
 # the body mask holds them), 86 mm high: 12 tiles of the default inference tile, a short first README command
-DEFAULT_BOX = ((-165.0, 25.0, -436.0), (135.0, 265.0, -350.0))
+DEFAULT_BOX = ((-165.0, 27.0, -436.0), (135.0, 263.0, -350.0))
 MARGIN_MM = 30.0  # the simulated second time point extends this far beyond the fixed image on every side
 
 

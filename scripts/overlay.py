@@ -66,6 +66,7 @@ def save_overlay(
     landmarks: Optional[LandmarkTable] = None,
     title: str = "",
     trained: bool = True,
+    note: str = "",
 ) -> Path:
     """Write the overlay PNG atomically.
 
@@ -75,6 +76,7 @@ def save_overlay(
         landmarks: drawn within 3 mm of each slice, coloured by their true class when the table has a ``tre``
             column (white otherwise).
         trained: False puts "UNTRAINED WEIGHTS - NOT A PREDICTION" in the title.
+        note: a warning shown under the title (e.g. that the map is constant).
     """
     index = None if landmarks is None else grid.continuous_index(landmarks.points())
     true_classes = None if landmarks is None else landmark_classes(landmarks)
@@ -118,19 +120,22 @@ def save_overlay(
     handles = [Patch(color=c, label=t) for c, t in zip(CLASS_COLOURS, CLASS_LABELS)]
     legend_title = "map (and landmark true class)" if true_classes is not None else "map"
     fig.legend(handles=handles, loc="outside lower center", ncol=3, title=legend_title, fontsize=10)
-    text, colour = overlay_title(title, trained)
-    fig.suptitle(text, fontsize=13 if trained else 14, color=colour, fontweight="normal" if trained else "bold")
+    text, colour = overlay_title(title, trained, note)
+    bold = not trained or bool(note)
+    fig.suptitle(text, fontsize=14 if bold else 13, color=colour, fontweight="bold" if bold else "normal")
     with atomic_output(path) as temporary:
         fig.savefig(temporary, format="png")
     return Path(path)
 
 
-def overlay_title(title: str, trained: bool) -> Tuple[str, str]:
-    """The PNG's title and its colour: plainly "UNTRAINED WEIGHTS - NOT A PREDICTION" (red) without trained weights."""
-    if trained:
-        return f"{title}: misalignment map ({', '.join(CLASS_NAMES)})", "black"
-    return (
-        f"{title}: UNTRAINED WEIGHTS - NOT A PREDICTION\n(models/model.pt not found; the map only shows that the "
-        "pipeline runs)",
-        "#c00000",
-    )
+def overlay_title(title: str, trained: bool, note: str = "") -> Tuple[str, str]:
+    """The PNG's title and its colour: plainly "UNTRAINED WEIGHTS - NOT A PREDICTION" (red) without trained weights;
+    a ``note`` (warning) is added on a second line and turns the title red too."""
+    if not trained:
+        return (
+            f"{title}: UNTRAINED WEIGHTS - NOT A PREDICTION\n(models/model.pt not found; the map only shows that the "
+            "pipeline runs)",
+            "#c00000",
+        )
+    text = f"{title}: misalignment map ({', '.join(CLASS_NAMES)})"
+    return (f"{text}\nWARNING: {note}", "#c00000") if note else (text, "black")

@@ -10,9 +10,21 @@ them with scripts.landmark_metrics and write the report (scripts.benchmark_repor
 Images derived from the scan stay in ``work_dir`` (outside the repository: the validation scan is CC BY-NC and must
 never be copied into it); only the report goes to ``output_dir``.
 
-CLI::
+Methods scored the same way (scripts.landmark_metrics): the LSTM (models/model.pt), the multi- and single-scale CNN
+decoders (models/model_multi_cnn.pt, models/model_single_cnn.pt) through the inference contract, RegNet-t
+(scripts.regnet_t; models/regnet_{4,2,1}mm.pt), the local NCC surrogate (scripts.ncc_baseline;
+models/ncc_thresholds.json, fitted on generated training pairs) and the majority class. A method whose weights or
+thresholds do not exist is listed as "not run".
 
+How to run (from the repository root, with ../shared beside it; about 10-30 min on 2 CPU cores)::
+
+    python -m monai.bundle run --config_file configs/evaluate.json
+    # or, with any option of run_benchmark:
     python -m scripts.simulated_benchmark --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
+
+Overrides for the config: ``--output_dir``, ``--work_dir``, ``--scan``, ``--seed``, ``--landmarks``, ``--setting``
+(e.g. ``affine,bspline500``), ``--threads``. The NCC thresholds are fitted once, before the benchmark, with
+``python -m scripts.ncc_baseline fit`` (generated training pairs only).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,6 +52,10 @@ from scripts.evaluation_deformation import EvaluationDeformationSettings, deform
 from scripts.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.landmark_metrics import evaluate, load_predictions, true_classes
 from scripts.landmark_selection import select_landmarks
+from scripts.ncc_baseline import DEFAULT_THRESHOLDS
+from scripts.ncc_baseline import predict_settings as ncc_predict_settings
+from scripts.regnet_t import DEFAULT_WEIGHTS as REGNET_WEIGHTS
+from scripts.regnet_t import predict_settings as regnet_t_predict_settings
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT_DIR = BUNDLE_ROOT.parent / "shared" / "data" / "ct"
@@ -47,24 +64,32 @@ TRAINING_SCANS = ("thorax_popi_like_00", "thorax_lungpetctdx_A0001", "thorax_lun
 MAJORITY_CLASS = 0  # "correct": the most frequent class of the training pairs (60 % of patch centres, METHOD.md 6)
 
 
+BaselineRunner = Callable[
+    [Path, dict, Path], dict
+]  # (fixed, {setting: (image, points)}, folder) -> {setting: (csv, s)}
+
+
 @dataclass
 class MethodSpec:
     """A method of the comparison: ``kind`` "bundle" runs the inference contract with ``weights`` and extra CLI
-    overrides; "majority" predicts one class everywhere; "pending" is not implemented yet (``reason``)."""
+    overrides; "baseline" calls ``runner`` on all settings at once when every file of ``files`` (bundle-relative)
+    exists; "majority" predicts one class everywhere; "pending" is not implemented (``reason``)."""
 
     name: str
     kind: str
     weights: str | None = None
     overrides: list[str] = field(default_factory=list)
     reason: str = ""
+    runner: BaselineRunner | None = None
+    files: tuple[str, ...] = ()
 
 
 DEFAULT_METHODS = (
     MethodSpec("LSTM 6-3-1", "bundle", "models/model.pt"),
     MethodSpec("multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--decoder", "multi_cnn"]),
     MethodSpec("single-scale CNN", "bundle", "models/model_single_cnn.pt", ["--decoder", "single_cnn"]),
-    MethodSpec("RegNet-t", "pending", reason="RegNet weights and the thresholding baseline do not exist yet"),
-    MethodSpec("local NCC", "pending", reason="NCC thresholds (chosen on generated training pairs) not fitted yet"),
+    MethodSpec("RegNet-t", "baseline", runner=regnet_t_predict_settings, files=tuple(REGNET_WEIGHTS.values())),
+    MethodSpec("local NCC", "baseline", runner=ncc_predict_settings, files=(DEFAULT_THRESHOLDS,)),
     MethodSpec("majority class", "majority"),
 )
 
@@ -150,6 +175,26 @@ def run_majority(landmarks: Path, moving: Path, output_dir: Path) -> PredictorRu
     return PredictorRun("ran", csv, time.perf_counter() - start)
 
 
+def run_baseline(spec: MethodSpec, fixed: Path, registration: dict, folder: Path) -> dict[str, PredictorRun]:
+    """A "baseline" method on every setting at once (the fixed image is prepared once): "not run" when one of its
+    files is missing, "failed" (with the error) when it raises."""
+    missing = [f for f in spec.files if not (BUNDLE_ROOT / f).is_file()]
+    first = next(iter(registration["settings"]))
+    if missing:
+        return {first: PredictorRun("not run", reason=f"{', '.join(missing)} do(es) not exist yet")}
+    if spec.runner is None:
+        return {first: PredictorRun("not run", reason="no runner given")}
+    pairs = {s: (Path(e["image"]), Path(e["points"])) for s, e in registration["settings"].items()}
+    start = time.perf_counter()
+    try:
+        done = spec.runner(fixed, pairs, folder)
+    except (OSError, ValueError, RuntimeError) as err:
+        return {
+            first: PredictorRun("failed", seconds=time.perf_counter() - start, reason=f"{type(err).__name__}: {err}")
+        }
+    return {s: PredictorRun("ran", Path(csv), seconds) for s, (csv, seconds) in done.items()}
+
+
 def _check_scan(scan: Path, allow_training_scan: bool) -> None:
     stem = _stem(scan)
     if stem in TRAINING_SCANS and not allow_training_scan:
@@ -229,8 +274,8 @@ def run_methods(registration: dict, fixed: Path, work_dir: Path, methods: tuple[
             out[spec.name] = {**entry, "status": "not run", "reason": spec.reason}
             continue
         folder = work_dir / "predictions" / "".join(ch if ch.isalnum() else "_" for ch in spec.name)
-        runs = {}
-        for setting, reg in registration["settings"].items():
+        runs = run_baseline(spec, fixed, registration, folder) if spec.kind == "baseline" else {}
+        for setting, reg in registration["settings"].items() if spec.kind != "baseline" else ():
             moving, points = Path(reg["image"]), Path(reg["points"])
             if spec.kind == "majority":
                 runs[setting] = run_majority(points, moving, folder)
@@ -247,6 +292,8 @@ def run_methods(registration: dict, fixed: Path, work_dir: Path, methods: tuple[
             continue
         if spec.weights and (BUNDLE_ROOT / spec.weights).is_file():
             entry["weights_sha256"] = _sha256(BUNDLE_ROOT / spec.weights)
+        if spec.files:
+            entry["files_sha256"] = {f: _sha256(BUNDLE_ROOT / f) for f in spec.files}
         predictions = [load_predictions(r.csv, setting=s) for s, r in runs.items()]
         out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions)}
     return out

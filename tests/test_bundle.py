@@ -94,3 +94,17 @@ def test_ckpt_export_to_torchscript(tmp_path):
     image = torch.rand(1, 2, 8, 8, 8) * 1000 - 1000
     with torch.no_grad():
         torch.testing.assert_close(scripted(image), net(image))
+
+
+def test_large_files_list_every_weight_file_with_its_sha256():
+    import hashlib
+
+    import yaml
+
+    entries = yaml.safe_load((REPO_ROOT / "large_files.yml").read_text())["large_files"]
+    listed = {e["path"] for e in entries}
+    assert {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "models").glob("*.pt")} <= listed
+    for entry in entries:
+        assert entry["hash_type"] == "sha256"
+        digest = hashlib.sha256((REPO_ROOT / entry["path"]).read_bytes()).hexdigest()
+        assert digest == entry["hash_val"], f"{entry['path']} does not match large_files.yml"

@@ -95,3 +95,8 @@ def test_overlay_title_says_plainly_when_weights_are_untrained():
     text, colour = overlay_title("moving", trained=False)
     assert "UNTRAINED WEIGHTS - NOT A PREDICTION" in text and colour != "black"
     assert "UNTRAINED" not in overlay_title("moving", trained=True)[0]
+
+
+def test_overlay_title_warns_about_a_constant_map():
+    text, colour = overlay_title("moving", trained=True, note="the map is constant")
+    assert "WARNING: the map is constant" in text and colour != "black"

@@ -1,6 +1,7 @@
 """Pieces of the simulated benchmark on a small synthetic chest phantom (the real run takes minutes: not a test)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,47 @@ def test_table4_lists_each_step_then_the_merged_answer(tmp_path):
     rows = text.splitlines()[2:]
     assert [r.split("|")[1].strip() for r in rows] == ["step1", "step2", "final (merged)"]
     assert "0-6: 100.0, >=6: 100.0" in rows[0] and "| 75.0 |" in rows[1]  # step 2 gets 3 of 4 right
+
+
+def test_evaluate_config_parses_and_its_run_resolves():
+    from monai.bundle import ConfigParser
+
+    from scripts.simulated_benchmark import run_benchmark
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "evaluate.json"))
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    assert parser.get_parsed_content("benchmark") is run_benchmark  # the run list calls this entry point
+    assert "@benchmark(" in parser["run"][0] and "@work_dir" in parser["run"][0]
+    assert parser.get_parsed_content("output_dir").endswith("docs/benchmark")
+    work = parser.get_parsed_content("work_dir")
+    _check_work_dir(Path(work))  # outside the repository
+    assert parser.get_parsed_content("scan").endswith("thorax_ricord1a_419639.nii.gz")
+
+
+def test_baseline_methods_not_run_without_files_and_scored_when_they_run(tmp_path):
+    tre = np.array([1.0, 4.0, 8.0])
+    registration = {"settings": {}}
+    for setting in ("affine", "bspline20"):
+        points = write_landmarks(
+            table_from_points(np.zeros((3, 3)), {"tre": tre}), tmp_path / f"s_{setting}_points.csv"
+        )
+        registration["settings"][setting] = {"image": str(tmp_path / f"s_{setting}.nii.gz"), "points": str(points)}
+
+    def perfect(fixed, pairs, folder):  # predicts the true class: stands in for RegNet-t / NCC
+        out = {}
+        for setting, (image, points) in pairs.items():
+            table = read_landmarks(points).with_column("pred", ["0", "1", "2"])
+            out[setting] = (write_landmarks(table, folder / f"{setting}_landmarks.csv"), 0.5)
+        return out
+
+    methods = (
+        MethodSpec("RegNet-t", "baseline", runner=perfect, files=("models/none_such_4mm.pt",)),
+        MethodSpec("local NCC", "baseline", runner=perfect, files=("configs/evaluate.json",)),
+    )
+    results = run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods)
+    assert results["RegNet-t"]["status"] == "not run" and "none_such_4mm.pt" in results["RegNet-t"]["reason"]
+    ncc = results["local NCC"]
+    assert ncc["status"] == "ran" and ncc["scores"]["total"]["n"] == 6 and ncc["scores"]["total"]["accuracy"] == 1.0
+    assert set(ncc["scores"]) == {"affine", "bspline20", "total"} and ncc["seconds"]["affine"] == 0.5
+    assert "configs/evaluate.json" in ncc["files_sha256"]
