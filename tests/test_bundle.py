@@ -58,12 +58,13 @@ def test_verify_metadata_against_the_schema(tmp_path):
     schema = SHARED_DIR / "reference" / "meta_schema_20240725.json"
     if not schema.is_file():
         pytest.skip("../shared/reference/meta_schema_20240725.json is not present")
-    verify_metadata(
-        meta_file=str(REPO_ROOT / "configs/metadata.json"),
-        filepath=str(schema),
-        result_path=str(tmp_path / "result.json"),
-    )
-    assert not (tmp_path / "result.json").exists()  # written only when verification fails
+    meta_file = REPO_ROOT / "configs/metadata.json"
+    verify_metadata(meta_file=str(meta_file), filepath=str(schema))  # raises ValueError when invalid
+    broken = json.loads(meta_file.read_text())
+    del broken["network_data_format"]
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="network_data_format"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(schema))
 
 
 def test_verify_net_in_out():
