@@ -1,5 +1,5 @@
-"""A small synthetic chest-like CT pair for the inference tests: a body cylinder with two air-filled lungs, the
-moving image shifted by a few millimetres, and a landmark table with a ``tre`` column."""
+"""A small synthetic CT pair for the inference tests: the chest phantom of ``tests.chest_phantom``, the moving image
+shifted by a few millimetres, and a landmark table with a ``tre`` column."""
 
 from __future__ import annotations
 
@@ -9,23 +9,15 @@ from typing import Dict, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from tests.chest_phantom import chest_phantom_arrays
+
 SPACING_MM = 1.5
 ORIGIN_MM = (-20.0, 10.0, -100.0)
 
 
 def phantom_hu(size: Tuple[int, int, int] = (24, 24, 24), seed: int = 0) -> np.ndarray:
-    """A ``(z, y, x)`` HU array: air -1000, soft tissue 40, lungs -850, 20 HU noise."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*[np.arange(n, dtype=float) for n in size], indexing="ij")
-    cz, cy, cx = [(n - 1) / 2 for n in size]
-    body = ((x - cx) / (0.45 * size[2])) ** 2 + ((y - cy) / (0.4 * size[1])) ** 2 < 1
-    lung = ((np.abs(x - cx) - 0.2 * size[2]) / (0.13 * size[2])) ** 2 + ((y - cy) / (0.25 * size[1])) ** 2 + (
-        (z - cz) / (0.4 * size[0])
-    ) ** 2 < 1
-    hu = np.full(size, -1000.0)
-    hu[body] = 40.0
-    hu[body & lung] = -850.0
-    return hu + rng.normal(0.0, 20.0, size)
+    """A ``(z, y, x)`` HU array: ``tests.chest_phantom`` (body, two lungs with vessels, air -1024) without gas."""
+    return chest_phantom_arrays(size, seed, gas=False)[0].astype(np.float64)
 
 
 def image_from_array(array: np.ndarray, spacing: float = SPACING_MM, origin=ORIGIN_MM) -> sitk.Image:

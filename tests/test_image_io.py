@@ -96,8 +96,9 @@ def test_moving_on_another_grid_is_resampled_and_logged(tmp_path, caplog):
         pair = load_pair(paths["fixed"], tmp_path / "coarse.nii.gz")
     assert "not on the fixed image's grid" in caplog.text and "coarse.nii.gz" in caplog.text
     reference = load_pair(paths["fixed"], paths["moving"])
-    inside = reference.mask & pair.mask
-    assert np.median(np.abs(pair.image[1][inside] - reference.image[1][inside])) < 60.0
+    a, b = pair.image[1], reference.image[1]
+    inside = (a > BACKGROUND_HU) & (b > BACKGROUND_HU)
+    assert inside.mean() > 0.3 and np.corrcoef(a[inside], b[inside])[0, 1] > 0.75  # same anatomy, same place
 
 
 def test_mask_file_restricts_the_prediction_region(tmp_path):
