@@ -1,45 +1,43 @@
-"""Atomic file writes: every output goes to a temporary name beside the target and is renamed when complete."""
+"""Atomic file writes: every output goes to a temporary name beside the target and is renamed when complete, so a
+failed or interrupted run never leaves a half-written file under the real name."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import SimpleITK as sitk
 
 
-def _temporary_path(path: Path) -> Path:
-    """A unique hidden name beside ``path`` with the same extension (so SimpleITK picks the right writer); created
-    by the writer itself, so the file gets the usual permissions (mkstemp would make it owner-only)."""
-    suffix = "".join(path.suffixes) or ".tmp"
-    return path.with_name(f".{path.name.split('.')[0]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file on failure)."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a unique hidden name beside ``path`` with the same extension (so writers that pick a format from it,
+    SimpleITK or matplotlib, still do) for any writer; it is renamed onto ``path`` if the block succeeds and removed
+    otherwise. The writer creates the file, so it gets the usual permissions (mkstemp would make it owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(path)
+    temporary = path.with_name(f".{path.name.split('.')[0]}.{uuid.uuid4().hex[:12]}.tmp{''.join(path.suffixes)}")
     try:
-        with tmp.open("w", newline="") as f:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_output(path) as temporary:
+        with temporary.open("w", newline="") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
-def atomic_write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write a SimpleITK image to ``path`` (format from the extension) through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(path)
-    try:
-        sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+def atomic_write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True, level: int = -1) -> Path:
+    """Write a SimpleITK image to ``path`` (format from the extension, compression ``level`` -1 = the writer's
+    default) atomically."""
+    with atomic_output(path) as temporary:
+        sitk.WriteImage(image, str(temporary), compress, level)
+    return Path(path)

@@ -8,13 +8,11 @@ message names the file and the problem.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -213,20 +211,6 @@ def resample(image: sitk.Image, grid: Grid, interpolator: int = sitk.sitkBSpline
              output_type: int = sitk.sitkFloat32) -> sitk.Image:  # fmt: skip
     """``image`` resampled onto ``grid`` (cubic B-spline by default; voxels outside its field get ``default``)."""
     return grid.resampler(interpolator, default, output_type).Execute(image)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same extension) for any writer (e.g. matplotlib); it is renamed onto
-    ``path`` only if the block succeeds and removed otherwise (``scripts.atomic_write`` covers text and images)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{''.join(path.suffixes)}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:

@@ -16,8 +16,9 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from scripts.atomic_write import atomic_output
 from scripts.constants import CLASS_NAMES
-from scripts.image_io import Grid, atomic_output
+from scripts.image_io import Grid
 from scripts.landmark_csv import LandmarkTable
 from scripts.landmarks import true_classes as landmark_classes
 

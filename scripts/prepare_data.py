@@ -12,7 +12,6 @@ pair counts as done when its ``.json`` exists, so an interrupted run resumes whe
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import zlib
@@ -30,6 +29,7 @@ from scripts.artificial_dvf import (
     dvf_settings,
 )
 from scripts.artificial_intensity import apply_background, deform_image
+from scripts.atomic_write import atomic_write_image, atomic_write_text
 from scripts.constants import BACKGROUND_HU
 from scripts.ct_masks import check_3d_image, ct_masks
 from scripts.patch_sampling import REGNET_MAX_DEFORMATION_MM
@@ -65,19 +65,13 @@ def find_scans(data_dir: str | Path, scans=None) -> list[Path]:
 
 
 def write_image(image: sitk.Image, path: Path) -> None:
-    """Atomic write: a temporary name in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    sitk.WriteImage(image, str(tmp), True, 1)
-    os.replace(tmp, path)
+    """Atomic write with fast compression (level 1: the dataset is large and rewritten rarely)."""
+    atomic_write_image(image, path, level=1)
 
 
 def write_json(data, path: Path) -> None:
     """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def resample_isotropic(

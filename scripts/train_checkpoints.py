@@ -5,9 +5,7 @@ architecture fails with a message naming the file instead of a state_dict traceb
 """
 
 import logging
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
@@ -17,6 +15,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from scripts.atomic_write import atomic_output
 from scripts.train_engine import as_bool
 
 logger = logging.getLogger(__name__)
@@ -31,20 +30,10 @@ def cpu_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def atomic_torch_save(obj: object, path: Union[str, Path]) -> Path:
-    """``torch.save`` to a unique hidden name beside ``path``, then rename (no half-written file on failure).
-
-    The temporary file is created by ``torch.save`` itself, so it gets the usual permissions (not mkstemp's 0600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` through ``scripts.atomic_write.atomic_output`` (no half-written checkpoint on failure)."""
+    with atomic_output(path) as temporary:
+        torch.save(obj, temporary)
+    return Path(path)
 
 
 def load_state_dict_file(path: Union[str, Path]) -> Dict[str, object]:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from scripts.atomic_write import atomic_output
 from scripts.constants import BACKGROUND_HU
 from scripts.image_io import (
     Grid,
     InputError,
     MissingInputError,
-    atomic_output,
     image_stem,
     isotropic_grid,
     load_pair,

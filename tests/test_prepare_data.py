@@ -68,7 +68,7 @@ def test_resume_skips_finished_pairs_and_seeds_reproduce(prepared, data_dir, tmp
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(prepared.parent / first["deformed"])))
     np.testing.assert_array_equal(a, b)  # same seed, same pair
     prepare_data.run(str(data_dir), str(prepared.parent), dvfs_per_scan=2, validation_scans="chest_b", seed=0)
-    assert not list(tmp_path.rglob(".tmp*")), "temporary files left behind"
+    assert not list(tmp_path.rglob(".*.tmp*")), "temporary files left behind"
 
 
 def test_bad_scans_error_or_skip(tmp_path):

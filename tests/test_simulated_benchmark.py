@@ -18,6 +18,9 @@ from scripts.simulated_benchmark import (
     MethodSpec,
     _check_scan,
     _check_work_dir,
+    _record,
+    _reusable,
+    landmark_mask,
     run_bundle_predictor,
     run_methods,
 )
@@ -193,3 +196,46 @@ def test_baseline_methods_not_run_without_files_and_scored_when_they_run(tmp_pat
     assert ncc["status"] == "ran" and ncc["scores"]["total"]["n"] == 6 and ncc["scores"]["total"]["accuracy"] == 1.0
     assert set(ncc["scores"]) == {"affine", "bspline20", "total"} and ncc["seconds"]["affine"] == 0.5
     assert "configs/evaluate.json" in ncc["files_sha256"]
+
+
+def test_landmark_mask_covers_each_landmark_neighbourhood(tmp_path):
+    """Balls of 4 mm on an anisotropic grid: the 1 mm voxels around each landmark are in, far voxels are out."""
+    image = sitk.Image(60, 50, 30, sitk.sitkInt16)
+    image.SetSpacing((0.7, 0.7, 1.25))
+    image.SetOrigin((-10.0, 5.0, 2.0))
+    points = np.array([[5.3, 20.1, 20.0], [25.0, 30.0, 30.0]])
+    csv = write_landmarks(table_from_points(points), tmp_path / "points.csv")
+    mask_image = sitk.ReadImage(str(landmark_mask(_write(image, tmp_path), csv, tmp_path / "m.nii.gz")))
+    assert mask_image.GetSize() == image.GetSize()
+    assert np.allclose(mask_image.GetSpacing(), image.GetSpacing()) and np.allclose(
+        mask_image.GetOrigin(), image.GetOrigin()
+    )
+    mask = sitk.GetArrayFromImage(mask_image).astype(bool)
+    index = np.stack(np.nonzero(mask), -1)[:, ::-1]  # x, y, z
+    physical = np.array([mask_image.TransformIndexToPhysicalPoint([int(i) for i in v]) for v in index])
+    nearest = np.min(np.linalg.norm(physical[:, None] - points[None], axis=2), axis=1)
+    assert nearest.max() <= 4.0 + 1e-6  # nothing beyond the radius
+    for point in points:  # every grid point within 2.5 mm (the 1 mm neighbours + rounding) is in the mask
+        grid = np.stack(np.nonzero(np.ones_like(mask)), -1)[:, ::-1]
+        world = np.array(image.GetOrigin()) + grid * np.array(image.GetSpacing())
+        near = grid[np.linalg.norm(world - point, axis=1) <= 2.5]
+        assert len(near) > 0 and mask[near[:, 2], near[:, 1], near[:, 0]].all()
+
+
+def _write(image: sitk.Image, folder: Path) -> Path:
+    path = folder / "fixed.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_earlier_stages_are_reused_only_for_the_same_inputs(tmp_path):
+    output = tmp_path / "moving.nii.gz"
+    output.write_bytes(b"x")
+    record = tmp_path / "pair.json"
+    _record(record, {"seed": 0}, {"moving": str(output), "seconds": 3.0})
+    assert _reusable(record, {"seed": 0}) == {"moving": str(output), "seconds": 3.0}
+    assert _reusable(record, {"seed": 1}) is None  # other inputs: run again
+    output.unlink()
+    assert _reusable(record, {"seed": 0}) is None  # a file is gone: run again
+    record.write_text("{not json")
+    assert _reusable(record, {"seed": 0}) is None
