@@ -23,8 +23,9 @@ How to run (from the repository root, with ../shared beside it; about 10-30 min 
     python -m scripts.simulated_benchmark --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
 
 Overrides for the config: ``--output_dir``, ``--work_dir``, ``--scan``, ``--seed``, ``--landmarks``, ``--setting``
-(e.g. ``affine,bspline500``), ``--threads``. The NCC thresholds are fitted once, before the benchmark, with
-``python -m scripts.ncc_baseline fit`` (generated training pairs only).
+(e.g. ``affine,bspline500``), ``--threads``, ``--reuse`` (false: make the pair and register again). The NCC
+thresholds are fitted once, before the benchmark, with ``python -m scripts.ncc_baseline fit`` (generated training
+pairs only).
 """
 
 from __future__ import annotations
