@@ -262,6 +262,7 @@ def _reusable(record: Path, inputs: dict) -> dict | None:
 
 
 def _strings(value) -> list[str]:
+    """Every string inside a JSON-like value (the file names of a record)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
