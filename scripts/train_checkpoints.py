@@ -90,6 +90,19 @@ def load_regnet_encoders(net: nn.Module, checkpoint_pattern: str) -> nn.Module:
     return net
 
 
+def load_network_weights(net: nn.Module, path: Union[str, Path] = "") -> nn.Module:
+    """Initialise all of ``net`` from ``path`` (an exported state_dict or a trainer checkpoint; "" for none), e.g. to
+    continue training the shipped ``models/model.pt`` in a fresh output folder on another machine. Returns ``net``."""
+    if not path:
+        return net
+    state = load_state_dict_file(path)
+    state = state.get("network", state)
+    check_state_dict(state, net, path, type(net).__name__)
+    net.load_state_dict(state)
+    logger.info(f"network initialised from {path}")
+    return net
+
+
 def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
     """The ``*.pt`` file in ``directory`` with the highest ``iteration=N`` in its name (CheckpointSaver's naming)."""
     directory = Path(directory)

@@ -184,3 +184,20 @@ def test_freeze_encoders_override_trains_only_the_decoder(tmp_path):
     net = workflow.parser.get_parsed_content("network_def")
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in net.decoder.parameters()}
+
+
+def test_init_weights_start_from_an_exported_network(tmp_path):
+    """``--init_weights models/model.pt`` continues shipped weights in a fresh output folder (another machine)."""
+    torch.manual_seed(1)
+    exported = MisalignmentNet(decoder="single_cnn").state_dict()
+    torch.save(exported, tmp_path / "model.pt")
+    workflow = make_workflow(
+        "train.json", tmp_path, tmp_path / "data", decoder="single_cnn", init_weights=str(tmp_path / "model.pt")
+    )
+    loaded = workflow.parser.get_parsed_content("initialized_network").state_dict()
+    assert loaded.keys() == exported.keys()
+    assert all(torch.equal(loaded[k], exported[k]) for k in exported)
+    workflow = make_workflow("train.json", tmp_path, tmp_path / "data", init_weights=str(tmp_path / "model.pt"))
+    with pytest.raises(Exception) as caught:  # an LSTM network cannot start from single-CNN weights
+        workflow.parser.get_parsed_content("initialized_network")
+    assert "model.pt" in error_chain(caught.value)
