@@ -19,7 +19,7 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from scripts.train_checkpoints import atomic_torch_save, check_state_dict, cpu_state_dict, load_state_dict_file
+from scripts.train_checkpoints import atomic_torch_save, cpu_state_dict, load_network_weights
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,7 @@ def run(
     parser.read_config(config_file)
     parser.update({k: v for k, v in overrides.items()})
     net: nn.Module = parser.get_parsed_content("network_def")
-    state = load_state_dict_file(checkpoint)
-    state = state.get("network", state)
-    check_state_dict(state, net, checkpoint, type(net).__name__)
-    net.load_state_dict(state)
+    load_network_weights(net, checkpoint)
     prepare_batch = parser.get_parsed_content("prepare_batch")
     loader = parser.get_parsed_content("train#dataloader")
 

@@ -75,7 +75,7 @@ def ncc_at_points(fixed: np.ndarray, moving: np.ndarray, points: np.ndarray, win
 
 def score_classes(score: np.ndarray, thresholds: tuple[float, float]) -> np.ndarray:
     """Correct (0) / poor (1) / wrong (2) of a dissimilarity ``score`` (1 - NCC): below t1, [t1, t2), from t2 on."""
-    return np.searchsorted(np.asarray(thresholds, dtype=np.float64), score, side="right").astype(np.int64)
+    return magnitude_classes(np.asarray(score, dtype=np.float64), thresholds).astype(np.int64)
 
 
 def class_weights(true: np.ndarray, proportions: tuple[float, ...] | None) -> np.ndarray:

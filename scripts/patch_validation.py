@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc
 
 from scripts.constants import CLASS_NAMES
 from scripts.labels import misalignment_classes
-from scripts.train_checkpoints import check_state_dict, load_state_dict_file
+from scripts.train_checkpoints import load_network_weights
 from scripts.train_engine import PatchTrainingNetwork
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,7 @@ def run(
     parser.read_config(config_file)
     parser.update(dict(overrides))
     net = parser.get_parsed_content("network_def")
-    state = load_state_dict_file(weights)
-    state = state.get("network", state)
-    check_state_dict(state, net, weights, type(net).__name__)
-    net.load_state_dict(state)
+    load_network_weights(net, weights)
     net.eval()
     prepare_batch = parser.get_parsed_content("prepare_batch")
     inferer = parser.get_parsed_content("validate#inferer")

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from scripts.baseline_pairs import OneMillimetreFixed, write_class_predictions
 from scripts.constants import BACKGROUND_HU, CLASS_THRESHOLDS_MM
 from scripts.inferer import inference_copy
-from scripts.patch_sampling import crop_with_background, pair_pyramid
+from scripts.patch_sampling import crop_with_background, magnitude_classes, pair_pyramid
 from scripts.regnet import RegNet
+from scripts.train_checkpoints import load_network_weights
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (4, 2, 1)  # coarse to fine, mm
@@ -53,7 +54,7 @@ COMPOSITIONS = ("exact", "sum")
 def displacement_classes(displacement: np.ndarray, thresholds=CLASS_THRESHOLDS_MM) -> np.ndarray:
     """Correct (0) / poor (1) / wrong (2) of ``[N, 3]`` displacements (mm): |u| < 3, 3 <= |u| < 6, |u| >= 6."""
     magnitude = np.linalg.norm(np.asarray(displacement, dtype=np.float64).reshape(-1, 3), axis=1)
-    return np.searchsorted(np.asarray(thresholds, dtype=np.float64), magnitude, side="right").astype(np.int64)
+    return magnitude_classes(magnitude, thresholds).astype(np.int64)
 
 
 def sample_volume(
@@ -195,11 +196,7 @@ def load_regnets(
         raise FileNotFoundError(f"RegNet weights not found: {', '.join(missing)}")
     networks = {}
     for factor, path in weights.items():
-        net = RegNet()
-        try:
-            net.load_state_dict(torch.load(_resolve(path), map_location="cpu", weights_only=True))
-        except (RuntimeError, KeyError, TypeError) as err:
-            raise ValueError(f"{_resolve(path)}: not a RegNet state dict ({str(err).splitlines()[0]})") from None
+        net = load_network_weights(RegNet(), _resolve(path))  # ValueError naming the file if not a RegNet
         networks[int(factor)] = net.eval() if precision is None else inference_copy(net, precision)
     return networks
 
