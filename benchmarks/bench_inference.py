@@ -118,7 +118,7 @@ def worker(fixed: str, moving: str, precision: str, tile_size: int, threads: int
     network = MisalignmentNet().eval()
     trained = CHECKPOINT.is_file()
     if trained:
-        network.load_state_dict(torch.load(CHECKPOINT, map_location="cpu"))
+        network.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
     pair = load_pair(fixed, moving)
     loaded = time.perf_counter()
     peak_s, peak_cpu_s = time.perf_counter(), time.process_time()
