@@ -23,7 +23,7 @@ How to run (from the repository root, with ../shared beside it; about 10-30 min 
     python -m scripts.simulated_benchmark --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
 
 Overrides for the config: ``--output_dir``, ``--work_dir``, ``--scan``, ``--seed``, ``--landmarks``, ``--setting``
-(e.g. ``affine,bspline500``), ``--threads``, ``--reuse`` (false: make the pair and register again). The NCC
+(e.g. ``affine,bspline500``), ``--threads``, ``--reuse`` (false: make the pair, register and predict again). The NCC
 thresholds are fitted once, before the benchmark, with ``python -m scripts.ncc_baseline fit`` (generated training
 pairs only).
 """
@@ -63,6 +63,7 @@ SHARED_CT_DIR = BUNDLE_ROOT.parent / "shared" / "data" / "ct"
 DEFAULT_SCAN = SHARED_CT_DIR / "thorax_ricord1a_419639.nii.gz"
 TRAINING_SCANS = ("thorax_popi_like_00", "thorax_lungpetctdx_A0001", "thorax_lungpetctdx_A0002")
 PAIR_MODULES = ("evaluation_deformation", "landmark_selection", "ct_masks")  # a change there makes a new pair
+SCORING_MODULES = ("simulated_benchmark", "benchmark_report", "landmark_metrics")  # they do not change predictions
 LANDMARK_MASK_RADIUS_MM = 4.0  # > the 1 mm voxel + the fixed grid's rounding: each landmark's voxel is predicted
 MAJORITY_CLASS = 0  # "correct": the most frequent class of the training pairs (60 % of patch centres, METHOD.md 6)
 
@@ -322,20 +323,63 @@ def landmark_mask(fixed: Path, landmarks: Path, path: Path, radius_mm: float = L
     return atomic_write_image(out, path)
 
 
+def prediction_code_sha256() -> str:
+    """One digest of the code a prediction depends on: every module in scripts/ except the scoring and report ones,
+    and the inference config. Conservative: any edit there makes every method predict again."""
+    digest = hashlib.sha256()
+    modules = sorted(p for p in (BUNDLE_ROOT / "scripts").glob("*.py") if p.stem not in SCORING_MODULES)
+    for path in [*modules, BUNDLE_ROOT / "configs" / "inference.json"]:
+        digest.update(path.name.encode() + b"\0" + _sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _method_inputs(spec: MethodSpec, stage_inputs: dict, code_sha256: str) -> dict:
+    """What a method's predictions depend on: the registered pairs, the method, the content of its weights or
+    thresholds, the prediction code and the landmark mask radius."""
+    files = [f for f in (spec.weights, *spec.files) if f and (BUNDLE_ROOT / f).is_file()]
+    runner = spec.runner
+    return {
+        "registration": stage_inputs,
+        "method": {
+            "name": spec.name,
+            "kind": spec.kind,
+            "overrides": list(spec.overrides),
+            "runner": f"{runner.__module__}.{runner.__qualname__}" if runner else None,
+        },
+        "files_sha256": {f: _sha256(BUNDLE_ROOT / f) for f in files},
+        "code_sha256": code_sha256,
+        "mask_radius_mm": LANDMARK_MASK_RADIUS_MM,
+    }
+
+
 def run_methods(
-    registration: dict, fixed: Path, work_dir: Path, methods: tuple[MethodSpec, ...], mask: Path | None = None
+    registration: dict,
+    fixed: Path,
+    work_dir: Path,
+    methods: tuple[MethodSpec, ...],
+    mask: Path | None = None,
+    stage_inputs: dict | None = None,
 ) -> dict:
     """Run every method on every registered pair (the bundle predictors inside ``mask`` if given); score those that
-    ran (per setting and total)."""
+    ran (per setting and total). With ``stage_inputs`` (the registration stage's inputs) each method's predictions
+    are recorded in its folder and used again, marked "reused", while those inputs, its files and the code match."""
     out = {}
+    code_sha256 = prediction_code_sha256() if stage_inputs is not None else ""
     for spec in methods:
         entry: dict = {"kind": spec.kind}
         if spec.kind == "pending":
             out[spec.name] = {**entry, "status": "not run", "reason": spec.reason}
             continue
         folder = work_dir / "predictions" / "".join(ch if ch.isalnum() else "_" for ch in spec.name)
-        runs = run_baseline(spec, fixed, registration, folder) if spec.kind == "baseline" else {}
-        for setting, reg in registration["settings"].items() if spec.kind != "baseline" else ():
+        record = folder / "predictions.json"
+        inputs = _method_inputs(spec, stage_inputs, code_sha256) if stage_inputs is not None else None
+        earlier = _reusable(record, inputs) if inputs is not None else None
+        if earlier:
+            runs = {s: PredictorRun("ran", Path(r["csv"]), r["seconds"]) for s, r in earlier.items()}
+            entry["reused"] = True
+        else:
+            runs = run_baseline(spec, fixed, registration, folder) if spec.kind == "baseline" else {}
+        for setting, reg in registration["settings"].items() if spec.kind != "baseline" and not earlier else ():
             moving, points = Path(reg["image"]), Path(reg["points"])
             if spec.kind == "majority":
                 runs[setting] = run_majority(points, moving, folder)
@@ -350,6 +394,8 @@ def run_methods(
         if failed:
             out[spec.name] = {**entry, "status": failed[0].status, "reason": failed[0].reason}
             continue
+        if inputs is not None and not earlier:
+            _record(record, inputs, {s: {"csv": str(r.csv), "seconds": r.seconds} for s, r in runs.items()})
         if spec.weights and (BUNDLE_ROOT / spec.weights).is_file():
             entry["weights_sha256"] = _sha256(BUNDLE_ROOT / spec.weights)
         if spec.files:
@@ -395,9 +441,10 @@ def run_benchmark(
 ) -> dict:
     """Run the whole benchmark and write the report into ``output_dir``; returns the report dictionary. Slice
     figures of the scan (Fig. 4 style) go to ``work_dir`` unless ``slices_in_report`` (mind the scan's licence).
-    With ``reuse`` the simulated pair and the registrations of an earlier run in the same ``work_dir`` are used again
-    when their inputs (scan hash, seed, counts, options, the pair code) are the same; their timings are the ones
-    measured then and the report says which stages were reused."""
+    With ``reuse`` the simulated pair, the registrations and each method's predictions of an earlier run in the same
+    ``work_dir`` are used again when their inputs (scan hash, seed, counts, options, the pair code; for predictions
+    also the method's weights or thresholds and the prediction code) are the same; their timings are the ones
+    measured then and the report says which stages were reused. New weights thus re-run only their own method."""
     total_start = time.perf_counter()
     load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
     scan_path = Path(scan)
@@ -451,7 +498,11 @@ def run_benchmark(
     registration_s = registration["total_s"]
     mask = landmark_mask(scan_path, Path(pair["fixed_landmarks"]), work / f"{_stem(scan_path)}_landmark_mask.nii.gz")
     start = time.perf_counter()
-    method_results = run_methods(registration, scan_path, work, methods, mask)
+    method_results = run_methods(
+        registration, scan_path, work, methods, mask, stage_inputs=registration_inputs if reuse else None
+    )
+    reused_methods = [name for name, m in method_results.items() if m.get("reused")]
+    reused += [f"{name} predictions" for name in reused_methods]
     methods_s = time.perf_counter() - start
     # slice images of the scan go into the report only on request: the default scan is CC BY-NC (see README there)
     figure = _landmark_figure(registration, settings[-1], scan_path, report_dir if slices_in_report else work)
@@ -465,9 +516,11 @@ def run_benchmark(
     for name, m in method_results.items():
         for s, seconds in (m.get("seconds", {}) if m["status"] == "ran" else {}).items():
             timing[f"{name} {s}"] = seconds
-    timing["all methods"] = methods_s
-    reused_s = (pair["seconds"] if "make pair" in reused else 0.0) + (
-        registration_s if "registration" in reused else 0.0
+    timing["all methods (run now)"] = methods_s
+    reused_s = (
+        (pair["seconds"] if "make pair" in reused else 0.0)
+        + (registration_s if "registration" in reused else 0.0)
+        + sum(sum(method_results[name]["seconds"].values()) for name in reused_methods)
     )
     timing["total"] = time.perf_counter() - total_start + reused_s  # as if every stage had run now
     result = {

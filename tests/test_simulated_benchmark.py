@@ -239,3 +239,35 @@ def test_earlier_stages_are_reused_only_for_the_same_inputs(tmp_path):
     assert _reusable(record, {"seed": 0}) is None  # a file is gone: run again
     record.write_text("{not json")
     assert _reusable(record, {"seed": 0}) is None
+
+
+def test_method_predictions_are_reused_until_their_files_change(tmp_path):
+    """A second run with the same registration inputs and weights scores the recorded predictions without running
+    the method; new weights (content, not name) run it again."""
+    tre = np.array([1.0, 4.0, 8.0])
+    points = write_landmarks(table_from_points(np.zeros((3, 3)), {"tre": tre}), tmp_path / "s_affine_points.csv")
+    registration = {"settings": {"affine": {"image": str(tmp_path / "s_affine.nii.gz"), "points": str(points)}}}
+    weights = tmp_path / "thresholds.json"
+    weights.write_text("[1]")
+    calls = []
+
+    def perfect(fixed, pairs, folder):
+        calls.append(1)
+        table = read_landmarks(pairs["affine"][1]).with_column("pred", ["0", "1", "2"])
+        return {"affine": (write_landmarks(table, folder / "affine_landmarks.csv"), 2.5)}
+
+    methods = (MethodSpec("local NCC", "baseline", runner=perfect, files=(str(weights),)),)
+    stage = {"seed": 0}
+    first = run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods, stage_inputs=stage)
+    again = run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods, stage_inputs=stage)
+    assert len(calls) == 1 and again["local NCC"]["reused"] and "reused" not in first["local NCC"]
+    assert again["local NCC"]["scores"] == first["local NCC"]["scores"] and again["local NCC"]["seconds"] == {
+        "affine": 2.5
+    }
+    run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods, stage_inputs={"seed": 1})
+    assert len(calls) == 2  # other registrations: predict again
+    weights.write_text("[2]")
+    run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods, stage_inputs={"seed": 1})
+    assert len(calls) == 3  # new weights: predict again
+    run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods)
+    assert len(calls) == 4  # no stage inputs (reuse off): always predicts
