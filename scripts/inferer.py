@@ -19,6 +19,8 @@ from monai.inferers import Inferer
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
+from scripts.class_weights import apply_class_weights
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -172,6 +174,8 @@ class MisalignmentInferer(Inferer):
         with_steps: also return the coarse class of every earlier LSTM step.
         progress: show a tqdm progress bar over the tiles.
         channels_last: use the channels-last-3d memory format (faster oneDNN convolutions on CPU).
+        class_weights: ``[w_correct, w_poor, w_wrong]`` applied to the final probabilities (scripts.class_weights),
+            so labels = argmax(w * p); None: the paper's argmax. The earlier steps' classes are not weighted.
     """
 
     def __init__(
@@ -181,6 +185,7 @@ class MisalignmentInferer(Inferer):
         with_steps: bool = True,
         progress: bool = True,
         channels_last: bool = True,
+        class_weights: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         if tile_size < 1 + TILE_STEP or (tile_size - 1) % TILE_STEP != 0:
@@ -192,6 +197,9 @@ class MisalignmentInferer(Inferer):
         self.with_steps = with_steps
         self.progress = progress
         self.channels_last = channels_last
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        if self.class_weights is not None and (len(self.class_weights) != 3 or min(self.class_weights) <= 0):
+            raise ValueError(f"class_weights must be 3 positive numbers, got {class_weights}")
 
     def plan(self, mask: torch.Tensor, halo: int) -> Tuple[List[Tuple[int, int, int]], Tuple[int, int, int]]:
         """Block starts (z, y, x) of the tiles to run for a ``[z, y, x]`` bool mask, and the block size per axis."""
@@ -247,7 +255,7 @@ class MisalignmentInferer(Inferer):
                     logits = logits[:, :, :, lo[0] : lo[0] + keep[0], lo[1] : lo[1] + keep[1], lo[2] : lo[2] + keep[2]]
                     logits = logits.float()
                     region = (b, slice(None)) + tuple(slice(s, s + k) for s, k in zip(start, keep))
-                    probabilities[region] = net.probabilities(logits)[0]
+                    probabilities[region] = apply_class_weights(net.probabilities(logits), self.class_weights)[0]
                     for k in range(steps):
                         fine = torch.softmax(logits[:, k], dim=1)
                         groups = torch.einsum("gf,bf...->bg...", net.decoder.step_grouping(k), fine)

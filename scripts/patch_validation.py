@@ -4,10 +4,11 @@ The trainer's own validation runs in eval mode with the BatchNorm statistics of 
 are still near their initial values (see scripts.batchnorm_recalibration), so it can report the class prior where
 the network already ranks voxels well. This re-scores exported weights (statistics re-estimated before export) on
 the config's ``validate`` patches: F1 per class, mean F1, accuracy, Cohen's kappa (scikit-learn), and the one-vs-rest
-ROC AUC of each class probability, which shows what the network has learned even while its argmax is one class::
+ROC AUC of each class probability, which shows what the network has learned even while its argmax is one class;
+with ``--class_weights_file`` also the scores of the class-weighted decision (scripts.class_weights)::
 
     python -m scripts.patch_validation --weights models/model.pt --dataset_dir ../data/misalignment \
-        --val_patches_per_pair 16 --val_num_patches 16
+        --val_patches_per_pair 16 --val_num_patches 16 --class_weights_file models/class_weights.json
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import logging
 import fire
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
+from scripts.class_weights import apply_class_weights, read_class_weights
 from scripts.constants import CLASS_NAMES
-from scripts.labels import misalignment_classes
-from scripts.train_checkpoints import load_network_weights
-from scripts.train_engine import PatchTrainingNetwork
+from scripts.patch_prediction import predict_patches
 
 logger = logging.getLogger(__name__)
 
@@ -51,35 +50,23 @@ def voxel_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
 
 
 def run(
-    weights: str = "models/model.pt", config_file: str = "configs/train.json", threads: int = 0, **overrides
+    weights: str = "models/model.pt",
+    config_file: str = "configs/train.json",
+    threads: int = 0,
+    class_weights_file: str = "",
+    **overrides,
 ) -> dict:
-    """Load ``weights`` (exported state_dict or trainer checkpoint) into the config's ``network_def``, predict the
-    ``validate#dataloader`` patches in eval mode and print the scores as JSON. Other keyword arguments override
-    config ids as on the ``monai.bundle run`` command line (``--dataset_dir``, ``--val_num_patches``, ...)."""
+    """Score ``weights`` on the config's validation patches (see ``predict_patches``) and print the scores as JSON;
+    with ``class_weights_file`` (scripts.class_weights) also the scores of the class-weighted decision."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
-    if threads > 0:
-        torch.set_num_threads(threads)
-    parser = ConfigParser()
-    parser.read_config(config_file)
-    parser.update(dict(overrides))
-    net = parser.get_parsed_content("network_def")
-    load_network_weights(net, weights)
-    net.eval()
-    prepare_batch = parser.get_parsed_content("prepare_batch")
-    inferer = parser.get_parsed_content("validate#inferer")
-    patch_network = PatchTrainingNetwork(net).eval()
-    labels, probabilities = [], []
-    with torch.no_grad():
-        for data in parser.get_parsed_content("validate#dataloader"):
-            inputs, magnitude = prepare_batch(data, torch.device("cpu"))
-            logits = inferer(inputs, patch_network)
-            labels.append(misalignment_classes(magnitude).flatten())
-            probabilities.append(net.probabilities(logits.float()).movedim(1, -1).reshape(-1, 3))
-    if not labels:
-        raise ValueError(f"{config_file}: the validation split gave no patch (check --dataset_dir and its datalist)")
-    scores = voxel_scores(torch.cat(labels).numpy(), torch.cat(probabilities).numpy())
+    labels, probabilities = predict_patches(weights, config_file, threads, **overrides)
+    scores = voxel_scores(labels, probabilities)
     scores["weights"] = weights
-    scores["patches"] = int(sum(len(x) for x in labels) // 25**3)
+    scores["patches"] = int(labels.size // 25**3)
+    class_weights = read_class_weights(class_weights_file, weights)
+    if class_weights is not None:
+        weighted = apply_class_weights(torch.from_numpy(probabilities), class_weights).numpy()
+        scores["class_weighted"] = {"class_weights": class_weights, **voxel_scores(labels, weighted)}
     print(json.dumps(scores, indent=1))
     return scores
 

@@ -10,7 +10,8 @@ them with scripts.landmark_metrics and write the report (scripts.benchmark_repor
 Images derived from the scan stay in ``work_dir`` (outside the repository: the validation scan is CC BY-NC and must
 never be copied into it); only the report goes to ``output_dir``.
 
-Methods scored the same way (scripts.landmark_metrics): the LSTM (models/model.pt), the multi- and single-scale CNN
+Methods scored the same way (scripts.landmark_metrics): the LSTM (models/model.pt; with the class weights of
+models/class_weights.json as shipped, and with the paper's plain argmax), the multi- and single-scale CNN
 decoders (models/model_multi_cnn.pt, models/model_single_cnn.pt) through the inference contract, RegNet-t
 (scripts.regnet_t; models/regnet_{4,2,1}mm.pt), the local NCC surrogate (scripts.ncc_baseline;
 models/ncc_thresholds.json, fitted on generated training pairs) and the majority class. A method whose weights or
@@ -50,6 +51,7 @@ from scripts.benchmark_report import plot_landmark_slices, write_report
 from scripts.ct_masks import ct_masks
 from scripts.elastix_registration import RegistrationOptions, parse_settings, read_image, register_pair
 from scripts.evaluation_deformation import EvaluationDeformationSettings, deform_scan, draw_deformation
+from scripts.file_digest import file_sha256
 from scripts.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.landmark_metrics import evaluate, load_predictions, true_classes
 from scripts.landmark_selection import select_landmarks
@@ -76,8 +78,9 @@ BaselineRunner = Callable[
 @dataclass
 class MethodSpec:
     """A method of the comparison: ``kind`` "bundle" runs the inference contract with ``weights`` and extra CLI
-    overrides; "baseline" calls ``runner`` on all settings at once when every file of ``files`` (bundle-relative)
-    exists; "majority" predicts one class everywhere; "pending" is not implemented (``reason``)."""
+    overrides (``files``: other files it reads, recorded with their hashes); "baseline" calls ``runner`` on all
+    settings at once when every file of ``files`` (bundle-relative) exists; "majority" predicts one class everywhere;
+    "pending" is not implemented (``reason``)."""
 
     name: str
     kind: str
@@ -89,7 +92,8 @@ class MethodSpec:
 
 
 DEFAULT_METHODS = (
-    MethodSpec("LSTM 6-3-1", "bundle", "models/model.pt"),
+    MethodSpec("LSTM 6-3-1", "bundle", "models/model.pt", files=("models/class_weights.json",)),  # as shipped
+    MethodSpec("LSTM 6-3-1, argmax (paper)", "bundle", "models/model.pt", ["--class_weights_file", ""]),
     MethodSpec("multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--decoder", "multi_cnn"]),
     MethodSpec("single-scale CNN", "bundle", "models/model_single_cnn.pt", ["--decoder", "single_cnn"]),
     MethodSpec("RegNet-t", "baseline", runner=regnet_t_predict_settings, files=tuple(REGNET_WEIGHTS.values())),
@@ -296,14 +300,6 @@ def _ground_truth(registration: dict) -> dict:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def landmark_mask(fixed: Path, landmarks: Path, path: Path, radius_mm: float = LANDMARK_MASK_RADIUS_MM) -> Path:
     """A mask on the fixed image's grid of the balls of ``radius_mm`` around the landmarks: the predictors only need
     these voxels, and the tiled inferer gives them the same values as a whole-image run (only fewer tiles)."""
@@ -329,7 +325,7 @@ def prediction_code_sha256() -> str:
     digest = hashlib.sha256()
     modules = sorted(p for p in (BUNDLE_ROOT / "scripts").glob("*.py") if p.stem not in SCORING_MODULES)
     for path in [*modules, BUNDLE_ROOT / "configs" / "inference.json"]:
-        digest.update(path.name.encode() + b"\0" + _sha256(path).encode())
+        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -346,7 +342,7 @@ def _method_inputs(spec: MethodSpec, stage_inputs: dict, code_sha256: str) -> di
             "overrides": list(spec.overrides),
             "runner": f"{runner.__module__}.{runner.__qualname__}" if runner else None,
         },
-        "files_sha256": {f: _sha256(BUNDLE_ROOT / f) for f in files},
+        "files_sha256": {f: file_sha256(BUNDLE_ROOT / f) for f in files},
         "code_sha256": code_sha256,
         "mask_radius_mm": LANDMARK_MASK_RADIUS_MM,
     }
@@ -397,9 +393,9 @@ def run_methods(
         if inputs is not None and not earlier:
             _record(record, inputs, {s: {"csv": str(r.csv), "seconds": r.seconds} for s, r in runs.items()})
         if spec.weights and (BUNDLE_ROOT / spec.weights).is_file():
-            entry["weights_sha256"] = _sha256(BUNDLE_ROOT / spec.weights)
+            entry["weights_sha256"] = file_sha256(BUNDLE_ROOT / spec.weights)
         if spec.files:
-            entry["files_sha256"] = {f: _sha256(BUNDLE_ROOT / f) for f in spec.files}
+            entry["files_sha256"] = {f: file_sha256(BUNDLE_ROOT / f) for f in spec.files if (BUNDLE_ROOT / f).is_file()}
         predictions = [load_predictions(r.csv, setting=s) for s, r in runs.items()]
         out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions)}
     return out
@@ -462,11 +458,11 @@ def run_benchmark(
 
     pair_inputs = {
         "scan": str(scan_path.resolve()),
-        "scan_sha256": _sha256(scan_path),
+        "scan_sha256": file_sha256(scan_path),
         "seed": seed,
         "landmarks": landmarks,
         "min_spacing_mm": min_spacing_mm,
-        "code_sha256": {m: _sha256(BUNDLE_ROOT / "scripts" / f"{m}.py") for m in PAIR_MODULES},
+        "code_sha256": {m: file_sha256(BUNDLE_ROOT / "scripts" / f"{m}.py") for m in PAIR_MODULES},
     }
     reused = []
     pair = _reusable(work / "pair.json", pair_inputs) if reuse else None
