@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from scripts.atomic_write import atomic_write_text
-from scripts.constants import CLASS_NAMES
+from scripts.constants import CLASS_NAMES, LATENT_SIZE
 from scripts.file_digest import file_sha256
 from scripts.patch_prediction import predict_patches
 
@@ -125,7 +125,7 @@ def fit(
         "weights_sha256": file_sha256(weights),
         "fitted_on": {
             "split": "training",
-            "patches": int(labels.size // 25**3),
+            "patches": int(labels.size // LATENT_SIZE**3),
             "voxels": int(labels.size),
             "true_counts": np.bincount(labels, minlength=3).tolist(),
             "seed": seed,

@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
 from scripts.class_weights import apply_class_weights, read_class_weights
-from scripts.constants import CLASS_NAMES
+from scripts.constants import CLASS_NAMES, LATENT_SIZE
 from scripts.patch_prediction import predict_patches
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def run(
     labels, probabilities = predict_patches(weights, config_file, threads, **overrides)
     scores = voxel_scores(labels, probabilities)
     scores["weights"] = weights
-    scores["patches"] = int(labels.size // 25**3)
+    scores["patches"] = int(labels.size // LATENT_SIZE**3)
     class_weights = read_class_weights(class_weights_file, weights)
     if class_weights is not None:
         weighted = apply_class_weights(torch.from_numpy(probabilities), class_weights).numpy()

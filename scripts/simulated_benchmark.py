@@ -17,7 +17,7 @@ decoders (models/model_multi_cnn.pt, models/model_single_cnn.pt) through the inf
 models/ncc_thresholds.json, fitted on generated training pairs) and the majority class. A method whose weights or
 thresholds do not exist is listed as "not run".
 
-How to run (from the repository root, with ../shared beside it; about 10-30 min on 2 CPU cores)::
+How to run (from the repository root, with ../shared beside it; 40 min on 2 CPU cores when nothing can be reused)::
 
     python -m monai.bundle run --config_file configs/evaluate.json
     # or, with any option of run_benchmark:
