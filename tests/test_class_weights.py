@@ -18,7 +18,7 @@ from scripts.misalignment_net import MisalignmentNet
 from tests.conftest import REPO_ROOT
 from tests.synthetic_pair import phantom_hu, write_pair
 from tests.test_inference_workflow import make_workflow
-from tests.training_data import prepared_dataset
+from tests.training_data import prepared_dataset, untrained_weights
 
 
 def test_weighting_renormalises_and_keeps_masked_voxels_zero():
@@ -119,9 +119,7 @@ def test_inference_config_uses_the_class_weights_fitted_for_its_checkpoint(tmp_p
 
 def test_fit_writes_weights_for_the_file_it_was_fitted_on(tmp_path_factory, tmp_path):
     dataset_dir = prepared_dataset(tmp_path_factory)
-    torch.manual_seed(0)
-    weights = tmp_path / "weights.pt"
-    torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), weights)
+    weights = untrained_weights(tmp_path)
     record = fit(
         weights=str(weights),
         output=str(tmp_path / "class_weights.json"),

@@ -7,7 +7,7 @@ import torch
 from scripts.misalignment_net import MisalignmentNet
 from scripts.patch_validation import run, voxel_scores
 from tests.conftest import REPO_ROOT
-from tests.training_data import prepared_dataset
+from tests.training_data import prepared_dataset, untrained_weights
 
 
 def test_scores_of_a_perfect_and_of_a_constant_predictor():
@@ -27,9 +27,7 @@ def test_scores_of_a_perfect_and_of_a_constant_predictor():
 
 def test_run_scores_every_voxel_of_the_validation_patches(tmp_path_factory, tmp_path):
     dataset_dir = prepared_dataset(tmp_path_factory)
-    torch.manual_seed(0)
-    weights = tmp_path / "weights.pt"
-    torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), weights)
+    weights = untrained_weights(tmp_path)
     scores = run(
         weights=str(weights),
         config_file=str(REPO_ROOT / "configs" / "train.json"),

@@ -7,7 +7,9 @@ session and shared, read-only, by the training tests.
 from pathlib import Path
 
 import SimpleITK as sitk
+import torch
 
+from scripts.misalignment_net import MisalignmentNet
 from scripts.prepare_data import run as prepare_data
 from tests.chest_phantom import chest_phantom
 
@@ -27,3 +29,11 @@ def prepared_dataset(tmp_path_factory) -> Path:
         )
         _PREPARED["dir"] = root / "data"
     return _PREPARED["dir"]
+
+
+def untrained_weights(folder: Path, decoder: str = "single_cnn") -> Path:
+    """``folder/weights.pt``: the state_dict of a freshly initialised network (seed 0), for scoring pipelines."""
+    torch.manual_seed(0)
+    path = folder / "weights.pt"
+    torch.save(MisalignmentNet(decoder=decoder).state_dict(), path)
+    return path
