@@ -329,10 +329,15 @@ def prediction_code_sha256() -> str:
     return digest.hexdigest()
 
 
-def _method_inputs(spec: MethodSpec, stage_inputs: dict, code_sha256: str) -> dict:
-    """What a method's predictions depend on: the registered pairs, the method, the content of its weights or
-    thresholds, the prediction code and the landmark mask radius."""
+def _file_hashes(spec: MethodSpec) -> dict[str, str]:
+    """sha256 of the method's weights and other files that exist (bundle-relative names)."""
     files = [f for f in (spec.weights, *spec.files) if f and (BUNDLE_ROOT / f).is_file()]
+    return {f: file_sha256(BUNDLE_ROOT / f) for f in files}
+
+
+def _method_inputs(spec: MethodSpec, stage_inputs: dict, code_sha256: str, hashes: dict[str, str]) -> dict:
+    """What a method's predictions depend on: the registered pairs, the method, the content of its weights or
+    thresholds (``hashes``), the prediction code and the landmark mask radius."""
     runner = spec.runner
     return {
         "registration": stage_inputs,
@@ -342,7 +347,7 @@ def _method_inputs(spec: MethodSpec, stage_inputs: dict, code_sha256: str) -> di
             "overrides": list(spec.overrides),
             "runner": f"{runner.__module__}.{runner.__qualname__}" if runner else None,
         },
-        "files_sha256": {f: file_sha256(BUNDLE_ROOT / f) for f in files},
+        "files_sha256": hashes,
         "code_sha256": code_sha256,
         "mask_radius_mm": LANDMARK_MASK_RADIUS_MM,
     }
@@ -368,7 +373,8 @@ def run_methods(
             continue
         folder = work_dir / "predictions" / "".join(ch if ch.isalnum() else "_" for ch in spec.name)
         record = folder / "predictions.json"
-        inputs = _method_inputs(spec, stage_inputs, code_sha256) if stage_inputs is not None else None
+        hashes = _file_hashes(spec)
+        inputs = _method_inputs(spec, stage_inputs, code_sha256, hashes) if stage_inputs is not None else None
         earlier = _reusable(record, inputs) if inputs is not None else None
         if earlier:
             runs = {s: PredictorRun("ran", Path(r["csv"]), r["seconds"]) for s, r in earlier.items()}
@@ -392,10 +398,10 @@ def run_methods(
             continue
         if inputs is not None and not earlier:
             _record(record, inputs, {s: {"csv": str(r.csv), "seconds": r.seconds} for s, r in runs.items()})
-        if spec.weights and (BUNDLE_ROOT / spec.weights).is_file():
-            entry["weights_sha256"] = file_sha256(BUNDLE_ROOT / spec.weights)
+        if spec.weights in hashes:
+            entry["weights_sha256"] = hashes[spec.weights]
         if spec.files:
-            entry["files_sha256"] = {f: file_sha256(BUNDLE_ROOT / f) for f in spec.files if (BUNDLE_ROOT / f).is_file()}
+            entry["files_sha256"] = {f: hashes[f] for f in spec.files if f in hashes}
         predictions = [load_predictions(r.csv, setting=s) for s, r in runs.items()]
         out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions)}
     return out

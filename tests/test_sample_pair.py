@@ -7,10 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from monai.bundle import ConfigWorkflow
+from sklearn.metrics import cohen_kappa_score
 
 from scripts.image_io import Grid, read_image
+from scripts.landmark_csv import read_landmarks
 from scripts.landmarks import read_landmarks_in_image, true_classes
 from scripts.make_sample_pair import invert_at_points
+from scripts.simulated_benchmark import landmark_mask
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -47,12 +51,6 @@ def test_invert_at_points_inverts_a_smooth_displacement():
 def test_shipped_weights_give_a_real_prediction_on_the_sample_pair(tmp_path):
     """README command 1's claim, on the landmarks' neighbourhoods only (the same values, fewer tiles): the shipped
     network with its class weights says more than one class and agrees with the true classes beyond chance."""
-    from monai.bundle import ConfigWorkflow
-    from sklearn.metrics import cohen_kappa_score
-
-    from scripts.landmark_csv import read_landmarks
-    from scripts.simulated_benchmark import landmark_mask
-
     root = SAMPLE_DIR.parent
     if not (root / "models" / "model.pt").is_file():
         pytest.skip("no shipped weights")
