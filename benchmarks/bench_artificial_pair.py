@@ -20,17 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.artificial_dvf import DVF_TYPES, coarse_arrays, draw_dvf, dvf_settings, dvf_to_sitk  # noqa: E402
-from scripts.artificial_intensity import (  # noqa: E402
-    add_noise,
-    dense_jacobian,
-    sponge_model,
-    warp_image,
-    warp_mask,
-)
-from scripts.ct_masks import ct_masks  # noqa: E402
-from scripts.labels import hierarchical_labels  # noqa: E402
-from scripts.patch_sampling import (  # noqa: E402
+from scripts.data.patch_sampling import (  # noqa: E402
     BalancedCentreSampler,
     candidate_centres,
     magnitude_at,
@@ -38,7 +28,23 @@ from scripts.patch_sampling import (  # noqa: E402
     pair_pyramid,
     regnet_sample,
 )
-from scripts.prepare_data import resample_isotropic  # noqa: E402
+from scripts.data.prepare_data import resample_isotropic  # noqa: E402
+from scripts.networks.hierarchical_labels import hierarchical_labels  # noqa: E402
+from scripts.transforms.artificial_dvf import (  # noqa: E402
+    DVF_TYPES,
+    coarse_arrays,
+    draw_dvf,
+    dvf_settings,
+    dvf_to_sitk,
+)
+from scripts.transforms.artificial_intensity import (  # noqa: E402
+    add_noise,
+    dense_jacobian,
+    sponge_model,
+    warp_image,
+    warp_mask,
+)
+from scripts.transforms.ct_masks import ct_masks  # noqa: E402
 
 
 def _timed(fn, *args, **kwargs):

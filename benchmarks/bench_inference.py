@@ -33,11 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.ct_masks import ct_masks  # noqa: E402
-from scripts.image_io import load_pair, to_fixed_grid  # noqa: E402
-from scripts.inferer import MisalignmentInferer, latent_size_for  # noqa: E402
-from scripts.make_sample_pair import true_deformation  # noqa: E402
-from scripts.misalignment_net import MisalignmentNet, level_window  # noqa: E402
+from scripts.data.image_io import load_pair, to_fixed_grid  # noqa: E402
+from scripts.data.make_sample_pair import true_deformation  # noqa: E402
+from scripts.inferers.misalignment_inferer import MisalignmentInferer, latent_size_for  # noqa: E402
+from scripts.networks.misalignment_net import MisalignmentNet, level_window  # noqa: E402
+from scripts.transforms.ct_masks import ct_masks  # noqa: E402
 
 DEFAULT_SCAN = REPO_ROOT.parent / "shared" / "data" / "ct" / "thorax_popi_like_00.nii.gz"
 CHECKPOINT = REPO_ROOT / "models" / "model.pt"

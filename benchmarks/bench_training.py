@@ -17,10 +17,10 @@ import fire
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.losses import HierarchicalCrossEntropyLoss, RegNetLoss
-from scripts.misalignment_net import MisalignmentNet
-from scripts.regnet import RegNet
-from scripts.train_engine import AutocastInferer, PatchTrainingNetwork
+from scripts.engines.losses import HierarchicalCrossEntropyLoss, RegNetLoss
+from scripts.engines.trainer import AutocastInferer, PatchTrainingNetwork
+from scripts.networks.misalignment_net import MisalignmentNet
+from scripts.networks.regnet import RegNet
 
 PATCH = 101
 

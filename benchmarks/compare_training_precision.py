@@ -69,7 +69,7 @@ def main(
 ) -> None:
     """Print the fp32 and bf16 curves side by side and a JSON summary."""
     if not dataset_dir:
-        raise ValueError("--dataset_dir (a folder written by python -m scripts.prepare_data) is required")
+        raise ValueError("--dataset_dir (a folder written by python -m scripts.data.prepare_data) is required")
     overrides = dict(overrides or {})
     fp32 = training_losses(config, dataset_dir, iterations, None, overrides)
     bf16 = training_losses(config, dataset_dir, iterations, "bfloat16", overrides)

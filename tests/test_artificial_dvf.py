@@ -1,13 +1,13 @@
-"""Artificial DVFs (scripts.artificial_dvf) and warping/intensity (scripts.artificial_intensity) on a phantom."""
+"""Artificial DVFs (scripts.transforms.artificial_dvf) and warping/intensity (scripts.transforms.artificial_intensity)
+on a phantom."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts.artificial_dvf import (
+from scripts.transforms.artificial_dvf import (
     DVF_TYPES,
     RandArtificialDVFd,
-    RandNextImaged,
     cap_components,
     coarse_arrays,
     coarse_shape,
@@ -18,8 +18,8 @@ from scripts.artificial_dvf import (
     jacobian_determinant,
     upsample_dvf,
 )
-from scripts.artificial_intensity import deform_image, warp_image
-from scripts.ct_masks import ct_masks
+from scripts.transforms.artificial_intensity import RandNextImaged, deform_image, warp_image
+from scripts.transforms.ct_masks import ct_masks
 from tests.chest_phantom import chest_phantom, to_image
 
 M = 10.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from scripts.batchnorm_recalibration import recalibrate_batchnorm
+from scripts.engines.batchnorm_recalibration import recalibrate_batchnorm
 
 
 def test_running_statistics_become_the_batch_average():

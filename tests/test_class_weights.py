@@ -1,4 +1,5 @@
-"""Class-weighted decisions (scripts.class_weights): the weighting, the fit, the file and its use at inference."""
+"""Class-weighted decisions (scripts.engines.class_weights): the weighting, the fit, the file and its use at
+inference."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import SimpleITK as sitk
 import torch
 from sklearn.metrics import f1_score
 
-from scripts.class_weights import apply_class_weights, fit, fit_class_weights, mean_f1_of_decisions, read_class_weights
-from scripts.file_digest import file_sha256
-from scripts.inferer import MisalignmentInferer
-from scripts.misalignment_net import MisalignmentNet
+from scripts.engines.class_weights import fit, fit_class_weights, mean_f1_of_decisions
+from scripts.inferers.class_decision import apply_class_weights, read_class_weights
+from scripts.inferers.misalignment_inferer import MisalignmentInferer
+from scripts.networks.misalignment_net import MisalignmentNet
+from scripts.utils.file_digest import file_sha256
 from tests.conftest import REPO_ROOT
 from tests.synthetic_pair import phantom_hu, write_pair
 from tests.test_inference_workflow import make_workflow

@@ -1,10 +1,10 @@
-"""Body and lung masks (scripts.ct_masks) on a synthetic chest, and their errors for bad inputs."""
+"""Body and lung masks (scripts.transforms.ct_masks) on a synthetic chest, and their errors for bad inputs."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts.ct_masks import ct_masks
+from scripts.transforms.ct_masks import ct_masks
 from tests.chest_phantom import chest_phantom_arrays, to_image
 
 

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts.constants import BACKGROUND_HU
-from scripts.dirlab_readers import (
+from scripts.data.dirlab import (
     DIRLAB_4DCT,
     DIRLAB_COPD,
     convert_pair,
     read_dirlab_image,
     read_dirlab_landmarks,
 )
-from scripts.landmark_csv import read_landmarks
+from scripts.data.landmark_csv import read_landmarks
+from scripts.utils.constants import BACKGROUND_HU
 
 
 def _write_raw(path, case: str) -> np.ndarray:

@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from scripts.elastix_registration import (
+from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
+from scripts.registration.elastix import (
     SETTINGS,
     ElastixPair,
     RegistrationOptions,
@@ -17,7 +18,6 @@ from scripts.elastix_registration import (
     register_pair,
     resample_to_working_grid,
 )
-from scripts.landmark_csv import read_landmarks, table_from_points, write_landmarks
 
 SIZE = 48
 SPACING = 2.0

@@ -1,4 +1,4 @@
-"""Reading, checking, resampling and atomic writing of the inference images (scripts.image_io)."""
+"""Reading, checking, resampling and atomic writing of the inference images (scripts.data.image_io)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts.atomic_write import atomic_output
-from scripts.constants import BACKGROUND_HU
-from scripts.image_io import (
+from scripts.data.image_io import (
     Grid,
     InputError,
     MissingInputError,
@@ -21,6 +19,8 @@ from scripts.image_io import (
     read_image,
     to_fixed_grid,
 )
+from scripts.utils.atomic_write import atomic_output
+from scripts.utils.constants import BACKGROUND_HU
 from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
 
 
@@ -92,7 +92,7 @@ def test_moving_on_another_grid_is_resampled_and_logged(tmp_path, caplog):
     coarse = sitk.Resample(moving, [16, 16, 16], sitk.Transform(), sitk.sitkLinear, moving.GetOrigin(),
                            (2.25, 2.25, 2.25), moving.GetDirection(), -1000.0)  # fmt: skip
     sitk.WriteImage(coarse, str(tmp_path / "coarse.nii.gz"))
-    with caplog.at_level(logging.WARNING, logger="scripts.image_io"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.image_io"):
         pair = load_pair(paths["fixed"], tmp_path / "coarse.nii.gz")
     assert "not on the fixed image's grid" in caplog.text and "coarse.nii.gz" in caplog.text
     reference = load_pair(paths["fixed"], paths["moving"])

@@ -13,9 +13,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 from scipy import ndimage
 
-from scripts.inference_transforms import BadInputExit
-from scripts.inferer import MisalignmentInferer, axis_blocks, inference_copy, latent_size_for
-from scripts.misalignment_net import MisalignmentNet
+from scripts.inferers.io_transforms import BadInputExit
+from scripts.inferers.misalignment_inferer import MisalignmentInferer, axis_blocks, inference_copy, latent_size_for
+from scripts.networks.misalignment_net import MisalignmentNet
 from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from scripts.landmark_csv import table_from_points, write_landmarks
-from scripts.landmark_metrics import (
+from scripts.data.landmark_csv import table_from_points, write_landmarks
+from scripts.evaluation.landmark_metrics import (
     classification_scores,
     evaluate,
     load_predictions,

@@ -1,4 +1,4 @@
-"""Landmark tables of the inference contract (scripts.landmarks) and the overlay PNG (scripts.overlay)."""
+"""Landmark tables of the inference contract (scripts.data.landmarks) and the overlay PNG (scripts.inferers.overlay)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts.image_io import Grid, InputError
-from scripts.landmark_csv import read_landmarks
-from scripts.landmarks import (
+from scripts.data.image_io import Grid, InputError
+from scripts.data.landmark_csv import read_landmarks
+from scripts.data.landmarks import (
     read_landmarks_in_image,
     sample_nearest,
     true_classes,
     with_predictions,
     write_landmark_predictions,
 )
-from scripts.overlay import choose_slices, overlay_title, save_overlay
+from scripts.inferers.overlay import choose_slices, overlay_title, save_overlay
 from tests.synthetic_pair import write_pair
 
 

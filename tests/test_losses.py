@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.decoders import HierarchicalLSTMDecoder, MultiScaleCNNDecoder, SingleScaleCNNDecoder
-from scripts.labels import SPLITS, hierarchical_labels
-from scripts.losses import HierarchicalCrossEntropyLoss, RegNetLoss, bending_energy, step_labels
+from scripts.engines.losses import HierarchicalCrossEntropyLoss, RegNetLoss, bending_energy, step_labels
+from scripts.networks.decoders import HierarchicalLSTMDecoder, MultiScaleCNNDecoder, SingleScaleCNNDecoder
+from scripts.networks.hierarchical_labels import SPLITS, hierarchical_labels
 
 
 def _lstm_loss(split: str = "6-3-1") -> HierarchicalCrossEntropyLoss:

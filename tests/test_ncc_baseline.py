@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from scripts.ncc_baseline import (
+from scripts.evaluation.ncc_baseline import (
     class_weights,
     fit,
     fit_thresholds,

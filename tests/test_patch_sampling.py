@@ -1,13 +1,10 @@
-"""Patch-centre sampling, pyramid patches and targets (scripts.patch_sampling) on synthetic pairs."""
+"""Patch-centre sampling, pyramid patches and targets (scripts.data.patch_sampling) on synthetic pairs."""
 
 import numpy as np
 import pytest
 import torch
 
-from scripts.artificial_dvf import upsample_dvf
-from scripts.constants import BACKGROUND_HU
-from scripts.labels import SPLITS, hierarchical_labels, step_edges
-from scripts.patch_sampling import (
+from scripts.data.patch_sampling import (
     BalancedCentreSampler,
     MisalignmentPatchd,
     RandBalancedCentred,
@@ -18,6 +15,9 @@ from scripts.patch_sampling import (
     magnitude_classes,
     pair_pyramid,
 )
+from scripts.networks.hierarchical_labels import SPLITS, hierarchical_labels, step_edges
+from scripts.transforms.artificial_dvf import upsample_dvf
+from scripts.utils.constants import BACKGROUND_HU
 
 SHAPE = (72, 80, 88)  # 1 mm voxels (z, y, x)
 

@@ -1,11 +1,11 @@
-"""Voxel-level re-scoring of exported weights on held-out generated patches (scripts.patch_validation)."""
+"""Voxel-level re-scoring of exported weights on held-out generated patches (scripts.engines.patch_validation)."""
 
 import numpy as np
 import pytest
 import torch
 
-from scripts.misalignment_net import MisalignmentNet
-from scripts.patch_validation import run, voxel_scores
+from scripts.engines.patch_validation import run, voxel_scores
+from scripts.networks.misalignment_net import MisalignmentNet
 from tests.conftest import REPO_ROOT
 from tests.training_data import prepared_dataset, untrained_weights
 

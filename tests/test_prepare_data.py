@@ -8,8 +8,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import scripts.prepare_data as prepare_data
-from scripts.patch_sampling import MisalignmentPatchDataset
+import scripts.data.prepare_data as prepare_data
+from scripts.data.patch_sampling import MisalignmentPatchDataset
 from tests.chest_phantom import chest_phantom, to_image
 
 KEYS = ("fixed", "deformed", "dvf", "body_mask", "lung_mask")

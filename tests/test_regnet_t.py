@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.patch_sampling import pair_pyramid
-from scripts.regnet import RegNet
-from scripts.regnet_t import (
+from scripts.data.patch_sampling import pair_pyramid
+from scripts.evaluation.regnet_t import (
     CONTEXT,
     displacement_classes,
     load_regnets,
@@ -14,6 +13,7 @@ from scripts.regnet_t import (
     regnet_t_displacement,
     total_displacement,
 )
+from scripts.networks.regnet import RegNet
 
 
 class ConstantRegNet(torch.nn.Module):

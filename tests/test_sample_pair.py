@@ -1,4 +1,4 @@
-"""The shipped sample pair (sample_data/) and the pieces of scripts/make_sample_pair.py that make it."""
+"""The shipped sample pair (sample_data/) and the pieces of scripts/data/make_sample_pair.py that make it."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import SimpleITK as sitk
 from monai.bundle import ConfigWorkflow
 from sklearn.metrics import cohen_kappa_score
 
-from scripts.image_io import Grid, read_image
-from scripts.landmark_csv import read_landmarks
-from scripts.landmarks import read_landmarks_in_image, true_classes
-from scripts.make_sample_pair import invert_at_points
-from scripts.simulated_benchmark import landmark_mask
+from scripts.data.image_io import Grid, read_image
+from scripts.data.landmark_csv import read_landmarks
+from scripts.data.landmarks import read_landmarks_in_image, true_classes
+from scripts.data.make_sample_pair import invert_at_points
+from scripts.evaluation.simulated_benchmark import landmark_mask
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 

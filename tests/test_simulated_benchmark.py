@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts.benchmark_report import table4_markdown, write_report
-from scripts.ct_masks import ct_masks
-from scripts.evaluation_deformation import deform_scan, draw_deformation, sliding_region
-from scripts.landmark_csv import read_landmarks, table_from_points, write_landmarks
-from scripts.landmark_metrics import evaluate, load_predictions
-from scripts.landmark_selection import select_landmarks
-from scripts.simulated_benchmark import (
+from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
+from scripts.data.landmark_selection import select_landmarks
+from scripts.evaluation.landmark_metrics import evaluate, load_predictions
+from scripts.evaluation.report import table4_markdown, write_report
+from scripts.evaluation.simulated_benchmark import (
     BUNDLE_ROOT,
     MethodSpec,
     _check_scan,
@@ -24,6 +22,8 @@ from scripts.simulated_benchmark import (
     run_bundle_predictor,
     run_methods,
 )
+from scripts.transforms.ct_masks import ct_masks
+from scripts.transforms.evaluation_deformation import deform_scan, draw_deformation, sliding_region
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_table4_lists_each_step_then_the_merged_answer(tmp_path):
 def test_evaluate_config_parses_and_its_run_resolves():
     from monai.bundle import ConfigParser
 
-    from scripts.simulated_benchmark import run_benchmark
+    from scripts.evaluation.simulated_benchmark import run_benchmark
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "evaluate.json"))

@@ -11,8 +11,8 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.misalignment_net import MisalignmentNet
-from scripts.regnet import RegNet
+from scripts.networks.misalignment_net import MisalignmentNet
+from scripts.networks.regnet import RegNet
 from tests.conftest import REPO_ROOT
 from tests.training_data import prepared_dataset
 

@@ -7,19 +7,19 @@ import torch.nn as nn
 from ignite.engine import Engine
 from sklearn.metrics import cohen_kappa_score, f1_score
 
-from scripts.decoders import HierarchicalLSTMDecoder
-from scripts.misalignment_net import MisalignmentNet
-from scripts.regnet import RegNet
-from scripts.train_checkpoints import (
+from scripts.data.patch_streams import PAIR_FILE_KEYS, TransformedPatches, check_pair_files
+from scripts.engines.checkpoints import (
     ExportStateDict,
     latest_checkpoint,
     load_regnet_encoders,
     resumable_checkpoint,
 )
-from scripts.train_data import PAIR_FILE_KEYS, TransformedPatches, check_pair_files
-from scripts.train_engine import AutocastInferer, PatchTrainingNetwork, PrepareKeysBatch, as_bool, to_device
-from scripts.train_metrics import KEY_METRIC, cohen_kappa, misalignment_metrics
-from scripts.train_transforms import RandIntegerHUNoised
+from scripts.engines.metrics import KEY_METRIC, cohen_kappa, misalignment_metrics
+from scripts.engines.trainer import AutocastInferer, PatchTrainingNetwork, PrepareKeysBatch, as_bool, to_device
+from scripts.networks.decoders import HierarchicalLSTMDecoder
+from scripts.networks.misalignment_net import MisalignmentNet
+from scripts.networks.regnet import RegNet
+from scripts.transforms.hu_noise import RandIntegerHUNoised
 
 
 def test_integer_noise_is_integer_seeded_and_shares_one_mean():

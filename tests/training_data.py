@@ -1,4 +1,4 @@
-"""A tiny prepared dataset for the training tests: two synthetic chest phantoms through scripts.prepare_data.
+"""A tiny prepared dataset for the training tests: two synthetic chest phantoms through scripts.data.prepare_data.
 
 One phantom gives the "training" pair, the other the "validation" pair (one DVF each); prepared once per test
 session and shared, read-only, by the training tests.
@@ -9,8 +9,8 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from scripts.misalignment_net import MisalignmentNet
-from scripts.prepare_data import run as prepare_data
+from scripts.data.prepare_data import run as prepare_data
+from scripts.networks.misalignment_net import MisalignmentNet
 from tests.chest_phantom import chest_phantom
 
 _PREPARED: dict = {}

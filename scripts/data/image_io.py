@@ -1,0 +1,304 @@
+"""Reading, checking, resampling and atomically writing the CT images of a misalignment run (SimpleITK).
+
+Images stay SimpleITK images (physical LPS mm) until the network grid is built: both images re-oriented to LPS and
+resampled to 1 mm on the fixed image's extent. Arrays taken from them are in SimpleITK's numpy order (z, y, x).
+Every check raises ``InputError`` (a ``ValueError``) or ``MissingInputError`` (a ``FileNotFoundError``) whose
+message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from scripts.transforms.ct_masks import body_mask_array
+from scripts.utils.constants import BACKGROUND_HU
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+GRID_TOLERANCE = 1e-3  # relative to the voxel size / unit direction: grids closer than this are the same grid
+MIN_SIZE_VOXELS = 4  # fewer voxels than this along an axis is a 2-D image stored as 3-D
+
+
+class InputError(ValueError):
+    """A bad input file (wrong dimension, NaN, no overlap, bad landmark table ...); the message names the file."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """An input file that does not exist."""
+
+
+@dataclass
+class Grid:
+    """Geometry of an image grid: size (x, y, z voxels), origin and spacing (mm), direction (row-major 3x3)."""
+
+    size: Tuple[int, int, int]
+    origin: Tuple[float, float, float]
+    spacing: Tuple[float, float, float]
+    direction: Tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        """The grid of a SimpleITK image."""
+        return cls(tuple(image.GetSize()), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+
+    def as_arrays(self) -> dict:
+        """The grid as numpy arrays (what a MONAI collate can batch)."""
+        return {
+            "size": np.asarray(self.size, dtype=np.int64),
+            "origin": np.asarray(self.origin, dtype=np.float64),
+            "spacing": np.asarray(self.spacing, dtype=np.float64),
+            "direction": np.asarray(self.direction, dtype=np.float64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "Grid":
+        """Inverse of ``as_arrays`` (accepts numpy arrays or torch tensors)."""
+
+        def values(key: str) -> list:
+            return np.asarray(arrays[key]).reshape(-1).tolist()
+
+        return cls(
+            tuple(int(v) for v in values("size")),
+            tuple(float(v) for v in values("origin")),
+            tuple(float(v) for v in values("spacing")),
+            tuple(float(v) for v in values("direction")),
+        )
+
+    def image(self, values: np.ndarray) -> sitk.Image:
+        """A SimpleITK image on this grid from a ``(z, y, x)`` or ``(z, y, x, c)`` array (c becomes components)."""
+        image = sitk.GetImageFromArray(values, isVector=values.ndim == 4)
+        if tuple(image.GetSize()) != tuple(self.size):
+            raise ValueError(f"array of shape {values.shape} does not fit a grid of size {self.size} (x, y, z)")
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+    def physical_point(self, index: Sequence[float]) -> np.ndarray:
+        """Physical LPS point (mm) of a continuous (x, y, z) index."""
+        direction = np.asarray(self.direction).reshape(3, 3)
+        return np.asarray(self.origin) + direction @ (np.asarray(index, dtype=float) * np.asarray(self.spacing))
+
+    def continuous_index(self, points: np.ndarray) -> np.ndarray:
+        """Continuous (x, y, z) indices of physical LPS points ``[N, 3]`` (mm)."""
+        direction = np.asarray(self.direction).reshape(3, 3)
+        offset = np.asarray(points, dtype=float).reshape(-1, 3) - np.asarray(self.origin)
+        return (np.linalg.solve(direction, offset.T).T) / np.asarray(self.spacing)
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """Which physical points ``[N, 3]`` lie inside the image (voxel centres +- half a voxel)."""
+        index = self.continuous_index(points)
+        return np.all((index >= -0.5) & (index <= np.asarray(self.size) - 0.5), axis=1)
+
+    def bounds(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned physical bounding box (lower, upper corners, mm) of the image's voxels."""
+        corners = [
+            self.physical_point([(-0.5 if c == 0 else n - 0.5) for c, n in zip(corner, self.size)])
+            for corner in np.ndindex(2, 2, 2)
+        ]
+        corners_array = np.stack(corners)
+        return corners_array.min(axis=0), corners_array.max(axis=0)
+
+    def same_as(self, other: "Grid") -> bool:
+        """Whether two grids coincide (size exactly; origin, spacing, direction within GRID_TOLERANCE)."""
+        if tuple(self.size) != tuple(other.size):
+            return False
+        spacing = np.asarray(self.spacing)
+        return bool(
+            np.allclose(self.spacing, other.spacing, rtol=GRID_TOLERANCE, atol=0)
+            and np.all(np.abs(np.subtract(self.origin, other.origin)) <= GRID_TOLERANCE * spacing.min())
+            and np.allclose(self.direction, other.direction, atol=GRID_TOLERANCE)
+        )
+
+    def resampler(self, interpolator: int, default_value: float, output_type: int) -> sitk.ResampleImageFilter:
+        """A SimpleITK resampler onto this grid."""
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetSize([int(v) for v in self.size])
+        resampler.SetOutputOrigin(self.origin)
+        resampler.SetOutputSpacing(self.spacing)
+        resampler.SetOutputDirection(self.direction)
+        resampler.SetInterpolator(interpolator)
+        resampler.SetDefaultPixelValue(default_value)
+        resampler.SetOutputPixelType(output_type)
+        return resampler
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """File name without its image extension (``moving.nii.gz`` -> ``moving``)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
+    """Read a scalar 3-D image as float32; clear errors for a missing, unreadable, non-3-D or NaN-holding file.
+
+    ``role`` ("fixed image", "moving image", "mask") starts every message, followed by the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{role} {path}: file not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
+        raise InputError(f"{role} {path}: cannot be read as an image by SimpleITK ({reason})") from None
+    size = image.GetSize()
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{role} {path}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
+                         f"components per voxel")  # fmt: skip
+    if image.GetDimension() == 4 and size[3] == 1:
+        image = image[:, :, :, 0]  # a 3-D volume stored with a singleton 4th axis
+        size = image.GetSize()
+    if image.GetDimension() != 3:
+        raise InputError(f"{role} {path}: expected a 3-D image, got a {image.GetDimension()}-D image of size {size}")
+    if min(size) < MIN_SIZE_VOXELS:
+        raise InputError(f"{role} {path}: expected a 3-D volume, got size {size} (a 2-D slice?)")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all() or _nifti_has_nan(path):
+        raise InputError(f"{role} {path}: the image holds NaN or infinite values")
+    return image
+
+
+def _nifti_has_nan(path: Path) -> bool:
+    """ITK's NIfTI reader turns NaN into 0, so a floating-point NIfTI file is checked again with nibabel."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return False
+    data = nib.load(str(path))
+    if not np.issubdtype(data.get_data_dtype(), np.floating):
+        return False
+    return not np.isfinite(np.asanyarray(data.dataobj)).all()
+
+
+def check_overlap(
+    fixed: sitk.Image, moving: sitk.Image, fixed_path: str, moving_path: str, role: str = "moving image"
+) -> float:
+    """Fraction of the fixed image's bounding box covered by the moving image's (or mask's, ``role``); error when
+    they do not overlap in physical space."""
+    f_lo, f_hi = Grid.of(fixed).bounds()
+    m_lo, m_hi = Grid.of(moving).bounds()
+    common = np.clip(np.minimum(f_hi, m_hi) - np.maximum(f_lo, m_lo), 0, None)
+    fraction = float(np.prod(common) / np.prod(f_hi - f_lo))
+    if fraction <= 0:
+        raise InputError(
+            f"{role} {moving_path} does not overlap the fixed image {fixed_path} in space: fixed spans "
+            f"{np.round(f_lo, 1).tolist()} to {np.round(f_hi, 1).tolist()} mm, {role} spans "
+            f"{np.round(m_lo, 1).tolist()} to {np.round(m_hi, 1).tolist()} mm (LPS); check the origins and directions "
+            "in the headers"
+        )
+    return fraction
+
+
+def isotropic_grid(image: sitk.Image, spacing: float = 1.0) -> Grid:
+    """The grid of ``image`` re-oriented to LPS, resampled to ``spacing`` mm with the same origin and extent."""
+    oriented = Grid.of(sitk.DICOMOrient(image, "LPS")) if image.GetDimension() == 3 else Grid.of(image)
+    size = tuple(int(np.floor((n - 1) * s / spacing + 1e-6)) + 1 for n, s in zip(oriented.size, oriented.spacing))
+    return Grid(size, oriented.origin, (spacing,) * 3, oriented.direction)
+
+
+def resample(image: sitk.Image, grid: Grid, interpolator: int = sitk.sitkBSpline, default: float = BACKGROUND_HU,
+             output_type: int = sitk.sitkFloat32) -> sitk.Image:  # fmt: skip
+    """``image`` resampled onto ``grid`` (cubic B-spline by default; voxels outside its field get ``default``)."""
+    return grid.resampler(interpolator, default, output_type).Execute(image)
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """Body mask of a ``(z, y, x)`` HU array (bool), from ``scripts.transforms.ct_masks`` (threshold, largest part,
+    holes)."""
+    return body_mask_array(hu)
+
+
+@dataclass
+class PairOnGrid:
+    """A fixed/moving pair on the network's 1 mm LPS grid: ``image [2, z, y, x]`` HU (fixed, moving), ``mask
+    [z, y, x]`` bool (where to predict), the 1 mm ``grid`` and the fixed image's original ``fixed_grid``."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    grid: Grid
+    fixed_grid: Grid
+
+
+def load_pair(
+    fixed_path: str | os.PathLike,
+    moving_path: str | os.PathLike,
+    mask_path: Optional[str | os.PathLike] = None,
+    spacing: float = 1.0,
+    mask_background: bool = True,
+) -> PairOnGrid:
+    """Read, check and resample a pair onto the fixed image's ``spacing`` mm LPS grid (cubic B-spline).
+
+    The moving image is resampled from its own physical space, so a moving image on another grid is handled (and
+    logged). The prediction mask is the fixed image's body mask, or ``mask_path`` (nearest neighbour) when given.
+    With ``mask_background`` each image is set to the background HU outside its own body mask (as in training).
+    """
+    fixed = read_image(fixed_path, "fixed image")
+    moving = read_image(moving_path, "moving image")
+    fraction = check_overlap(fixed, moving, str(fixed_path), str(moving_path))
+    if not Grid.of(moving).same_as(Grid.of(fixed)):
+        logger.warning(
+            "moving image %s is not on the fixed image's grid (size %s vs %s, spacing %s vs %s): resampling it onto "
+            "the fixed image's grid; it covers %.0f%% of the fixed image's box",
+            moving_path, moving.GetSize(), fixed.GetSize(), np.round(moving.GetSpacing(), 3).tolist(),
+            np.round(fixed.GetSpacing(), 3).tolist(), 100 * fraction,
+        )  # fmt: skip
+    grid = isotropic_grid(fixed, spacing)
+    arrays, bodies = [], []
+    for image in (fixed, moving):
+        hu = sitk.GetArrayFromImage(resample(image, grid))
+        body = body_mask(hu)
+        if mask_background:
+            hu[~body] = BACKGROUND_HU
+        arrays.append(hu)
+        bodies.append(body)
+    if mask_path:
+        mask_image = read_image(mask_path, "mask")
+        check_overlap(fixed, mask_image, str(fixed_path), str(mask_path), "mask")
+        mask = sitk.GetArrayFromImage(resample(mask_image, grid, sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)) > 0
+        if not mask.any():
+            raise InputError(f"mask {mask_path}: no voxel of the mask lies inside the fixed image {fixed_path}")
+    else:
+        mask = bodies[0]
+        if not mask.any():
+            raise InputError(f"fixed image {fixed_path}: no body found (no tissue above -500 HU); is it a CT in HU?")
+    return PairOnGrid(np.stack(arrays).astype(np.float32), mask, grid, Grid.of(fixed))
+
+
+def mask_to_fixed_grid(mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> np.ndarray:
+    """A ``[z, y, x]`` mask on ``grid`` -> bool on ``fixed_grid`` (nearest neighbour)."""
+    image = resample(grid.image(mask.astype(np.uint8)), fixed_grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(image).astype(bool)
+
+
+def to_fixed_grid(probabilities: np.ndarray, mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> Tuple[np.ndarray, ...]:
+    """Probabilities ``[3, z, y, x]`` and mask on the 1 mm ``grid`` -> (probabilities ``[z, y, x, 3]``, labels
+    uint8, mask) on ``fixed_grid``: linear interpolation, renormalised to sum 1 inside the nearest-neighbour mask."""
+    mask_f = mask_to_fixed_grid(mask, grid, fixed_grid)
+    channels = [
+        sitk.GetArrayFromImage(resample(grid.image(p.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
+        for p in probabilities
+    ]
+    probs = np.stack(channels, axis=-1)
+    total = probs.sum(axis=-1, keepdims=True)
+    probs = np.where(mask_f[..., None] & (total > 0), probs / np.maximum(total, 1e-12), 0.0).astype(np.float32)
+    labels = np.where(mask_f, probs.argmax(axis=-1), 0).astype(np.uint8)
+    return probs, labels, mask_f
+
+
+def error_to_fixed_grid(error_mm: np.ndarray, mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> np.ndarray:
+    """An error map ``[z, y, x]`` (mm) on the 1 mm ``grid`` -> float32 on ``fixed_grid`` (linear), 0 outside the
+    nearest-neighbour mask."""
+    mask_f = mask_to_fixed_grid(mask, grid, fixed_grid)
+    values = sitk.GetArrayFromImage(resample(grid.image(error_mm.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
+    return np.where(mask_f, values, 0.0).astype(np.float32)

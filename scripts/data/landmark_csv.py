@@ -1,0 +1,108 @@
+"""Landmark CSV files of the inference contract: a header, columns x,y,z in physical mm (ITK/LPS), other columns kept.
+
+Own code on the standard ``csv`` module because pandas is not a dependency of the bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from scripts.utils.atomic_write import atomic_write_text
+
+POINT_COLUMNS = ("x", "y", "z")
+
+
+@dataclass
+class LandmarkTable:
+    """Rows of a landmark CSV: ``columns`` in file order and one list of strings per column (values as read)."""
+
+    columns: list[str]
+    values: dict[str, list[str]] = field(default_factory=dict)
+    source: str = "landmarks"
+
+    def __len__(self) -> int:
+        return len(self.values[self.columns[0]]) if self.columns else 0
+
+    def points(self) -> np.ndarray:
+        """The ``[N, 3]`` float64 physical points (x, y, z in mm, LPS)."""
+        return self.float_columns(POINT_COLUMNS)
+
+    def float_columns(self, names: tuple[str, ...] | list[str]) -> np.ndarray:
+        """Columns ``names`` as a ``[N, len(names)]`` float64 array; a clear error names the file and the column."""
+        require_columns(self, names)
+        out = np.empty((len(self), len(names)), dtype=np.float64)
+        for j, name in enumerate(names):
+            for i, text in enumerate(self.values[name]):
+                try:
+                    out[i, j] = float(text)
+                except ValueError:
+                    raise ValueError(f"{self.source}: row {i + 2}, column {name!r}: {text!r} is not a number") from None
+        return out
+
+    def with_column(self, name: str, column: list | np.ndarray, fmt: str = "{:.4f}") -> "LandmarkTable":
+        """A copy with column ``name`` added (or replaced); numbers are written with ``fmt``."""
+        if len(column) != len(self):
+            raise ValueError(f"{self.source}: column {name!r} has {len(column)} values for {len(self)} landmarks")
+        texts = [v if isinstance(v, str) else fmt.format(v) for v in column]
+        columns = self.columns + ([name] if name not in self.columns else [])
+        values = dict(self.values)
+        values[name] = texts
+        return LandmarkTable(columns, values, self.source)
+
+
+def require_columns(table: LandmarkTable, names: tuple[str, ...] | list[str]) -> None:
+    """Raise ValueError naming the file and every missing column."""
+    missing = [n for n in names if n not in table.values]
+    if missing:
+        raise ValueError(f"{table.source}: missing column(s) {missing}; the file has {table.columns}")
+
+
+def read_landmarks(path: str | Path, required: tuple[str, ...] = POINT_COLUMNS) -> LandmarkTable:
+    """Read a landmark CSV (header row, comma separated); checks the ``required`` columns and the row lengths."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: landmark file not found")
+    with path.open(newline="") as f:
+        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    if not rows:
+        raise ValueError(f"{path}: empty landmark file (expected a header with columns x,y,z)")
+    columns = [c.strip() for c in rows[0]]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"{path}: duplicate column names in header {columns}")
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(columns):
+            raise ValueError(f"{path}: row {i} has {len(row)} columns, the header has {len(columns)} ({columns})")
+    values = {c: [row[j].strip() for row in rows[1:]] for j, c in enumerate(columns)}
+    table = LandmarkTable(columns, values, str(path))
+    require_columns(table, required)
+    if POINT_COLUMNS[0] in required and len(table):
+        table.points()  # validates the numbers now, with the file name in the message
+    return table
+
+
+def table_from_points(points: np.ndarray, extra: dict[str, list | np.ndarray] | None = None) -> LandmarkTable:
+    """A table with an ``id`` column (0-based), x,y,z from ``[N, 3]`` ``points`` and optional extra columns."""
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"expected [N, 3] points, got shape {points.shape}")
+    table = LandmarkTable(["id"], {"id": [str(i) for i in range(len(points))]})
+    for j, name in enumerate(POINT_COLUMNS):
+        table = table.with_column(name, points[:, j])
+    for name, column in (extra or {}).items():
+        table = table.with_column(name, column)
+    return table
+
+
+def write_landmarks(table: LandmarkTable, path: str | Path) -> Path:
+    """Write ``table`` as CSV atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.columns)
+    for i in range(len(table)):
+        writer.writerow([table.values[c][i] for c in table.columns])
+    return atomic_write_text(path, buffer.getvalue())

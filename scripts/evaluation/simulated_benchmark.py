@@ -1,0 +1,578 @@
+"""One-command simulated benchmark on open CT (issue 5): a known deformation, elastix, landmarks, predictors, report.
+
+From a real scan NOT used for training (default: the validation scan thorax_ricord1a_419639 in ../shared/data/ct),
+make a second time point with scripts.transforms.evaluation_deformation, pick about 300 distinctive lung landmarks in
+the fixed
+scan (scripts.data.landmark_selection), register with the protocol's five settings (scripts.registration.elastix, on a
+2 mm working grid by default), get each landmark's true residual error TRE_i = || x_M^i - T(x_F^i) || from the known
+partner x_M and the registration's T, run every method of the comparison through the inference contract, score
+them with scripts.evaluation.landmark_metrics and write the report (scripts.evaluation.report).
+
+Images derived from the scan stay in ``work_dir`` (outside the repository: the validation scan is CC BY-NC and must
+never be copied into it); only the report goes to ``output_dir``.
+
+Methods scored the same way (scripts.evaluation.landmark_metrics): the LSTM (models/model.pt; with the class weights of
+models/class_weights.json as shipped, and with the paper's plain argmax), the multi- and single-scale CNN
+decoders (models/model_multi_cnn.pt, models/model_single_cnn.pt) through the inference contract, RegNet-t
+(scripts.evaluation.regnet_t; models/regnet_{4,2,1}mm.pt), the local NCC surrogate (scripts.evaluation.ncc_baseline;
+models/ncc_thresholds.json, fitted on generated training pairs) and the majority class. A method whose weights or
+thresholds do not exist is listed as "not run".
+
+How to run (from the repository root, with ../shared beside it; 40 min on 2 CPU cores when nothing can be reused)::
+
+    python -m monai.bundle run --config_file configs/evaluate.json
+    # or, with any option of run_benchmark:
+    python -m scripts.evaluation.simulated_benchmark --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
+
+Overrides for the config: ``--output_dir``, ``--work_dir``, ``--scan``, ``--seed``, ``--landmarks``, ``--setting``
+(e.g. ``affine,bspline500``), ``--threads``, ``--reuse`` (false: make the pair, register and predict again). The NCC
+thresholds are fitted once, before the benchmark, with ``python -m scripts.evaluation.ncc_baseline fit`` (generated
+training
+pairs only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
+from scripts.data.landmark_selection import select_landmarks
+from scripts.evaluation.landmark_metrics import evaluate, load_predictions, true_classes
+from scripts.evaluation.ncc_baseline import DEFAULT_THRESHOLDS
+from scripts.evaluation.ncc_baseline import predict_settings as ncc_predict_settings
+from scripts.evaluation.regnet_t import DEFAULT_WEIGHTS as REGNET_WEIGHTS
+from scripts.evaluation.regnet_t import predict_settings as regnet_t_predict_settings
+from scripts.evaluation.report import plot_landmark_slices, write_report
+from scripts.registration.elastix import RegistrationOptions, parse_settings, read_image, register_pair
+from scripts.transforms.ct_masks import ct_masks
+from scripts.transforms.evaluation_deformation import EvaluationDeformationSettings, deform_scan, draw_deformation
+from scripts.utils.atomic_write import atomic_write_image, atomic_write_text
+from scripts.utils.file_digest import file_sha256
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+SHARED_CT_DIR = BUNDLE_ROOT.parent / "shared" / "data" / "ct"
+DEFAULT_SCAN = SHARED_CT_DIR / "thorax_ricord1a_419639.nii.gz"
+TRAINING_SCANS = ("thorax_popi_like_00", "thorax_lungpetctdx_A0001", "thorax_lungpetctdx_A0002")
+PAIR_MODULES = (
+    "transforms/evaluation_deformation.py",
+    "data/landmark_selection.py",
+    "transforms/ct_masks.py",
+)  # a change there makes a new pair
+SCORING_MODULES = (
+    "evaluation/simulated_benchmark.py",
+    "evaluation/report.py",
+    "evaluation/landmark_metrics.py",
+)  # they do not change predictions
+LANDMARK_MASK_RADIUS_MM = 4.0  # > the 1 mm voxel + the fixed grid's rounding: each landmark's voxel is predicted
+MAJORITY_CLASS = 0  # "correct": the most frequent class of the training pairs (60 % of patch centres, METHOD.md 6)
+
+
+BaselineRunner = Callable[
+    [Path, dict, Path], dict
+]  # (fixed, {setting: (image, points)}, folder) -> {setting: (csv, s)}
+
+
+@dataclass
+class MethodSpec:
+    """A method of the comparison: ``kind`` "bundle" runs the inference contract with ``weights`` and extra CLI
+    overrides (``files``: other files it reads, recorded with their hashes); "baseline" calls ``runner`` on all
+    settings at once when every file of ``files`` (bundle-relative) exists; "majority" predicts one class everywhere;
+    "pending" is not implemented (``reason``)."""
+
+    name: str
+    kind: str
+    weights: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    reason: str = ""
+    runner: BaselineRunner | None = None
+    files: tuple[str, ...] = ()
+
+
+DEFAULT_METHODS = (
+    MethodSpec("LSTM 6-3-1", "bundle", "models/model.pt", files=("models/class_weights.json",)),  # as shipped
+    MethodSpec("LSTM 6-3-1, argmax (paper)", "bundle", "models/model.pt", ["--class_weights_file", ""]),
+    MethodSpec("multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--decoder", "multi_cnn"]),
+    MethodSpec("single-scale CNN", "bundle", "models/model_single_cnn.pt", ["--decoder", "single_cnn"]),
+    MethodSpec("RegNet-t", "baseline", runner=regnet_t_predict_settings, files=tuple(REGNET_WEIGHTS.values())),
+    MethodSpec("local NCC", "baseline", runner=ncc_predict_settings, files=(DEFAULT_THRESHOLDS,)),
+    MethodSpec("majority class", "majority"),
+)
+
+
+@dataclass
+class PredictorRun:
+    """Outcome of one predictor call: ``csv`` is the per-landmark prediction file when it ran."""
+
+    status: str  # "ran", "not run" or "failed"
+    csv: Path | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+
+
+def run_bundle_predictor(
+    fixed: Path,
+    moving: Path,
+    landmarks: Path,
+    output_dir: Path,
+    config_file: str | Path = "configs/inference.json",
+    weights: str | Path | None = "models/model.pt",
+    overrides: list[str] | tuple[str, ...] = (),
+    timeout_s: float = 3600.0,
+    mask: Path | None = None,
+) -> PredictorRun:
+    """Run the inference contract as a subprocess in the bundle root:
+    ``python -m monai.bundle run --config_file C --fixed_image F --moving_image M --landmarks P --output_dir D``;
+    the weights go in as ``--checkpoint``; "not run" when the config or the weights are missing (untrained output
+    is never scored), "failed" when no ``<stem>_landmarks.csv`` appears. ``mask`` restricts the prediction to the
+    landmarks' neighbourhoods (``--mask``): the same values there, a fraction of the tiles."""
+    config_file = BUNDLE_ROOT / config_file
+    if not config_file.is_file():
+        return PredictorRun("not run", reason=f"{config_file} does not exist yet")
+    if weights is not None and not (BUNDLE_ROOT / weights).is_file():
+        return PredictorRun("not run", reason=f"weights {weights} do not exist yet")
+    if weights is not None:
+        overrides = ["--checkpoint", str(BUNDLE_ROOT / weights), *overrides]
+    if mask is not None:
+        overrides = ["--mask", str(mask), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(config_file),
+        "--fixed_image",
+        str(fixed),
+        "--moving_image",
+        str(moving),
+        "--landmarks",
+        str(landmarks),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+    ]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return PredictorRun("failed", seconds=timeout_s, reason=f"timed out after {timeout_s:.0f} s")
+    seconds = time.perf_counter() - start
+    csv = output_dir / f"{_stem(moving)}_landmarks.csv"
+    if done.returncode != 0 or not csv.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return PredictorRun(
+            "failed", seconds=seconds, reason=f"exit {done.returncode}, no {csv.name}: {' | '.join(tail)}"
+        )
+    return PredictorRun("ran", csv, seconds)
+
+
+def run_majority(landmarks: Path, moving: Path, output_dir: Path) -> PredictorRun:
+    """The majority-class baseline: ``MAJORITY_CLASS`` for every landmark, one-hot probabilities."""
+    start = time.perf_counter()
+    table = read_landmarks(landmarks)
+    n = len(table)
+    one_hot = np.eye(3)[MAJORITY_CLASS]
+    table = table.with_column("pred", [str(MAJORITY_CLASS)] * n)
+    for k, name in enumerate(("p_correct", "p_poor", "p_wrong")):
+        table = table.with_column(name, np.full(n, one_hot[k]))
+    csv = write_landmarks(table, output_dir / f"{_stem(moving)}_landmarks.csv")
+    return PredictorRun("ran", csv, time.perf_counter() - start)
+
+
+def run_baseline(spec: MethodSpec, fixed: Path, registration: dict, folder: Path) -> dict[str, PredictorRun]:
+    """A "baseline" method on every setting at once (the fixed image is prepared once): "not run" when one of its
+    files is missing, "failed" (with the error) when it raises."""
+    missing = [f for f in spec.files if not (BUNDLE_ROOT / f).is_file()]
+    first = next(iter(registration["settings"]))
+    if missing:
+        return {first: PredictorRun("not run", reason=f"{', '.join(missing)} do(es) not exist yet")}
+    if spec.runner is None:
+        return {first: PredictorRun("not run", reason="no runner given")}
+    pairs = {s: (Path(e["image"]), Path(e["points"])) for s, e in registration["settings"].items()}
+    start = time.perf_counter()
+    try:
+        done = spec.runner(fixed, pairs, folder)
+    except (OSError, ValueError, RuntimeError) as err:
+        return {
+            first: PredictorRun("failed", seconds=time.perf_counter() - start, reason=f"{type(err).__name__}: {err}")
+        }
+    return {s: PredictorRun("ran", Path(csv), seconds) for s, (csv, seconds) in done.items()}
+
+
+def _check_scan(scan: Path, allow_training_scan: bool) -> None:
+    stem = _stem(scan)
+    if stem in TRAINING_SCANS and not allow_training_scan:
+        raise ValueError(f"{scan}: {stem} is a training scan; the benchmark must run on a scan not used for training")
+
+
+def _check_work_dir(work_dir: Path) -> None:
+    resolved = work_dir.resolve()
+    if resolved == BUNDLE_ROOT or BUNDLE_ROOT in resolved.parents:
+        raise ValueError(
+            f"{work_dir}: the work folder holds images derived from the scan and must lie outside the repository "
+            f"({BUNDLE_ROOT})"
+        )
+
+
+def make_pair(scan: Path, work_dir: Path, seed: int, landmarks: int, min_spacing_mm: float) -> dict:
+    """Second time point, masks, landmarks and their true partners; returns paths, parameters and seconds."""
+    start = time.perf_counter()
+    fixed = read_image(scan, "scan")
+    body, lung = ct_masks(fixed, str(scan))
+    deformation = draw_deformation(fixed, body, lung, seed, EvaluationDeformationSettings())
+    moving = deform_scan(fixed, body, lung, deformation, seed)
+    stem = _stem(scan)
+    moving_path = atomic_write_image(moving, work_dir / f"{stem}_moving.nii.gz")
+    points = select_landmarks(fixed, lung, count=landmarks, min_spacing_mm=min_spacing_mm)
+    partners = deformation.partners(points)
+    inside = np.array([_inside(fixed, p) for p in partners])
+    points, partners = points[inside], partners[inside]
+    fixed_csv = write_landmarks(table_from_points(points), work_dir / f"{stem}_fixed_landmarks.csv")
+    moving_csv = write_landmarks(table_from_points(partners), work_dir / f"{stem}_moving_landmarks.csv")
+    displacement = np.linalg.norm(partners - points, axis=1)
+    return {
+        "fixed": scan,
+        "moving": moving_path,
+        "fixed_landmarks": fixed_csv,
+        "moving_landmarks": moving_csv,
+        "deformation": deformation.parameters,
+        "landmarks": int(len(points)),
+        "landmark_displacement_mm": {"mean": float(displacement.mean()), "max": float(displacement.max())},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _reusable(record: Path, inputs: dict) -> dict | None:
+    """What ``record`` (a JSON file of an earlier run) holds under "outputs" when it was written for the same
+    ``inputs`` and every file it names still exists; else None (the stage runs again)."""
+    if not record.is_file():
+        return None
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("inputs") != inputs:
+        return None
+    outputs = saved.get("outputs", {})
+    files = [v for v in _strings(outputs) if v.endswith((".nii.gz", ".csv", ".json"))]
+    return outputs if all(Path(f).is_file() for f in files) else None
+
+
+def _strings(value) -> list[str]:
+    """Every string inside a JSON-like value (the file names of a record)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _record(record: Path, inputs: dict, outputs: dict) -> None:
+    atomic_write_text(record, json.dumps({"inputs": inputs, "outputs": outputs}, indent=1, default=str))
+
+
+def _inside(image: sitk.Image, point: np.ndarray) -> bool:
+    index = image.TransformPhysicalPointToContinuousIndex([float(v) for v in point])
+    return all(0 <= i <= s - 1 for i, s in zip(index, image.GetSize()))
+
+
+def _ground_truth(registration: dict) -> dict:
+    out = {}
+    for setting, entry in registration["settings"].items():
+        tre = read_landmarks(entry["points"]).float_columns(["tre"])[:, 0]
+        counts = np.bincount(true_classes(tre), minlength=3)
+        out[setting] = {
+            "counts": counts.tolist(),
+            "mean": float(tre.mean()),
+            "median": float(np.median(tre)),
+            "max": float(tre.max()),
+        }
+    return out
+
+
+def landmark_mask(fixed: Path, landmarks: Path, path: Path, radius_mm: float = LANDMARK_MASK_RADIUS_MM) -> Path:
+    """A mask on the fixed image's grid of the balls of ``radius_mm`` around the landmarks: the predictors only need
+    these voxels, and the tiled inferer gives them the same values as a whole-image run (only fewer tiles)."""
+    image = read_image(fixed, "fixed image")
+    spacing = np.array(image.GetSpacing())
+    mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+    reach = np.ceil(radius_mm / spacing).astype(int) + 1  # voxels per axis (x, y, z)
+    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+    for point in read_landmarks(landmarks).points():
+        continuous = np.array(image.TransformPhysicalPointToContinuousIndex([float(v) for v in point]))
+        voxels = np.round(continuous).astype(int) + offsets
+        voxels = voxels[np.linalg.norm((voxels - continuous) * spacing, axis=1) <= radius_mm]
+        voxels = voxels[np.all((voxels >= 0) & (voxels < np.array(image.GetSize())), axis=1)]
+        mask[voxels[:, 2], voxels[:, 1], voxels[:, 0]] = 1
+    out = sitk.GetImageFromArray(mask)
+    out.CopyInformation(image)
+    return atomic_write_image(out, path)
+
+
+def prediction_code_sha256() -> str:
+    """One digest of the code a prediction depends on: every module in scripts/ except the scoring and report ones,
+    and the inference config. Conservative: any edit there makes every method predict again."""
+    digest = hashlib.sha256()
+    scripts = BUNDLE_ROOT / "scripts"
+    modules = sorted(p for p in scripts.rglob("*.py") if p.relative_to(scripts).as_posix() not in SCORING_MODULES)
+    for path in [*modules, BUNDLE_ROOT / "configs" / "inference.json"]:
+        digest.update(path.relative_to(BUNDLE_ROOT).as_posix().encode() + b"\0" + file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _file_hashes(spec: MethodSpec) -> dict[str, str]:
+    """sha256 of the method's weights and other files that exist (bundle-relative names)."""
+    files = [f for f in (spec.weights, *spec.files) if f and (BUNDLE_ROOT / f).is_file()]
+    return {f: file_sha256(BUNDLE_ROOT / f) for f in files}
+
+
+def _method_inputs(spec: MethodSpec, stage_inputs: dict, code_sha256: str, hashes: dict[str, str]) -> dict:
+    """What a method's predictions depend on: the registered pairs, the method, the content of its weights or
+    thresholds (``hashes``), the prediction code and the landmark mask radius."""
+    runner = spec.runner
+    return {
+        "registration": stage_inputs,
+        "method": {
+            "name": spec.name,
+            "kind": spec.kind,
+            "overrides": list(spec.overrides),
+            "runner": f"{runner.__module__}.{runner.__qualname__}" if runner else None,
+        },
+        "files_sha256": hashes,
+        "code_sha256": code_sha256,
+        "mask_radius_mm": LANDMARK_MASK_RADIUS_MM,
+    }
+
+
+def run_methods(
+    registration: dict,
+    fixed: Path,
+    work_dir: Path,
+    methods: tuple[MethodSpec, ...],
+    mask: Path | None = None,
+    stage_inputs: dict | None = None,
+) -> dict:
+    """Run every method on every registered pair (the bundle predictors inside ``mask`` if given); score those that
+    ran (per setting and total). With ``stage_inputs`` (the registration stage's inputs) each method's predictions
+    are recorded in its folder and used again, marked "reused", while those inputs, its files and the code match."""
+    out = {}
+    code_sha256 = prediction_code_sha256() if stage_inputs is not None else ""
+    for spec in methods:
+        entry: dict = {"kind": spec.kind}
+        if spec.kind == "pending":
+            out[spec.name] = {**entry, "status": "not run", "reason": spec.reason}
+            continue
+        folder = work_dir / "predictions" / "".join(ch if ch.isalnum() else "_" for ch in spec.name)
+        record = folder / "predictions.json"
+        hashes = _file_hashes(spec)
+        inputs = _method_inputs(spec, stage_inputs, code_sha256, hashes) if stage_inputs is not None else None
+        earlier = _reusable(record, inputs) if inputs is not None else None
+        if earlier:
+            runs = {s: PredictorRun("ran", Path(r["csv"]), r["seconds"]) for s, r in earlier.items()}
+            entry["reused"] = True
+        else:
+            runs = run_baseline(spec, fixed, registration, folder) if spec.kind == "baseline" else {}
+        for setting, reg in registration["settings"].items() if spec.kind != "baseline" and not earlier else ():
+            moving, points = Path(reg["image"]), Path(reg["points"])
+            if spec.kind == "majority":
+                runs[setting] = run_majority(points, moving, folder)
+            else:
+                runs[setting] = run_bundle_predictor(
+                    fixed, moving, points, folder, weights=spec.weights, overrides=spec.overrides, mask=mask
+                )
+            if runs[setting].status != "ran":
+                break  # the same reason would repeat for every setting
+        failed = [r for r in runs.values() if r.status != "ran"]
+        entry["seconds"] = {s: r.seconds for s, r in runs.items()}
+        if failed:
+            out[spec.name] = {**entry, "status": failed[0].status, "reason": failed[0].reason}
+            continue
+        if inputs is not None and not earlier:
+            _record(record, inputs, {s: {"csv": str(r.csv), "seconds": r.seconds} for s, r in runs.items()})
+        if spec.weights in hashes:
+            entry["weights_sha256"] = hashes[spec.weights]
+        if spec.files:
+            entry["files_sha256"] = {f: hashes[f] for f in spec.files if f in hashes}
+        predictions = [load_predictions(r.csv, setting=s) for s, r in runs.items()]
+        out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions)}
+    return out
+
+
+def _landmark_figure(registration: dict, setting: str, fixed: Path, report_dir: Path) -> Path:
+    entry = registration["settings"][setting]
+    fixed_image = sitk.ReadImage(str(fixed))
+    table = read_landmarks(entry["points"])
+    voxels = np.array([fixed_image.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in table.points()])
+    classes = true_classes(table.float_columns(["tre"])[:, 0])
+    return plot_landmark_slices(
+        sitk.GetArrayFromImage(fixed_image),
+        sitk.GetArrayFromImage(sitk.ReadImage(entry["image"])),  # copies: a view would outlive its image
+        voxels,
+        classes,
+        fixed_image.GetSpacing(),
+        f"{setting}: landmarks coloured by true TRE class (green < 3 mm, yellow 3-6, red >= 6)",
+        report_dir / f"landmarks_{setting}.png",
+    )
+
+
+def run_benchmark(
+    output_dir: str = "docs/benchmark",
+    work_dir: str | None = None,
+    scan: str = str(DEFAULT_SCAN),
+    seed: int = 0,
+    landmarks: int = 300,
+    min_spacing_mm: float = 15.0,
+    setting: str = "all",
+    working_spacing_mm: float = 2.0,
+    threads: int = 2,
+    samples: int = 3000,
+    allow_training_scan: bool = False,
+    keep_work_dir: bool = True,
+    reuse: bool = True,
+    slices_in_report: bool = False,
+    methods: tuple[MethodSpec, ...] = DEFAULT_METHODS,
+) -> dict:
+    """Run the whole benchmark and write the report into ``output_dir``; returns the report dictionary. Slice
+    figures of the scan (Fig. 4 style) go to ``work_dir`` unless ``slices_in_report`` (mind the scan's licence).
+    With ``reuse`` the simulated pair, the registrations and each method's predictions of an earlier run in the same
+    ``work_dir`` are used again when their inputs (scan hash, seed, counts, options, the pair code; for predictions
+    also the method's weights or thresholds and the prediction code) are the same; their timings are the ones
+    measured then and the report says which stages were reused. New weights thus re-run only their own method."""
+    total_start = time.perf_counter()
+    load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
+    scan_path = Path(scan)
+    if not scan_path.is_file():
+        raise FileNotFoundError(f"{scan_path}: scan not found (is ../shared present beside the repository?)")
+    _check_scan(scan_path, allow_training_scan)
+    settings = parse_settings(setting)
+    temporary = work_dir is None
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="misalignment_benchmark_"))
+    _check_work_dir(work)
+    work.mkdir(parents=True, exist_ok=True)
+    report_dir = Path(output_dir)
+    if not report_dir.is_absolute():
+        report_dir = BUNDLE_ROOT / report_dir
+
+    pair_inputs = {
+        "scan": str(scan_path.resolve()),
+        "scan_sha256": file_sha256(scan_path),
+        "seed": seed,
+        "landmarks": landmarks,
+        "min_spacing_mm": min_spacing_mm,
+        "code_sha256": {m: file_sha256(BUNDLE_ROOT / "scripts" / m) for m in PAIR_MODULES},
+    }
+    reused = []
+    pair = _reusable(work / "pair.json", pair_inputs) if reuse else None
+    if pair is None:
+        pair = make_pair(scan_path, work, seed, landmarks, min_spacing_mm)
+        _record(work / "pair.json", pair_inputs, pair)
+    else:
+        reused.append("make pair")
+    options = RegistrationOptions(
+        threads=threads, number_of_spatial_samples=samples, working_spacing_mm=working_spacing_mm
+    )
+    registration_inputs = {"pair": pair_inputs, "settings": settings, "options": asdict(options)}
+    registration = _reusable(work / "registration.json", registration_inputs) if reuse else None
+    start = time.perf_counter()
+    if registration is None:
+        registration = register_pair(
+            pair["fixed"],
+            pair["moving"],
+            work / "registration",
+            settings,
+            pair["fixed_landmarks"],
+            pair["moving_landmarks"],
+            options=options,
+        )
+        registration["total_s"] = time.perf_counter() - start
+        _record(work / "registration.json", registration_inputs, registration)
+    else:
+        reused.append("registration")
+    registration_s = registration["total_s"]
+    mask = landmark_mask(scan_path, Path(pair["fixed_landmarks"]), work / f"{_stem(scan_path)}_landmark_mask.nii.gz")
+    start = time.perf_counter()
+    method_results = run_methods(
+        registration, scan_path, work, methods, mask, stage_inputs=registration_inputs if reuse else None
+    )
+    reused_methods = [name for name, m in method_results.items() if m.get("reused")]
+    reused += [f"{name} predictions" for name in reused_methods]
+    methods_s = time.perf_counter() - start
+    # slice images of the scan go into the report only on request: the default scan is CC BY-NC (see README there)
+    figure = _landmark_figure(registration, settings[-1], scan_path, report_dir if slices_in_report else work)
+
+    timing = {"make pair (masks, deformation, landmarks)": pair["seconds"]}
+    timing.update(
+        {f"registration {s} (incl. shared affine)": e["registration_s"] for s, e in registration["settings"].items()}
+    )
+    timing.update({f"resample {s} on the fixed grid": e["resample_s"] for s, e in registration["settings"].items()})
+    timing["registration, all settings"] = registration_s
+    for name, m in method_results.items():
+        for s, seconds in (m.get("seconds", {}) if m["status"] == "ran" else {}).items():
+            timing[f"{name} {s}"] = seconds
+    timing["all methods (run now)"] = methods_s
+    reused_s = (
+        (pair["seconds"] if "make pair" in reused else 0.0)
+        + (registration_s if "registration" in reused else 0.0)
+        + sum(sum(method_results[name]["seconds"].values()) for name in reused_methods)
+    )
+    timing["total"] = time.perf_counter() - total_start + reused_s  # as if every stage had run now
+    result = {
+        "description": (
+            f"Scan {_stem(scan_path)} (not a training scan) against a simulated second time point with a known "
+            f"deformation (respiratory + local motion, seed {seed}) and intensity changes; {pair['landmarks']} "
+            "Förstner landmarks in the lungs; elastix registration on a "
+            f"{working_spacing_mm:g} mm working grid; true TRE from the known deformation."
+        ),
+        "setup": {
+            "scan": str(scan_path),
+            "seed": seed,
+            "landmarks": pair["landmarks"],
+            "landmark_displacement_mm": pair["landmark_displacement_mm"],
+            "deformation": pair["deformation"],
+            "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": load_at_start},
+            "reused from an earlier run in the work folder (timings measured then)": reused or "nothing",
+            "predictors run on": f"balls of {LANDMARK_MASK_RADIUS_MM:g} mm around the landmarks (--mask)",
+            "registration": {
+                "working_spacing_mm": working_spacing_mm,
+                "threads": threads,
+                "samples": samples,
+                "working_size": registration["working_size"],
+            },
+        },
+        "ground_truth": _ground_truth(registration),
+        "methods": method_results,
+        "figures": {"landmarks": str(figure)} if slices_in_report else {},
+        "figures_outside_report": {} if slices_in_report else {"landmarks": str(figure)},
+        "timing": timing,
+    }
+    result["files"] = write_report(result, report_dir)
+    if temporary and not keep_work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"report": result["files"]["markdown"], "timing": timing}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(run_benchmark, serialize=lambda result: None)  # the summary is printed; the report is on disk

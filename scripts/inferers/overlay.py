@@ -1,0 +1,142 @@
+"""The overlay PNG (like the paper's Fig. 4): fixed image, deformed moving image and the green/yellow/red
+misalignment map on an axial and a coronal slice through the region of interest, with landmarks if given.
+
+Arrays are on the 1 mm LPS grid in (z, y, x) order; axial slices are shown in the radiological convention
+(patient's left on the right, anterior up), coronal slices with the head up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from scripts.data.image_io import Grid
+from scripts.data.landmark_csv import LandmarkTable
+from scripts.data.landmarks import true_classes as landmark_classes
+from scripts.utils.atomic_write import atomic_output
+from scripts.utils.constants import CLASS_NAMES
+
+CLASS_COLOURS = ("#1fb41f", "#ffd21f", "#e8221f")  # correct green, poor yellow, wrong red
+CLASS_LABELS = ("correct [0,3) mm", "poor [3,6) mm", "wrong [6,inf) mm")
+HU_WINDOW = (-1100.0, 300.0)  # lung-and-soft-tissue window
+SLAB_MM = 3.0  # landmarks within this distance of a slice are drawn on it
+MAP_ALPHA = 0.45
+
+
+def choose_slices(labels: np.ndarray, landmark_index: Optional[np.ndarray], slab: float = SLAB_MM) -> Tuple[int, int]:
+    """Axial (z) and coronal (y) slice: the ones with the most landmarks within ``slab`` voxels, else the mask's
+    centre of mass. ``labels``: ``(z, y, x)`` with -1 outside the mask; ``landmark_index``: ``[N, 3]`` continuous
+    (x, y, z) indices."""
+    if landmark_index is not None and len(landmark_index):
+        z, y = landmark_index[:, 2], landmark_index[:, 1]
+        counts_z = [np.sum(np.abs(z - k) <= slab) for k in range(labels.shape[0])]
+        counts_y = [np.sum(np.abs(y - k) <= slab) for k in range(labels.shape[1])]
+        return int(np.argmax(counts_z)), int(np.argmax(counts_y))
+    inside = np.argwhere(labels >= 0)
+    if len(inside) == 0:
+        return labels.shape[0] // 2, labels.shape[1] // 2
+    centre = inside.mean(axis=0)
+    return int(round(centre[0])), int(round(centre[1]))
+
+
+def _crop_box(mask: np.ndarray, margin: int = 10) -> Tuple[slice, slice]:
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return slice(None), slice(None)
+    return (
+        slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
+        slice(max(cols.min() - margin, 0), cols.max() + margin + 1),
+    )
+
+
+def _extent(box: slice, size: int) -> int:
+    return len(range(*box.indices(size)))
+
+
+def save_overlay(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    labels: np.ndarray,
+    grid: Grid,
+    landmarks: Optional[LandmarkTable] = None,
+    title: str = "",
+    trained: bool = True,
+    note: str = "",
+) -> Path:
+    """Write the overlay PNG atomically.
+
+    Args:
+        image: ``[2, z, y, x]`` HU (fixed, deformed moving) on the 1 mm ``grid``.
+        labels: ``(z, y, x)`` 0/1/2, -1 outside the mask.
+        landmarks: drawn within 3 mm of each slice, coloured by their true class when the table has a ``tre``
+            column (white otherwise).
+        trained: False puts "UNTRAINED WEIGHTS - NOT A PREDICTION" in the title.
+        note: a warning shown under the title (e.g. that the map is constant).
+    """
+    index = None if landmarks is None else grid.continuous_index(landmarks.points())
+    true_classes = None if landmarks is None else landmark_classes(landmarks)
+    slab = SLAB_MM / min(grid.spacing)
+    z, y = choose_slices(labels, index, slab)
+    cmap = ListedColormap(CLASS_COLOURS)
+    views = [
+        ("axial", lambda v: v[z], (1, 0), False),  # rows y (anterior up), columns x (patient left on the right)
+        ("coronal", lambda v: v[:, y], (2, 0), True),  # rows z (head up), columns x
+    ]
+    boxes = [_crop_box(take(labels) >= 0) for _, take, _, _ in views]
+    heights = [_extent(r, labels.shape[1 if k == 0 else 0]) / _extent(c, labels.shape[2]) for k, (r, c) in
+               enumerate(boxes)]  # fmt: skip
+    panel_width = 4.4  # inches
+    fig = Figure(figsize=(3 * panel_width, panel_width * sum(heights) + 2.2), dpi=90, layout="constrained")
+    axes = fig.subplots(2, 3, gridspec_kw={"height_ratios": heights})
+    for row, (name, take, (row_axis, col_axis), flip) in enumerate(views):
+        fixed, moving, lab = take(image[0]), take(image[1]), take(labels)
+        rows, cols = boxes[row]
+        origin = "lower" if flip else "upper"
+        panels = [("fixed", fixed), ("deformed moving", moving), ("predicted misalignment", fixed)]
+        for col, (label, background) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(background[rows, cols], cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], origin=origin)
+            if col == 2:
+                shown = np.ma.masked_less(lab[rows, cols], 0)
+                ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=2.5, alpha=MAP_ALPHA, origin=origin,
+                          interpolation="nearest")  # fmt: skip
+            if index is not None and col > 0:
+                depth = index[:, 2] if name == "axial" else index[:, 1]
+                level = z if name == "axial" else y
+                near = np.abs(depth - level) <= slab
+                colours = ["white"] * len(index) if true_classes is None else [CLASS_COLOURS[c] for c in true_classes]
+                r = index[near, row_axis] - (rows.start or 0)
+                c = index[near, col_axis] - (cols.start or 0)
+                ax.scatter(c, r, s=46, c=[colours[i] for i in np.flatnonzero(near)], edgecolors="black",
+                           linewidths=0.8)  # fmt: skip
+            ax.set_title(f"{label}, {name} slice {z if name == 'axial' else y}", fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [Patch(color=c, label=t) for c, t in zip(CLASS_COLOURS, CLASS_LABELS)]
+    legend_title = "map (and landmark true class)" if true_classes is not None else "map"
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, title=legend_title, fontsize=10)
+    text, colour = overlay_title(title, trained, note)
+    bold = not trained or bool(note)
+    fig.suptitle(text, fontsize=14 if bold else 13, color=colour, fontweight="bold" if bold else "normal")
+    with atomic_output(path) as temporary:
+        fig.savefig(temporary, format="png")
+    return Path(path)
+
+
+def overlay_title(title: str, trained: bool, note: str = "") -> Tuple[str, str]:
+    """The PNG's title and its colour: plainly "UNTRAINED WEIGHTS - NOT A PREDICTION" (red) without trained weights;
+    a ``note`` (warning) is added on a second line and turns the title red too."""
+    if not trained:
+        return (
+            f"{title}: UNTRAINED WEIGHTS - NOT A PREDICTION\n(models/model.pt not found; the map only shows that the "
+            "pipeline runs)",
+            "#c00000",
+        )
+    text = f"{title}: misalignment map ({', '.join(CLASS_NAMES)})"
+    return (f"{text}\nWARNING: {note}", "#c00000") if note else (text, "black")

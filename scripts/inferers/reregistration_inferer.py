@@ -1,0 +1,102 @@
+"""The re-registration method as a MONAI inferer, so that configs/inference.json runs it through the same loading,
+saving and overlay as the network: ``--method reregistration``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import Inferer
+
+from scripts.registration.calibration import ResidualCalibration
+from scripts.registration.reregistration import ReregistrationOptions, residual_field_on_pair
+
+logger = logging.getLogger(__name__)
+
+
+class ReregistrationInferer(Inferer):
+    """Re-register the moving channel onto the fixed channel with elastix and calibrate the residual |r|.
+
+    Returns ``{"probabilities": [B, 3, z, y, x], "error_mm": [B, 1, z, y, x], "residual_mm": [B, 3, z, y, x]}``,
+    zero outside ``mask``; the ``network`` argument of the evaluator is not used.
+
+    Args:
+        calibration_file: JSON tables of ``scripts.registration.calibration``; "" thresholds |r| at 3 and 6 mm.
+        spacing_mm: voxel size of the loaded pair (LoadMisalignmentPaird's ``spacing``).
+        working_spacing_mm: register on a coarser isotropic grid (None: the loaded pair's own grid).
+        bspline_iterations: iterations per resolution of the B-spline stage.
+        grid_spacing_mm: final B-spline control-point spacing.
+        metric: elastix metric, "AdvancedMattesMutualInformation" or "AdvancedNormalizedCorrelation".
+        threads: elastix threads.
+    """
+
+    def __init__(
+        self,
+        calibration_file: str | Path = "",
+        spacing_mm: float = 1.0,
+        working_spacing_mm: float | None = None,
+        bspline_iterations: int = ReregistrationOptions.bspline_iterations,
+        grid_spacing_mm: float = ReregistrationOptions.grid_spacing_mm,
+        metric: str = ReregistrationOptions.metric,
+        threads: int = 2,
+    ) -> None:
+        super().__init__()
+        self.options = ReregistrationOptions(
+            working_spacing_mm=working_spacing_mm or None,
+            bspline_iterations=int(bspline_iterations),
+            grid_spacing_mm=float(grid_spacing_mm),
+            metric=str(metric),
+            threads=int(threads),
+        )
+        self.spacing_mm = float(spacing_mm)
+        self.calibration_file = str(calibration_file or "")
+        self._calibration: ResidualCalibration | None = None
+
+    @property
+    def calibration(self) -> ResidualCalibration:
+        """The calibration tables, read on first use (a config that builds this inferer but runs the network does
+        not need the file)."""
+        if self._calibration is None:
+            if self.calibration_file:
+                self._calibration = ResidualCalibration.read(self.calibration_file, self.options)
+            else:
+                logger.warning("no calibration file: |r| of the re-registration is thresholded at 3 and 6 mm")
+                self._calibration = ResidualCalibration.thresholds()
+        return self._calibration
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Any = None, mask: torch.Tensor | None = None, name: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """``inputs [B, 2, z, y, x]`` (fixed, moving HU); ``name``: the pair's moving file(s), for error messages."""
+        names = [name] if isinstance(name, str) else list(name or [])
+        calibration = self.calibration  # a bad calibration file stops the run before the registration
+        image = inputs.detach().cpu().float().numpy()
+        region = (
+            np.ones((image.shape[0],) + image.shape[2:], dtype=bool)
+            if mask is None
+            else mask.detach().cpu().numpy()[:, 0] > 0
+        )
+        probabilities, errors, residuals = [], [], []
+        for b in range(image.shape[0]):
+            pair = f"pair with moving image {names[b]}" if b < len(names) else "the pair"
+            residual = residual_field_on_pair(image[b], region[b], self.spacing_mm, self.options, name=pair)
+            p, expected = calibration.predict(np.linalg.norm(residual, axis=0))
+            probabilities.append(p * region[b])
+            errors.append((expected * region[b])[None])
+            residuals.append(residual * region[b])
+        device = inputs.device
+        return {
+            "probabilities": torch.from_numpy(np.stack(probabilities)).to(device),
+            "error_mm": torch.from_numpy(np.stack(errors)).to(device),
+            "residual_mm": torch.from_numpy(np.stack(residuals)).to(device),
+        }
+
+
+def select_inferer(method: str, inferers: dict[str, Inferer]) -> Inferer:
+    """The inferer of ``method`` (configs/inference.json's ``method``); a clear error for an unknown name."""
+    if method not in inferers:
+        raise ValueError(f"--method {method!r} is not a method of this bundle; choose one of {sorted(inferers)}")
+    return inferers[method]

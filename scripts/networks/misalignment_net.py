@@ -1,0 +1,173 @@
+"""The misalignment network: three RegNet encoders (4, 2, 1 mm) and a decoder, on one 1 mm grid.
+
+``MisalignmentNet.forward`` is the bundle's ``network_def`` contract: one 2-channel 1 mm tensor ``image`` (fixed,
+moving; HU) in, per-voxel probabilities of correct/poor/wrong out, same spatial size, background beyond the image.
+``forward_tile`` is the shared core: the training patches and the whole-image tiled inferer both call it.
+"""
+
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scripts.networks.decoders import (
+    HierarchicalLSTMDecoder,
+    MisalignmentDecoder,
+    MultiScaleCNNDecoder,
+    SingleScaleCNNDecoder,
+)
+from scripts.networks.regnet import RegNetEncoder
+from scripts.transforms.pyramid import bspline_kernel_1d, smooth_downsample_with_kernel
+from scripts.utils.constants import BACKGROUND_HU, HU_OFFSET, HU_SCALE
+
+DECODERS = ("lstm", "multi_cnn", "single_cnn")
+TILE_ALIGN = 8  # 1 mm latent tiles are 1 + 8k voxels so that their centre is a sample of every level
+
+
+def level_window(center: int, latent_size: int, factor: int) -> Tuple[int, int]:
+    """Encoder input window ``(start, size)`` in level-``factor`` samples for a 1 mm latent tile.
+
+    The tile has ``latent_size`` (``1 + 8k``) 1 mm voxels centred on 1 mm voxel ``center`` (a multiple of 4). The
+    window is centred on the same point, holds the encoder's 38-sample context and is ``101 + 4j`` long.
+    """
+    m = (latent_size - 1) // factor + 1
+    extra = 0 if m % 4 == 1 else 1
+    while m + 76 + 2 * extra < 101:
+        extra += 2
+    half = (m - 1) // 2 + 38 + extra
+    return center // factor - half, 2 * half + 1
+
+
+def crop_with_padding(image: torch.Tensor, start: List[int], size: List[int], value: float) -> torch.Tensor:
+    """``image[..., start:start+size]`` on the 3 spatial axes, filled with ``value`` outside the image."""
+    pads: List[int] = []
+    slices: List[Tuple[int, int]] = []
+    for axis in range(3):
+        n = image.shape[2 + axis]
+        lo, hi = start[axis], start[axis] + size[axis]
+        pads = [max(0, -lo), max(0, hi - n)] + pads  # F.pad lists the last axis first
+        slices.append((max(lo, 0), min(hi, n)))
+    out = image[:, :, slices[0][0] : slices[0][1], slices[1][0] : slices[1][1], slices[2][0] : slices[2][1]]
+    if sum(pads) > 0:
+        out = F.pad(out, pads, mode="constant", value=value)
+    return out
+
+
+class MisalignmentNet(nn.Module):
+    """RegNet encoders at 4, 2 and 1 mm and a hierarchical ConvLSTM (default) or CNN decoder.
+
+    Args:
+        decoder: "lstm" (paper's proposal), "multi_cnn" or "single_cnn" (paper's baselines).
+        split: LSTM thresholds, "6-3-1" (default), "12-6-3" or "6-3-3".
+        hidden_channels: ConvLSTM hidden size (the paper leaves it open; 16 keeps the 1 mm decoder cheaper than
+            the three encoders on CPU: 21 vs 58 GFLOP per 25^3 patch, where 32 costs 47).
+        cnn_widths: channel widths of the CNN decoders' 3^3 convolutions.
+    """
+
+    def __init__(
+        self,
+        decoder: str = "lstm",
+        split: str = "6-3-1",
+        hidden_channels: int = 16,
+        cnn_widths: Tuple[int, ...] = (64, 32),
+    ) -> None:
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
+        self.decoder_name = decoder
+        self.factors: List[int] = [1] if decoder == "single_cnn" else [4, 2, 1]
+        self.encoders = nn.ModuleList([RegNetEncoder() for _ in self.factors])
+        self.decoder: MisalignmentDecoder
+        if decoder == "lstm":
+            self.decoder = HierarchicalLSTMDecoder(112, hidden_channels, split)
+        elif decoder == "multi_cnn":
+            self.decoder = MultiScaleCNNDecoder(112, 3, tuple(cnn_widths))
+        else:
+            self.decoder = SingleScaleCNNDecoder(112, tuple(cnn_widths))
+        reach = self.decoder.num_steps if decoder == "lstm" else len(cnn_widths)  # 'same' 3^3 convs in the decoder
+        self.halo = 4 * ((reach + 3) // 4)  # 1 mm context a tile needs, a multiple of 4 to stay on every grid
+        self.register_buffer("kernel_2mm", bspline_kernel_1d(2), persistent=False)
+        self.register_buffer("kernel_4mm", bspline_kernel_1d(4), persistent=False)
+        self.tile_align = TILE_ALIGN
+        self.hu_offset, self.hu_scale, self.background_hu = HU_OFFSET, HU_SCALE, BACKGROUND_HU
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """HU to network input units: (HU + 1000) / 1000."""
+        return (image + self.hu_offset) / self.hu_scale
+
+    def forward_tile(self, level_inputs: List[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, steps, n_fine, n, n, n]`` for one 1 mm latent tile from its encoder windows (HU).
+
+        ``level_inputs`` are the windows of ``level_window`` for the factors in ``self.factors`` (coarse to fine),
+        all centred on one 1 mm point; the tile size ``n`` is the 1 mm window's size minus 76.
+        """
+        fine = level_inputs[-1]
+        size = [fine.shape[2] - 76, fine.shape[3] - 76, fine.shape[4] - 76]
+        latents: List[torch.Tensor] = []
+        for k, encoder in enumerate(self.encoders):
+            factor = self.factors[k]
+            latent = encoder(self.normalize(level_inputs[k]))
+            if factor > 1:
+                keep = [(n - 1) // factor + 1 for n in size]
+                b = [(latent.shape[2 + a] - keep[a]) // 2 for a in range(3)]
+                latent = latent[:, :, b[0] : b[0] + keep[0], b[1] : b[1] + keep[1], b[2] : b[2] + keep[2]]
+                latent = F.interpolate(latent, size=size, mode="trilinear", align_corners=True)
+            latents.append(latent)
+        return self.decoder(latents)
+
+    def forward_patches(
+        self, image_4mm: torch.Tensor, image_2mm: torch.Tensor, image_1mm: torch.Tensor
+    ) -> torch.Tensor:
+        """Training path: three ``[B, 2, 101, 101, 101]`` patches centred on one point -> logits on its 25^3."""
+        levels = {4: image_4mm, 2: image_2mm, 1: image_1mm}
+        return self.forward_tile([levels[f] for f in self.factors])
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Correct/poor/wrong probabilities ``[B, 3, ...]`` from the last step's fine labels."""
+        fine = torch.softmax(logits[:, -1].float(), dim=1)
+        return torch.einsum("gf,bf...->bg...", self.decoder.class_grouping, fine)
+
+    def tile_inputs(self, levels: List[torch.Tensor], center: List[int], latent_size: List[int]) -> List[torch.Tensor]:
+        """Encoder windows of one tile cut from the pyramid ``levels`` (HU, padded with background HU)."""
+        inputs: List[torch.Tensor] = []
+        for k, factor in enumerate(self.factors):
+            start: List[int] = []
+            size: List[int] = []
+            for a in range(3):
+                s, n = level_window(center[a], latent_size[a], factor)
+                start.append(s)
+                size.append(n)
+            inputs.append(crop_with_padding(levels[k], start, size, self.background_hu))
+        return inputs
+
+    def pyramid(self, image: torch.Tensor) -> List[torch.Tensor]:
+        """The levels this network reads (HU), coarse to fine, each down-sampled once from the 1 mm image."""
+        out: List[torch.Tensor] = []
+        for factor in self.factors:
+            if factor == 4:
+                out.append(smooth_downsample_with_kernel(image, self.kernel_4mm, 4))
+            elif factor == 2:
+                out.append(smooth_downsample_with_kernel(image, self.kernel_2mm, 2))
+            else:
+                out.append(image)
+        return out
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``image [B, 2, D, H, W]`` (fixed, moving; HU at 1 mm) -> probabilities ``[B, 3, D, H, W]`` (float32).
+
+        The whole image is one tile; use ``scripts.inferers.misalignment_inferer.MisalignmentInferer`` for large
+        volumes.
+        """
+        levels = self.pyramid(image)
+        center: List[int] = []
+        latent_size: List[int] = []
+        for a in range(3):
+            n = image.shape[2 + a] + 2 * self.halo
+            n = n + (1 - n) % self.tile_align
+            latent_size.append(n)
+            center.append(-self.halo + (n - 1) // 2)
+        logits = self.forward_tile(self.tile_inputs(levels, center, latent_size))
+        h = self.halo
+        logits = logits[:, :, :, h : h + image.shape[2], h : h + image.shape[3], h : h + image.shape[4]]
+        return self.probabilities(logits)

@@ -1,0 +1,323 @@
+"""Calibration of the re-registration estimator: from the residual a second registration finds, |r|, to class
+probabilities P(correct), P(poor), P(wrong) and an expected misalignment in mm.
+
+A second registration under-calls (it finds part of what the first missed), so thresholding |r| at 3 and 6 mm
+calls too many voxels correct. The calibration is fitted with scikit-learn on voxels of registered artificial pairs
+of the TRAINING scans (``scripts.registration.registered_pairs``) whose true misalignment is known exactly:
+
+- ``P(e >= 3 | |r|)`` and ``P(e >= 6 | |r|)`` by isotonic regression (increasing in |r|, so the map is monotone),
+  ``P(correct) = 1 - P(>=3)``, ``P(poor) = P(>=3) - P(>=6)``, ``P(wrong) = P(>=6)``;
+- ``E[e | |r|]`` by isotonic regression.
+
+Both are stored as piecewise-linear tables in ``models/reregistration_calibration.json`` with the estimator settings
+they were fitted for (and their sha256); applied with ``numpy.interp``, so inference needs neither scikit-learn
+nor a pickle. ``python -m scripts.registration.calibration fit`` compares it with logistic regression and gradient
+boosting (leave-one-scan-out) and writes the file; ``... report`` draws the reliability diagram and the expected
+calibration error on registered pairs of the validation scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from scripts.registration.reregistration import ReregistrationOptions
+from scripts.utils.atomic_write import atomic_write_text
+from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
+
+logger = logging.getLogger(__name__)
+
+TABLE_POINTS = 200  # knots kept of each fitted isotonic step function
+
+
+def options_sha256(options: ReregistrationOptions) -> str:
+    """A digest of the estimator settings that change r (the thread count does not)."""
+    settings = {k: v for k, v in sorted(asdict(options).items()) if k != "threads"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ResidualCalibration:
+    """Piecewise-linear maps of |r| (mm): ``p_at_least`` for the 3 and 6 mm thresholds, and ``expected_mm``.
+
+    Args:
+        knots_mm: increasing |r| values of the tables.
+        p_at_least_3: P(e >= 3 mm) at the knots (increasing).
+        p_at_least_6: P(e >= 6 mm) at the knots (increasing, <= p_at_least_3).
+        expected_mm: E[e] at the knots (increasing).
+        options_sha256: digest of the estimator settings the tables were fitted for ("" if none).
+    """
+
+    knots_mm: list[float]
+    p_at_least_3: list[float]
+    p_at_least_6: list[float]
+    expected_mm: list[float]
+    options_sha256: str = ""
+
+    @classmethod
+    def thresholds(cls) -> "ResidualCalibration":
+        """No calibration: |r| thresholded at 3 and 6 mm (one-hot probabilities) and E[e] = |r|."""
+        lo, hi = CLASS_THRESHOLDS_MM
+        eps = 1e-6
+        return cls([0.0, lo - eps, lo, hi - eps, hi, 1000.0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1],
+                   [0.0, lo - eps, lo, hi - eps, hi, 1000.0])  # fmt: skip
+
+    def predict(self, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``[3, *magnitude.shape]`` (correct, poor, wrong) and expected error (mm) of ``|r|``."""
+        x = np.asarray(magnitude, dtype=np.float64)
+        p3 = np.interp(x, self.knots_mm, self.p_at_least_3)
+        p6 = np.minimum(np.interp(x, self.knots_mm, self.p_at_least_6), p3)
+        probabilities = np.stack([1.0 - p3, p3 - p6, p6]).astype(np.float32)
+        return probabilities, np.interp(x, self.knots_mm, self.expected_mm).astype(np.float32)
+
+    def to_json(self, **extra) -> str:
+        """The JSON record (tables + ``extra`` fields such as the fit's scores)."""
+        return json.dumps({**asdict(self), **extra}, indent=1)
+
+    @classmethod
+    def read(cls, path: str | Path, options: ReregistrationOptions | None = None) -> "ResidualCalibration":
+        """The calibration of a JSON file; a clear error names a missing or malformed file. A file fitted for other
+        estimator settings than ``options`` is refused with a warning: plain thresholds are used instead."""
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+            tables = [list(map(float, record[k])) for k in ("knots_mm", "p_at_least_3", "p_at_least_6", "expected_mm")]
+            out = cls(*tables, str(record.get("options_sha256", "")))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{path}: calibration file not found (--calibration_file '' for thresholds)"
+            ) from err
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a calibration file ({type(err).__name__}: {err})") from err
+        lengths = {len(out.knots_mm), len(out.p_at_least_3), len(out.p_at_least_6), len(out.expected_mm)}
+        if len(lengths) != 1 or len(out.knots_mm) < 2 or np.any(np.diff(out.knots_mm) < 0):
+            raise ValueError(f"{path}: the calibration tables must have one increasing knot per value")
+        if options is not None and out.options_sha256 and out.options_sha256 != options_sha256(options):
+            logger.warning("%s was fitted for other re-registration settings: ignored, |r| is thresholded", path)
+            return cls.thresholds()
+        return out
+
+
+def _table(x: np.ndarray, y: np.ndarray, increasing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """An isotonic fit of y on x (scikit-learn) sampled at ``TABLE_POINTS`` quantile knots of x."""
+    from sklearn.isotonic import IsotonicRegression
+
+    model = IsotonicRegression(increasing=increasing, out_of_bounds="clip").fit(x, y)
+    knots = np.unique(np.quantile(x, np.linspace(0.0, 1.0, TABLE_POINTS)))
+    return knots, model.predict(knots)
+
+
+def fit_isotonic(magnitude: np.ndarray, error: np.ndarray, options_digest: str = "") -> ResidualCalibration:
+    """The calibration tables from voxel samples of |r| and the true misalignment |e| (mm)."""
+    lo, hi = CLASS_THRESHOLDS_MM
+    knots, p3 = _table(magnitude, (error >= lo).astype(float))
+    p6 = np.interp(knots, *_table(magnitude, (error >= hi).astype(float)))
+    expected = np.interp(knots, *_table(magnitude, error))
+    return ResidualCalibration(knots.tolist(), p3.tolist(), np.minimum(p6, p3).tolist(), expected.tolist(),
+                               options_digest)  # fmt: skip
+
+
+def true_classes(error: np.ndarray) -> np.ndarray:
+    """Correct (0), poor (1), wrong (2) of misalignments in mm."""
+    return np.digitize(error, CLASS_THRESHOLDS_MM)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Top-label ECE: the |accuracy - confidence| of the predicted class, averaged over confidence bins by count."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = index == b
+        if sel.any():
+            total += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(total)
+
+
+def sample_voxels(record: dict, per_pair: int, rng: np.random.Generator, region: str = "lung_mask"):
+    """|r| and |e| (mm) at ``per_pair`` random voxels of a registered pair's ``region`` mask."""
+    region_mask = sitk.GetArrayViewFromImage(sitk.ReadImage(record[region])) > 0
+    idx = np.flatnonzero(region_mask)
+    idx = rng.choice(idx, size=min(per_pair, idx.size), replace=False)
+    out = []
+    for key in ("residual_estimate", "residual_true"):
+        field = sitk.GetArrayViewFromImage(sitk.ReadImage(record[key])).reshape(-1, 3)
+        out.append(np.linalg.norm(field[idx], axis=1))
+    return out[0], out[1]
+
+
+def class_scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
+    """Mean F1 (macro over the three classes), accuracy and Cohen's kappa (scikit-learn)."""
+    from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+
+    return {
+        "mean_f1": float(f1_score(labels, predicted, labels=[0, 1, 2], average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "kappa": float(cohen_kappa_score(labels, predicted, labels=[0, 1, 2])),
+    }
+
+
+def _load(datalist: str | Path, split: str, per_pair: int, seed: int) -> tuple[np.ndarray, ...]:
+    records = json.loads(Path(datalist).read_text())[split]
+    if not records:
+        raise ValueError(f"{datalist}: no {split} pairs")
+    rng = np.random.default_rng(seed)
+    r, e, scans = [], [], []
+    for record in records:
+        for key in ("residual_estimate", "residual_true", "lung_mask"):
+            if not Path(record[key]).is_file():
+                raise FileNotFoundError(f"{datalist}: {record[key]} ({key}) is missing; re-run registered_pairs")
+        a, b = sample_voxels(record, per_pair, rng)
+        r.append(a)
+        e.append(b)
+        scans += [record["scan"]] * a.size
+    return np.concatenate(r), np.concatenate(e), np.array(scans)
+
+
+def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, seed: int = 0) -> dict:
+    """Leave-one-scan-out scores of |r| thresholds, isotonic tables, logistic regression and gradient boosting
+    (both on log1p|r|): mean F1 of the argmax, kappa, log loss, ECE and the MAE of the expected error."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+    from sklearn.metrics import log_loss
+
+    labels = true_classes(error)
+    x = np.log1p(magnitude)[:, None]
+    results: dict[str, dict] = {}
+    for name in ("thresholds", "isotonic", "logistic", "gradient_boosting"):
+        probs = np.zeros((labels.size, 3))
+        expected = np.zeros(labels.size)
+        for scan in np.unique(scans):
+            test = scans == scan
+            train = ~test
+            if name == "thresholds":
+                p, ex = ResidualCalibration.thresholds().predict(magnitude[test])
+                probs[test], expected[test] = p.T, ex
+            elif name == "isotonic":
+                p, ex = fit_isotonic(magnitude[train], error[train]).predict(magnitude[test])
+                probs[test], expected[test] = p.T, ex
+            else:
+                if name == "logistic":
+                    clf = LogisticRegression(max_iter=500).fit(x[train], labels[train])
+                    reg = LinearRegression().fit(x[train], error[train])
+                else:
+                    clf = HistGradientBoostingClassifier(max_iter=100, random_state=seed).fit(x[train], labels[train])
+                    reg = HistGradientBoostingRegressor(max_iter=100, random_state=seed).fit(x[train], error[train])
+                p = np.zeros((test.sum(), 3))
+                p[:, clf.classes_] = clf.predict_proba(x[test])
+                probs[test], expected[test] = p, reg.predict(x[test])
+        scores = class_scores(labels, probs.argmax(axis=1))
+        scores["log_loss"] = float(log_loss(labels, np.clip(probs, 1e-6, 1), labels=[0, 1, 2]))
+        scores["ece"] = expected_calibration_error(probs, labels)
+        scores["error_mae_mm"] = float(np.abs(expected - error).mean())
+        results[name] = scores
+    return results
+
+
+def fit(
+    datalist: str = "../data/registered/datalist.json",
+    output: str = "models/reregistration_calibration.json",
+    per_pair: int = 20000,
+    seed: int = 0,
+) -> dict:
+    """Fit the isotonic tables on the training pairs of ``datalist``, compare models leave-one-scan-out, write
+    ``output`` (with the comparison) and return the record."""
+    magnitude, error, scans = _load(datalist, "training", per_pair, seed)
+    options = ReregistrationOptions()
+    comparison = compare_models(magnitude, error, scans, seed)
+    calibration = fit_isotonic(magnitude, error, options_sha256(options))
+    counts = np.bincount(true_classes(error), minlength=3)
+    extra = {
+        "fitted_on": {"datalist": str(datalist), "scans": sorted(set(scans.tolist())), "voxels": int(error.size),
+                      "class_counts": dict(zip(CLASS_NAMES, counts.tolist()))},  # fmt: skip
+        "estimator_options": {k: v for k, v in asdict(options).items() if k != "threads"},
+        "leave_one_scan_out": comparison,
+    }
+    atomic_write_text(Path(output), calibration.to_json(**extra))
+    print(json.dumps(extra, indent=1))
+    return extra
+
+
+def report(
+    datalist: str = "../data/registered/datalist.json",
+    calibration_file: str = "models/reregistration_calibration.json",
+    output_dir: str = "docs/reregistration",
+    per_pair: int = 20000,
+    seed: int = 1,
+) -> dict:
+    """Reliability diagram (PNG) and scores of the calibration on the VALIDATION pairs of ``datalist``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    magnitude, error, _ = _load(datalist, "validation", per_pair, seed)
+    labels = true_classes(error)
+    calibration = ResidualCalibration.read(calibration_file)
+    probs, expected = calibration.predict(magnitude)
+    probs = probs.T
+    out = {
+        "voxels": int(labels.size),
+        "class_counts": dict(zip(CLASS_NAMES, np.bincount(labels, minlength=3).tolist())),
+    }
+    for name, (p, ex) in {
+        "thresholds": ResidualCalibration.thresholds().predict(magnitude),
+        "calibrated": (probs.T, expected),
+    }.items():
+        p = p.T
+        out[name] = {**class_scores(labels, p.argmax(axis=1)), "ece": expected_calibration_error(p, labels),
+                     "error_mae_mm": float(np.abs(ex - error).mean())}  # fmt: skip
+    from scipy.stats import spearmanr
+
+    out["calibrated"]["error_spearman"] = float(spearmanr(expected, error).statistic)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    edges = np.linspace(0, 1, 11)
+    for c, (name, colour) in enumerate(zip(CLASS_NAMES, ("tab:green", "gold", "tab:red"))):
+        index = np.clip(np.digitize(probs[:, c], edges[1:-1]), 0, 9)
+        xs, ys = [], []
+        for b in range(10):
+            sel = index == b
+            if sel.sum() >= 50:
+                xs.append(probs[sel, c].mean())
+                ys.append((labels[sel] == c).mean())
+        axes[0].plot(xs, ys, "o-", color=colour, label=f"P({name})")
+    axes[0].plot([0, 1], [0, 1], "k--", lw=1)
+    axes[0].set_xlabel("predicted probability")
+    axes[0].set_ylabel("observed frequency")
+    axes[0].set_title(f"reliability, validation pairs (ECE {out['calibrated']['ece']:.3f})")
+    axes[0].legend()
+    order = np.argsort(expected)
+    bins = np.array_split(order, 20)
+    axes[1].plot([expected[b].mean() for b in bins], [error[b].mean() for b in bins], "o-", label="calibrated E[e]")
+    order = np.argsort(magnitude)
+    bins = np.array_split(order, 20)
+    axes[1].plot([magnitude[b].mean() for b in bins], [error[b].mean() for b in bins], "s-", label="|r| as is")
+    top = float(np.percentile(error, 99))
+    axes[1].plot([0, top], [0, top], "k--", lw=1)
+    axes[1].set_xlabel("estimated misalignment (mm)")
+    axes[1].set_ylabel("true misalignment (mm)")
+    axes[1].set_title("expected error vs truth (20 quantile bins)")
+    axes[1].legend()
+    fig.tight_layout()
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path / "reliability.png", dpi=110)
+    plt.close(fig)
+    atomic_write_text(path / "calibration_validation.json", json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"fit": fit, "report": report})

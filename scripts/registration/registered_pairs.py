@@ -1,0 +1,229 @@
+"""Registered artificial pairs: what a real registration leaves behind, with its exact misalignment.
+
+For a training scan S (1 mm, as ``scripts.data.prepare_data`` caches it): draw a deformation u (the paper's
+artificial DVF types with a maximum of 10-20 mm per axis, or the evaluation-style respiratory + local motion),
+make the deformed image ``I(y) = S(y + u(y))`` with the usual intensity changes, then register I back onto S
+with a protocol drawn as users run them (none, translation, rigid, affine, or affine + B-spline with 20-2000
+iterations, Mattes MI or NCC, final grid 10-30 mm). With the found transform ``T(x) = x + t(x)`` the registered
+image is ``D(x) = I(T(x)) = S(T(x) + u(T(x)))``, so the exact residual misalignment at x is
+
+    e(x) = t(x) + u(x + t(x))      (mm, vector)
+
+Each pair stores F = S, D (int16 HU on F's grid), e (``residual_true``) and the re-registration estimate r
+(``residual_estimate``, ``scripts.registration.reregistration`` with its default settings, on the pair as the
+bundle's inference loads it), both float16 vector images, plus a JSON record with the protocol and the seconds each
+step took. ``datalist.json`` lists them; a pair counts as done when its JSON exists (an interrupted run resumes)::
+
+    python -m scripts.registration.registered_pairs --output_dir ../data/registered --pairs_per_scan 6
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from scripts.data.image_io import load_pair
+from scripts.data.prepare_data import DEFAULT_VALIDATION_SCANS, find_scans, pair_seed, prepare_scan, scan_name
+from scripts.registration.elastix import (
+    ElastixPair,
+    RegistrationOptions,
+    bspline_parameter_map,
+    deform_image,
+    displacement_field,
+    linear_parameter_map,
+)
+from scripts.registration.reregistration import residual_field_on_pair
+from scripts.transforms.artificial_dvf import RandArtificialDVFd, dvf_settings
+from scripts.transforms.artificial_intensity import deform_image as deform_artificially
+from scripts.transforms.evaluation_deformation import deform_scan, draw_deformation
+from scripts.utils.atomic_write import atomic_write_image, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+TRAINING_SEED_OFFSET = 7_000_000  # evaluation-style draws for training use seeds far from the benchmark's (0..)
+PROTOCOLS = ("none", "translation", "rigid", "affine", "bspline")
+PROTOCOL_WEIGHTS = (0.08, 0.1, 0.1, 0.17, 0.55)
+DEFORMATIONS = ("single_frequency", "mixed_frequency", "respiratory_motion", "evaluation")
+CROP_MARGIN_MM = 15  # the scan is cropped to its lungs plus this margin: the misalignment that matters is there
+
+
+def draw_protocol(rng: np.random.RandomState) -> dict:
+    """A registration protocol as users run them (kind, iterations, metric, final grid spacing, seed)."""
+    kind = str(rng.choice(PROTOCOLS, p=PROTOCOL_WEIGHTS))
+    protocol = {"kind": kind, "seed": int(rng.randint(1, 2**31 - 1))}
+    if kind == "bspline":
+        protocol.update(
+            iterations=int(round(np.exp(rng.uniform(np.log(20), np.log(2000))))),
+            metric=str(rng.choice(["AdvancedMattesMutualInformation", "AdvancedNormalizedCorrelation"])),
+            grid_spacing_mm=float(rng.choice([10.0, 15.0, 20.0, 25.0, 30.0])),
+        )
+    return protocol
+
+
+def register_with_protocol(fixed: sitk.Image, moving: sitk.Image, protocol: dict, threads: int = 2):
+    """elastix transform maps of ``protocol`` registering ``moving`` onto ``fixed`` (None for "none")."""
+    kind = protocol["kind"]
+    if kind == "none":
+        return None
+    options = RegistrationOptions(random_seed=protocol["seed"], threads=threads)
+    pair = ElastixPair(fixed, moving, options)
+    linear = "affine" if kind == "bspline" else kind
+    maps = pair.register([linear_parameter_map(linear, options)])
+    if kind == "bspline":
+        options.metric = protocol["metric"]
+        options.grid_spacing_mm = protocol["grid_spacing_mm"]
+        maps = pair.register([bspline_parameter_map(protocol["iterations"], options)], initial=maps)
+    return maps
+
+
+def crop_to_lungs(images: dict[str, sitk.Image], lung: sitk.Image, margin_mm: float = CROP_MARGIN_MM) -> dict:
+    """Every image of ``images`` (same grid as ``lung``) cropped to the lung bounding box plus ``margin_mm``."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(lung > 0, sitk.sitkUInt8))
+    if not stats.HasLabel(1):
+        raise ValueError("registered pairs: the scan's lung mask is empty")
+    x, y, z, sx, sy, sz = stats.GetBoundingBox(1)
+    m = [int(np.ceil(margin_mm / s)) for s in lung.GetSpacing()]
+    lo = [max(0, v - mi) for v, mi in zip((x, y, z), m)]
+    hi = [min(n, v + s + mi) for v, s, mi, n in zip((x, y, z), (sx, sy, sz), m, lung.GetSize())]
+    return {k: sitk.RegionOfInterest(im, [h - low for low, h in zip(lo, hi)], lo) for k, im in images.items()}
+
+
+def deform(rng: np.random.RandomState, kind: str, image: sitk.Image, body: sitk.Image, lung: sitk.Image, seed: int):
+    """The deformed image and its deformation as a SimpleITK transform ``y -> y + u(y)``; ``max_mm`` drawn."""
+    if kind == "evaluation":
+        deformation = draw_deformation(image, body, lung, seed=TRAINING_SEED_OFFSET + seed)
+        deformed = deform_scan(image, body, lung, deformation, seed=TRAINING_SEED_OFFSET + seed)
+        return sitk.Cast(deformed, sitk.sitkFloat32), deformation.field, {}
+    max_mm = float(rng.choice([10.0, 15.0, 20.0]))
+    draw = RandArtificialDVFd(settings=dvf_settings(max_mm), dvf_type=kind)
+    draw.set_random_state(state=rng)
+    data = draw({"image": image, "body_mask": body, "lung_mask": lung})
+    deformed, _ = deform_artificially(rng, image, data["dvf"], body)
+    return deformed, data["dvf"], {"max_deformation_mm": max_mm, "variant": int(data["variant"])}
+
+
+def true_residual(field_u: sitk.Image, maps, fixed: sitk.Image) -> np.ndarray:
+    """``e(x) = t(x) + u(x + t(x))`` on ``fixed``'s grid, ``[3, z, y, x]`` mm (x, y, z components)."""
+    u = sitk.Cast(field_u, sitk.sitkVectorFloat64)
+    if maps is None:
+        t = np.zeros((3,) + tuple(fixed.GetSize()[::-1]), dtype=np.float32)
+        resampled = sitk.Resample(u, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, u.GetPixelID())
+    else:
+        t_image = displacement_field(maps, fixed)
+        t = np.moveaxis(sitk.GetArrayFromImage(t_image), -1, 0)
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(t_image, sitk.sitkVectorFloat64))
+        resampled = sitk.Resample(u, fixed, transform, sitk.sitkLinear, 0.0, u.GetPixelID())
+    return t + np.moveaxis(sitk.GetArrayFromImage(resampled), -1, 0).astype(np.float32)
+
+
+def write_vector(field: np.ndarray, reference: sitk.Image, path: Path) -> Path:
+    """A ``[3, z, y, x]`` field as a float16-valued float32 vector image (half the compressed size) on ``reference``."""
+    image = sitk.GetImageFromArray(np.moveaxis(field.astype(np.float16).astype(np.float32), 0, -1), isVector=True)
+    image.CopyInformation(reference)
+    return atomic_write_image(image, path, level=1)
+
+
+def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str, threads: int = 2) -> dict:
+    """One registered pair of a scan (files written beside ``out_stem``); returns its record."""
+    rng = np.random.RandomState(seed)
+    seconds = {}
+    t0 = time.perf_counter()
+    loaded = {
+        "image": sitk.ReadImage(str(scan_files["image_1mm"]), sitk.sitkFloat32),
+        "body": sitk.ReadImage(str(scan_files["body_mask"])),
+        "lung": sitk.ReadImage(str(scan_files["lung_mask"])),
+    }
+    crop = crop_to_lungs(loaded, loaded["lung"])
+    deformed, field_u, extra = deform(rng, kind, crop["image"], crop["body"], crop["lung"], seed)
+    seconds["deform"] = time.perf_counter() - t0
+    protocol = draw_protocol(rng)
+    t0 = time.perf_counter()
+    maps = register_with_protocol(crop["image"], deformed, protocol, threads)
+    seconds["register"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    registered = deformed if maps is None else deform_image(maps, deformed, crop["image"])
+    registered = sitk.Cast(sitk.Round(sitk.Clamp(registered, sitk.sitkFloat32, -32768, 32767)), sitk.sitkInt16)
+    registered.CopyInformation(crop["image"])
+    residual = true_residual(field_u, maps, crop["image"])
+    seconds["resample"] = time.perf_counter() - t0
+
+    files = {k: Path(f"{out_stem}_{k}.nii.gz") for k in ("fixed", "registered", "body_mask", "lung_mask")}
+    atomic_write_image(sitk.Cast(sitk.Round(crop["image"]), sitk.sitkInt16), files["fixed"], level=1)
+    atomic_write_image(registered, files["registered"], level=1)
+    atomic_write_image(crop["body"], files["body_mask"], level=1)
+    atomic_write_image(crop["lung"], files["lung_mask"], level=1)
+    files["residual_true"] = write_vector(residual, crop["image"], Path(f"{out_stem}_residual_true.nii.gz"))
+
+    # the estimator sees the pair exactly as the bundle's inference loads it
+    t0 = time.perf_counter()
+    pair = load_pair(files["fixed"], files["registered"], None, 1.0, True)
+    estimate = residual_field_on_pair(pair.image, pair.mask, threads=threads, name=str(out_stem))
+    seconds["reregister"] = time.perf_counter() - t0
+    files["residual_estimate"] = write_vector(estimate, crop["image"], Path(f"{out_stem}_residual_estimate.nii.gz"))
+
+    lung = sitk.GetArrayViewFromImage(crop["lung"]) > 0
+    magnitude = np.linalg.norm(residual, axis=0)[lung]
+    classes = np.bincount(np.digitize(magnitude, (3.0, 6.0)), minlength=3) / max(magnitude.size, 1)
+    return {
+        **{k: str(v) for k, v in files.items()},
+        "deformation": kind,
+        **extra,
+        "protocol": protocol,
+        "seed": seed,
+        "size": list(crop["image"].GetSize()),
+        "lung_residual_mm": {"median": float(np.median(magnitude)), "p95": float(np.percentile(magnitude, 95))},
+        "lung_class_fractions": [round(float(c), 4) for c in classes],
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+
+
+def run(
+    data_dir: str = "../shared/data/ct",
+    output_dir: str = "../data/registered",
+    pairs_per_scan: int = 6,
+    seed: int = 0,
+    scans=None,
+    validation_scans=DEFAULT_VALIDATION_SCANS,
+    threads: int = 2,
+) -> str:
+    """Write ``pairs_per_scan`` registered pairs of every scan and ``output_dir/datalist.json``; returns its path.
+    Deformation kinds cycle through ``DEFORMATIONS`` (the evaluation-style one every fourth pair)."""
+    out = Path(output_dir)
+    validation = {validation_scans} if isinstance(validation_scans, str) else set(validation_scans or ())
+    datalist: dict[str, list] = {"training": [], "validation": []}
+    paths = find_scans(data_dir, scans)
+    bar = tqdm(total=len(paths) * pairs_per_scan, desc="registered pairs", unit="pair")
+    for path in paths:
+        name = scan_name(path)
+        scan_files = prepare_scan(path, out / "scans" / name)
+        for k in range(pairs_per_scan):
+            kind = DEFORMATIONS[k % len(DEFORMATIONS)]
+            stem = out / "pairs" / name / f"pair_{k:03d}"
+            record_path = stem.with_suffix(".json")
+            if not record_path.is_file():
+                stem.parent.mkdir(parents=True, exist_ok=True)
+                s = pair_seed(seed, name, k, 99.0)
+                record = make_registered_pair(scan_files, stem, s, kind, threads)
+                record.update(scan=name, index=k)
+                atomic_write_text(record_path, json.dumps(record, indent=1))
+                tqdm.write(f"{stem.name} {name}: {kind}, {record['protocol']}, lung classes "
+                           f"{record['lung_class_fractions']}, {record['seconds']} s")  # fmt: skip
+            record = json.loads(record_path.read_text())
+            datalist["validation" if name in validation else "training"].append(record)
+            bar.update(1)
+    bar.close()
+    datalist_path = out / "datalist.json"
+    atomic_write_text(datalist_path, json.dumps(datalist, indent=1))
+    return str(datalist_path)
+
+
+if __name__ == "__main__":
+    fire.Fire(run)

@@ -1,0 +1,94 @@
+"""The re-registration estimator: register the registered moving image D once more onto the fixed image F with
+elastix; what that second registration still finds, ``r(x) = T2(x) - x``, estimates the misalignment the first one
+left at every voxel of F.
+
+A second registration sees only part of what the first missed (it under-calls), so ``|r|`` is turned into class
+probabilities and an expected error in mm by ``scripts.registration.calibration``, fitted on registered artificial
+pairs of the training scans (``scripts.registration.registered_pairs``). The settings below were chosen on those
+pairs; docs/reregistration.md has the comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from scripts.registration.elastix import (
+    ElastixPair,
+    RegistrationOptions,
+    bspline_parameter_map,
+    displacement_field,
+    linear_parameter_map,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RegistrationError(RuntimeError):
+    """elastix failed on a pair (exception, non-finite result, no overlap); the message names the pair."""
+
+
+@dataclass
+class ReregistrationOptions(RegistrationOptions):
+    """Settings of the second registration (elastix options of ``RegistrationOptions`` plus its stages).
+
+    Args:
+        linear: "affine", "rigid", "translation" or "" (no linear stage before the B-spline).
+        bspline_iterations: iterations per resolution of the B-spline stage (0: linear stage only).
+        use_mask: restrict elastix's samples to the mask given with the pair (the body).
+    """
+
+    linear: str = "affine"
+    bspline_iterations: int = 500
+    use_mask: bool = True
+
+
+def residual_field(
+    fixed: sitk.Image,
+    deformed: sitk.Image,
+    options: ReregistrationOptions | None = None,
+    fixed_mask: sitk.Image | None = None,
+    name: str = "pair",
+) -> np.ndarray:
+    """``r(x) = T2(x) - x`` in mm, ``[3, z, y, x]`` float32 (physical x, y, z components) on ``fixed``'s grid, where
+    ``T2`` registers ``deformed`` onto ``fixed``. Raises ``RegistrationError`` naming ``name`` if elastix fails."""
+    options = options or ReregistrationOptions()
+    mask = fixed_mask if options.use_mask else None
+    t0 = time.perf_counter()
+    try:
+        pair = ElastixPair(fixed, deformed, options, mask)
+        maps = pair.register([linear_parameter_map(options.linear, options)]) if options.linear else None
+        if options.bspline_iterations > 0:
+            maps = pair.register([bspline_parameter_map(options.bspline_iterations, options)], initial=maps)
+        if maps is None:
+            raise ValueError("no stage to run: linear is empty and bspline_iterations is 0")
+        field = sitk.GetArrayFromImage(displacement_field(maps, fixed))
+    except RuntimeError as err:
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise RegistrationError(f"{name}: re-registration with elastix failed ({message})") from None
+    if not np.isfinite(field).all():
+        raise RegistrationError(f"{name}: re-registration gave a non-finite displacement (NaN metric?)")
+    logger.info("%s: re-registered in %.1f s", name, time.perf_counter() - t0)
+    return np.ascontiguousarray(np.moveaxis(field, -1, 0), dtype=np.float32)
+
+
+def residual_field_on_pair(
+    image: np.ndarray,
+    mask: np.ndarray,
+    spacing_mm: float = 1.0,
+    options: ReregistrationOptions | None = None,
+    threads: int = 2,
+    name: str = "pair",
+) -> np.ndarray:
+    """The estimator on a loaded pair (``image [2, z, y, x]`` HU on an axis-aligned ``spacing_mm`` grid, ``mask``
+    where to sample): ``r [3, z, y, x]`` mm. The bundle's inferer and the registered-pair maker call it the same way."""
+    options = options or ReregistrationOptions(threads=threads)
+    fixed, moving = (sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32)) for a in image[:2])
+    fixed_mask = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+    for im in (fixed, moving, fixed_mask):
+        im.SetSpacing((float(spacing_mm),) * 3)
+    return residual_field(fixed, moving, options, fixed_mask, name)
