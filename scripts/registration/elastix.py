@@ -28,6 +28,7 @@ import itk
 import numpy as np
 import SimpleITK as sitk
 
+from scripts.data import image_io
 from scripts.data.landmark_csv import LandmarkTable, read_landmarks, write_landmarks
 from scripts.utils.atomic_write import atomic_write_image, atomic_write_text
 from scripts.utils.constants import BACKGROUND_HU
@@ -143,19 +144,10 @@ def bspline_parameter_map(iterations: int, options: RegistrationOptions) -> dict
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3-D scalar image with SimpleITK; clear error naming the file if missing, unreadable or not 3-D."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise ValueError(f"{path}: cannot read {what}: {str(err).strip().splitlines()[-1]}") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(
-            f"{path}: {what} must be a scalar 3-D image, got {image.GetDimension()}-D size {image.GetSize()}"
-        )
-    return image
+    """Read a 3-D scalar image (float32) through ``scripts.data.image_io.read_image``: one set of checks (missing,
+    truncated or corrupt file, not 3-D, zero-size axis, singular direction, NaN), errors naming ``what`` and the
+    file."""
+    return image_io.read_image(path, what)
 
 
 def sitk_to_itk(image: sitk.Image, pixel_type: type = np.float32) -> itk.Image:

@@ -55,7 +55,8 @@ def residual_field(
     name: str = "pair",
 ) -> np.ndarray:
     """``r(x) = T2(x) - x`` in mm, ``[3, z, y, x]`` float32 (physical x, y, z components) on ``fixed``'s grid, where
-    ``T2`` registers ``deformed`` onto ``fixed``. Raises ``RegistrationError`` naming ``name`` if elastix fails."""
+    ``T2`` registers ``deformed`` onto ``fixed``: F(x) is seen at x + r(x) in D. If D shows F(x + e(x)) at x (e the
+    misalignment), r ~ -e. Raises ``RegistrationError`` naming ``name`` if elastix fails."""
     options = options or ReregistrationOptions()
     mask = fixed_mask if options.use_mask else None
     t0 = time.perf_counter()

@@ -1,0 +1,229 @@
+"""The re-registration estimator (scripts.registration.reregistration), its calibration and the bundle's
+``--method reregistration`` contract, on small synthetic pairs with a known misalignment."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from monai.bundle import ConfigWorkflow
+from scipy import ndimage
+
+from scripts.inferers.reregistration_inferer import ReregistrationInferer, select_inferer
+from scripts.registration.calibration import (
+    ResidualCalibration,
+    expected_calibration_error,
+    fit_isotonic,
+    options_sha256,
+)
+from scripts.registration.registered_pairs import true_residual
+from scripts.registration.reregistration import (
+    RegistrationError,
+    ReregistrationOptions,
+    residual_field_on_pair,
+)
+from tests.chest_phantom import chest_phantom_arrays
+from tests.synthetic_pair import image_from_array
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (56, 64, 64)  # (z, y, x) at 1 mm: large enough for elastix's 3 resolutions
+FAST = ReregistrationOptions(bspline_iterations=200, grid_spacing_mm=16.0, number_of_spatial_samples=2000)
+
+
+def phantom() -> tuple[np.ndarray, np.ndarray]:
+    """A textured 1 mm chest phantom (HU) and its body mask."""
+    hu, body, _ = chest_phantom_arrays(SHAPE, seed=3, gas=False)
+    return hu.astype(np.float32), body
+
+
+def warp(hu: np.ndarray, displacement_zyx: np.ndarray) -> np.ndarray:
+    """``D(x) = F(x + u(x))`` for a displacement ``[3, z, y, x]`` in voxels (z, y, x components), cubic."""
+    grid = np.indices(hu.shape).astype(np.float64) + displacement_zyx
+    return ndimage.map_coordinates(hu, grid, order=3, mode="nearest").astype(np.float32)
+
+
+def textured(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Voxels well inside the body with a strong local gradient: where a registration can see motion."""
+    gradient = ndimage.gaussian_gradient_magnitude(hu, 1.0)
+    inner = ndimage.binary_erosion(body, iterations=8)
+    return inner & (gradient > np.percentile(gradient[inner], 50))
+
+
+def test_known_translation_is_found_within_half_a_millimetre():
+    hu, body = phantom()
+    shift = np.zeros((3,) + SHAPE)
+    shift[2] = 2.5  # x: D(x) = F(x + 2.5 mm)
+    image = np.stack([hu, warp(hu, shift)])
+    r = residual_field_on_pair(image, body, 1.0, FAST)
+    assert r.shape == (3,) + SHAPE and r.dtype == np.float32
+    sel = textured(hu, body)
+    # D shows F(x + 2.5 mm) at x, so F(x) lies at x - 2.5 mm in D: r = T2(x) - x = (-2.5, 0, 0) (x, y, z order)
+    error = np.linalg.norm(r[:, sel] - np.array([-2.5, 0.0, 0.0])[:, None], axis=0)
+    assert np.median(error) < 0.5 and np.percentile(error, 90) < 0.5
+
+
+def test_known_smooth_deformation_is_found_within_half_a_millimetre():
+    hu, body = phantom()
+    z, y, x = np.indices(SHAPE).astype(np.float64)
+    u = np.stack(
+        [
+            2.0 * np.sin(2 * np.pi * y / SHAPE[1]),  # z
+            1.5 * np.cos(2 * np.pi * z / SHAPE[0]),  # y
+            3.0 * np.sin(2 * np.pi * z / SHAPE[0]) * np.cos(np.pi * y / SHAPE[1]),  # x
+        ]
+    )
+    image = np.stack([hu, warp(hu, u)])
+    r = residual_field_on_pair(image, body, 1.0, ReregistrationOptions(bspline_iterations=300, grid_spacing_mm=12.0))
+    truth_xyz = -u[::-1]  # r ~ -u (see the translation test), components x, y, z
+    sel = textured(hu, body)
+    error = np.linalg.norm(r[:, sel] - truth_xyz[:, sel], axis=0)
+    assert np.median(error) < 0.5
+    # and it is a real estimate: the truth is far from zero there
+    assert np.median(np.linalg.norm(truth_xyz[:, sel], axis=0)) > 1.5
+
+
+def test_a_failed_registration_is_one_clear_error_naming_the_pair():
+    hu, body = phantom()
+    empty = np.full_like(hu, -1024.0)  # nothing to register: no sample of the mask maps into any structure
+    with pytest.raises(RegistrationError, match="pair with moving image m.nii.gz: re-registration"):
+        residual_field_on_pair(
+            np.stack([hu, empty]), np.zeros_like(body), 1.0, FAST, name="pair with moving image m.nii.gz"
+        )
+
+
+def test_true_residual_composes_the_deformation_with_the_registration():
+    """e(x) = t(x) + u(x + t(x)): no registration gives e = u; a found transform that undoes u gives e = 0."""
+    reference = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    u = sitk.Image([20, 20, 20], sitk.sitkVectorFloat64)
+    u = sitk.Compose([sitk.Image([20, 20, 20], sitk.sitkFloat64) + v for v in (3.0, 0.0, -1.0)])
+    e = true_residual(u, None, reference)
+    np.testing.assert_allclose(e[:, 5:15, 5:15, 5:15].reshape(3, -1).mean(axis=1), [3.0, 0.0, -1.0], atol=1e-5)
+    maps = [{"Transform": ["TranslationTransform"], "NumberOfParameters": ["3"],
+             "TransformParameters": ["-3", "0", "1"], "InitialTransformParameterFileName": ["NoInitialTransform"],
+             "HowToCombineTransforms": ["Compose"], "FixedImageDimension": ["3"], "MovingImageDimension": ["3"],
+             "FixedInternalImagePixelType": ["float"], "MovingInternalImagePixelType": ["float"],
+             "Size": ["20", "20", "20"], "Index": ["0", "0", "0"], "Spacing": ["1", "1", "1"],
+             "Origin": ["0", "0", "0"], "Direction": ["1", "0", "0", "0", "1", "0", "0", "0", "1"],
+             "UseDirectionCosines": ["true"], "ResampleInterpolator": ["FinalLinearInterpolator"],
+             "Resampler": ["DefaultResampler"], "DefaultPixelValue": ["0"], "ResultImagePixelType": ["float"]}]  # fmt: skip
+    e = true_residual(u, maps, reference)
+    assert np.abs(e[:, 5:15, 5:15, 5:15]).max() < 1e-4
+
+
+def test_calibration_is_monotone_and_under_calls_are_corrected(tmp_path):
+    rng = np.random.default_rng(0)
+    error = rng.gamma(2.0, 2.0, 20000)  # true misalignment (mm)
+    magnitude = np.clip(0.6 * error + rng.normal(0, 0.5, error.size), 0, None)  # the estimator finds 60 %
+    calibration = fit_isotonic(magnitude, error, "abc")
+    grid = np.linspace(0, 15, 300)
+    probs, expected = calibration.predict(grid)
+    assert probs.shape == (3, 300)
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-6)
+    assert (probs >= -1e-6).all()
+    assert np.all(np.diff(1 - probs[0]) >= -1e-9) and np.all(np.diff(probs[2]) >= -1e-9)  # P(>=3), P(>=6) rise
+    assert np.all(np.diff(expected) >= -1e-9)
+    # thresholding |r| under-calls; the calibration moves the decision: |r| = 2.5 mm is mostly >= 3 mm truth
+    assert ResidualCalibration.thresholds().predict(np.array([2.5]))[0].argmax() == 0
+    assert calibration.predict(np.array([2.5]))[0][:, 0].argmax() != 0
+    assert 3.5 < float(calibration.predict(np.array([2.5]))[1][0]) < 5.5
+    # calibrated probabilities are better calibrated than one-hot thresholds
+    labels = np.digitize(error, (3.0, 6.0))
+    ece = expected_calibration_error(calibration.predict(magnitude)[0].T, labels)
+    assert ece < 0.05 < expected_calibration_error(ResidualCalibration.thresholds().predict(magnitude)[0].T, labels)
+
+    path = tmp_path / "c.json"
+    path.write_text(calibration.to_json(note="x"))
+    again = ResidualCalibration.read(path)
+    np.testing.assert_allclose(again.predict(grid)[0], probs)
+
+
+def test_calibration_file_errors_and_settings_check(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="missing.json: calibration file not found"):
+        ResidualCalibration.read(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"knots_mm": [0, 1]}')
+    with pytest.raises(ValueError, match="bad.json: not a calibration file"):
+        ResidualCalibration.read(bad)
+    bad.write_text(
+        json.dumps({"knots_mm": [1, 0], "p_at_least_3": [0, 1], "p_at_least_6": [0, 1], "expected_mm": [0, 1]})
+    )
+    with pytest.raises(ValueError, match="increasing knot"):
+        ResidualCalibration.read(bad)
+    other = tmp_path / "other.json"
+    calibration = fit_isotonic(np.linspace(0, 10, 100), np.linspace(0, 12, 100), options_sha256(FAST))
+    other.write_text(calibration.to_json())
+    assert ResidualCalibration.read(other, FAST).knots_mm == calibration.knots_mm
+    with caplog.at_level(logging.WARNING):
+        fallback = ResidualCalibration.read(other, ReregistrationOptions())
+    assert "other re-registration settings" in caplog.text
+    assert fallback == ResidualCalibration.thresholds()
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="'regnet' is not a method of this bundle"):
+        select_inferer("regnet", {"network": None, "reregistration": None})
+
+
+def write_phantom_pair(folder: Path) -> dict[str, Path]:
+    """fixed/moving NIfTI (1.5 mm, moving = fixed shifted 3 mm along x, a misalignment in the 'poor' class) and five
+    landmarks inside the body."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hu, body = phantom()
+    shift = np.zeros((3,) + SHAPE)
+    shift[2] = 4.0 / 1.5
+    paths = {k: folder / f"{k}.nii.gz" for k in ("fixed", "moving")}
+    sitk.WriteImage(image_from_array(hu.astype(np.int16)), str(paths["fixed"]))
+    sitk.WriteImage(image_from_array(warp(hu, shift).astype(np.int16)), str(paths["moving"]))
+    fixed = sitk.ReadImage(str(paths["fixed"]))
+    rows = ["id,x,y,z,tre"]
+    for i, (z, y, x) in enumerate([(28, 32, 20), (28, 32, 44), (20, 28, 32), (36, 36, 32), (28, 20, 32)]):
+        p = fixed.TransformContinuousIndexToPhysicalPoint((x, y, z))
+        rows.append(f"{i},{p[0]:.3f},{p[1]:.3f},{p[2]:.3f},4.0")
+    paths["landmarks"] = folder / "landmarks.csv"
+    paths["landmarks"].write_text("\n".join(rows) + "\n")
+    return paths
+
+
+def test_method_reregistration_writes_the_contract_files(tmp_path):
+    paths = write_phantom_pair(tmp_path / "data")
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(
+        config_file=str(REPO_ROOT / "configs" / "inference.json"),
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type="infer",
+        bundle_root=str(REPO_ROOT),
+        method="reregistration",
+        calibration_file="",
+        fixed_image=str(paths["fixed"]),
+        moving_image=str(paths["moving"]),
+        landmarks=str(paths["landmarks"]),
+        output_dir=str(out),
+        progress=False,
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+    assert isinstance(workflow.parser.get_parsed_content("inferer"), ReregistrationInferer)
+    workflow.run()
+    workflow.finalize()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        f"moving_{s}"
+        for s in ("misalignment.nii.gz", "probabilities.nii.gz", "error_mm.nii.gz", "overlay.png", "landmarks.csv")
+    )
+    fixed = sitk.ReadImage(str(paths["fixed"]))
+    error = sitk.ReadImage(str(out / "moving_error_mm.nii.gz"))
+    assert error.GetPixelID() == sitk.sitkFloat32 and error.GetSize() == fixed.GetSize()
+    np.testing.assert_allclose(error.GetSpacing(), fixed.GetSpacing())
+    with open(out / "moving_landmarks.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["id", "x", "y", "z", "tre", "pred", "p_correct", "p_poor", "p_wrong", "error_mm"]
+    # uncalibrated: |r| thresholded; the 4 mm shift is found within 0.5 mm at these textured landmarks -> poor
+    found = [float(r["error_mm"]) for r in rows]
+    assert np.median(np.abs(np.array(found) - 4.0)) < 0.5
+    assert sum(int(r["pred"]) == 1 for r in rows) >= 4
