@@ -8,8 +8,11 @@ message names the file and the problem.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -26,6 +29,13 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 GRID_TOLERANCE = 1e-3  # relative to the voxel size / unit direction: grids closer than this are the same grid
 MIN_SIZE_VOXELS = 4  # fewer voxels than this along an axis is a 2-D image stored as 3-D
+MIN_DIRECTION_DETERMINANT = 1e-6  # |det| of the direction matrix below this: a singular (degenerate) orientation
+GZIP_MAGIC = b"\x1f\x8b"
+STREAM_CHUNK_BYTES = 1 << 22  # compressed streams are verified in 4 MiB chunks
+METAIMAGE_ELEMENT_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4, "MET_LONG": 4,
+    "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
 
 
 class InputError(ValueError):
@@ -142,18 +152,19 @@ def image_stem(path: str | os.PathLike) -> str:
 
 
 def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
-    """Read a scalar 3-D image as float32; clear errors for a missing, unreadable, non-3-D or NaN-holding file.
+    """Read a scalar 3-D image as float32; clear errors for a missing, truncated, corrupt, unreadable, non-3-D,
+    empty, wrongly oriented or NaN-holding file.
 
     ``role`` ("fixed image", "moving image", "mask") starts every message, followed by the path.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{role} {path}: file not found")
+    check_image_file(path, role)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
-        raise InputError(f"{role} {path}: cannot be read as an image by SimpleITK ({reason})") from None
+        raise InputError(f"{role} {path}: {_itk_read_problem(str(error))}") from None
     size = image.GetSize()
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{role} {path}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
@@ -161,14 +172,147 @@ def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
     if image.GetDimension() == 4 and size[3] == 1:
         image = image[:, :, :, 0]  # a 3-D volume stored with a singleton 4th axis
         size = image.GetSize()
+    if 0 in size:
+        raise InputError(f"{role} {path}: the image has a zero-size axis (size {size}): it holds no voxels")
     if image.GetDimension() != 3:
         raise InputError(f"{role} {path}: expected a 3-D image, got a {image.GetDimension()}-D image of size {size}")
     if min(size) < MIN_SIZE_VOXELS:
         raise InputError(f"{role} {path}: expected a 3-D volume, got size {size} (a 2-D slice?)")
+    check_geometry(image, f"{role} {path}")
     image = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all() or _nifti_has_nan(path):
         raise InputError(f"{role} {path}: the image holds NaN or infinite values")
     return image
+
+
+def check_geometry(image: sitk.Image, source: str) -> None:
+    """Raise ``InputError`` naming ``source`` for a non-positive spacing or a singular direction matrix (a header
+    whose orientation maps the voxels onto a plane or a line, so no physical position is defined)."""
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise InputError(f"{source}: the voxel spacing {spacing.tolist()} must be positive")
+    dimension = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dimension, dimension)
+    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < MIN_DIRECTION_DETERMINANT:
+        raise InputError(
+            f"{source}: the direction matrix in the header is singular ({np.round(direction, 4).tolist()}): fix the "
+            "image orientation (NIfTI qform/sform, MetaImage TransformMatrix, NRRD space directions)"
+        )
+
+
+def _itk_read_problem(message: str) -> str:
+    """What went wrong, in words, from a SimpleITK read error (ITK's own text, without the object addresses)."""
+    if "determinant is 0" in message or "orthonormal" in message:
+        return "the direction matrix in the header is singular (not a valid orientation); fix the image orientation"
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    itk_lines = [i for i, line in enumerate(lines) if line.startswith("ITK ERROR")]
+    reason = " ".join(lines[itk_lines[0] :]) if itk_lines else (lines[-1] if lines else "unknown reason")
+    reason = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", reason)
+    return f"cannot be read as an image by SimpleITK ({reason})"
+
+
+def check_image_file(path: str | os.PathLike, role: str = "image") -> None:
+    """Refuse a truncated or corrupt image file before SimpleITK reads it (SimpleITK fills the missing part of a
+    short NIfTI file with zeros without a word): a gzip stream is read to its end (CRC and length checked), a NIfTI
+    file must hold every voxel its header announces, and so must a MetaImage's data block (zlib stream verified)."""
+    path = Path(path)
+    name = path.name.lower()
+    with path.open("rb") as f:
+        gzipped = f.read(2) == GZIP_MAGIC
+    data_bytes = _gzip_stream_length(path, role) if gzipped else path.stat().st_size
+    if name.endswith((".nii", ".nii.gz")):
+        _check_nifti_size(path, role, data_bytes)
+    elif name.endswith((".mha", ".mhd")):
+        _check_metaimage_data(path, role)
+
+
+def _gzip_stream_length(path: Path, role: str) -> int:
+    """Decompressed length of a gzip file, reading the whole stream; ``InputError`` if it is truncated or corrupt."""
+    length = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(STREAM_CHUNK_BYTES):
+                length += len(chunk)
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputError(f"{role} {path}: truncated or corrupt gzip stream ({error}); the file is incomplete, copy "
+                         "or download it again") from None  # fmt: skip
+    return length
+
+
+def _check_nifti_size(path: Path, role: str, data_bytes: int) -> None:
+    """A NIfTI file (``data_bytes`` long once decompressed) must hold the header's voxels and no zero-size axis."""
+    try:
+        header = nib.load(str(path)).header
+        shape = tuple(int(n) for n in header.get_data_shape())
+        needed = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    except Exception:  # nibabel raises many types for a header it cannot parse: SimpleITK's error will name it
+        return
+    if 0 in shape:
+        raise InputError(f"{role} {path}: the image has a zero-size axis (NIfTI shape {shape}): it holds no voxels")
+    if data_bytes < needed:
+        raise InputError(
+            f"{role} {path}: truncated NIfTI file: the header announces {shape} voxels ({needed} bytes with the "
+            f"header) but the file holds {data_bytes} bytes; copy or download it again"
+        )
+
+
+def _check_metaimage_data(path: Path, role: str) -> None:
+    """A MetaImage's data block (inside the .mha, or the file ``ElementDataFile`` names) must be complete: its zlib
+    stream read to its end when ``CompressedData``, otherwise as long as ``DimSize`` x the element size."""
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    match = re.search(rb"^ElementDataFile\s*=\s*(.*?)\s*$", head, re.MULTILINE)
+    if match is None:
+        return  # not a MetaImage header SimpleITK can read either: its own error names the problem
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition("=") for line in head[: match.start()].decode("latin-1").splitlines())
+    )
+    data_file = match.group(1).decode("latin-1")
+    if "HeaderSize" in fields:
+        return  # data after a skipped header of its own: SimpleITK decides
+    if data_file == "LOCAL":
+        data_path, offset = path, match.end() + (1 if head[match.end() : match.end() + 1] == b"\n" else 0)
+    elif data_file.startswith("LIST") or "%" in data_file:
+        return  # a list of slice files: SimpleITK checks those
+    else:
+        data_path, offset = path.parent / data_file, 0
+        if not data_path.is_file():
+            raise InputError(f"{role} {path}: its data file {data_path} (ElementDataFile) is missing")
+    try:
+        voxels = int(np.prod([int(v) for v in fields["DimSize"].split()]))
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        needed = voxels * channels * METAIMAGE_ELEMENT_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return  # an unusual header: SimpleITK decides
+    if voxels == 0:
+        raise InputError(f"{role} {path}: the image has a zero-size axis (DimSize {fields['DimSize']}): no voxels")
+    if fields.get("CompressedData", "False").lower() == "true":
+        found, problem = _zlib_stream_length(data_path, offset)
+        if problem:
+            raise InputError(f"{role} {path}: corrupt or truncated compressed data in {data_path} ({problem})")
+    else:
+        found = data_path.stat().st_size - offset
+    if found < needed:
+        raise InputError(
+            f"{role} {path}: truncated MetaImage data in {data_path}: DimSize {fields['DimSize']} needs {needed} "
+            f"bytes, found {found}; copy or download it again"
+        )
+
+
+def _zlib_stream_length(path: Path, offset: int) -> Tuple[int, str]:
+    """Decompressed length of the zlib stream at ``offset`` of ``path`` and a problem ("" if the stream is
+    complete)."""
+    decompressor = zlib.decompressobj()
+    length = 0
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            while not decompressor.eof and (chunk := f.read(STREAM_CHUNK_BYTES)):
+                length += len(decompressor.decompress(chunk))
+    except zlib.error as error:
+        return length, str(error)
+    return length, "" if decompressor.eof else "the zlib stream ends before its end marker"
 
 
 def _nifti_has_nan(path: Path) -> bool:

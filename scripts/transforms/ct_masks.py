@@ -19,6 +19,7 @@ MIN_LUNG_COMPONENT_FRACTION = 0.25  # air pockets below this fraction of the lar
 LUNG_CORE_MM = 5.0  # lung cores: air deeper than this; thinner links (e.g. lung base to stomach gas) are cut
 LUNG_REACH_MM = 40.0  # lung voxels lie at most this far from a core (the thin apex and recesses)
 MIN_SIZE_VOXELS = 8  # every axis must have at least this many voxels to be a 3-D scan
+MIN_DIRECTION_DETERMINANT = 1e-6  # |det| of the direction matrix below this: a singular (degenerate) orientation
 
 # in-plane (y, x) connectivity only: fills holes slice by slice, so the lungs count as inside the body even though
 # the airways reach the top of the scan
@@ -27,16 +28,24 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def check_3d_image(image: sitk.Image, source: str = "image") -> None:
-    """Raise ValueError naming ``source`` unless ``image`` is a scalar 3-D volume with at least 8 voxels per axis."""
+    """Raise ValueError naming ``source`` unless ``image`` is a scalar 3-D volume with at least MIN_SIZE_VOXELS
+    voxels per axis (none of size zero), a positive spacing and a non-singular direction matrix."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{source}: expected a scalar 3-D CT volume, got a {image.GetDimension()}-D image with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) of size {image.GetSize()}"
         )
+    if 0 in image.GetSize():
+        raise ValueError(f"{source}: the image has a zero-size axis (size {image.GetSize()}): it holds no voxels")
     if min(image.GetSize()) < MIN_SIZE_VOXELS:
         raise ValueError(
             f"{source}: size {image.GetSize()} is not a 3-D volume (fewer than {MIN_SIZE_VOXELS} voxels along an axis)"
         )
+    if min(image.GetSpacing()) <= 0:
+        raise ValueError(f"{source}: the voxel spacing {image.GetSpacing()} must be positive")
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    if abs(np.linalg.det(direction)) < MIN_DIRECTION_DETERMINANT:
+        raise ValueError(f"{source}: the direction matrix {np.round(direction, 4).tolist()} is singular")
 
 
 def _voxel_ml(image: sitk.Image) -> float:
