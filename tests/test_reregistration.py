@@ -99,7 +99,6 @@ def test_a_failed_registration_is_one_clear_error_naming_the_pair():
 def test_true_residual_composes_the_deformation_with_the_registration():
     """e(x) = t(x) + u(x + t(x)): no registration gives e = u; a found transform that undoes u gives e = 0."""
     reference = sitk.Image([20, 20, 20], sitk.sitkFloat32)
-    u = sitk.Image([20, 20, 20], sitk.sitkVectorFloat64)
     u = sitk.Compose([sitk.Image([20, 20, 20], sitk.sitkFloat64) + v for v in (3.0, 0.0, -1.0)])
     e = true_residual(u, None, reference)
     np.testing.assert_allclose(e[:, 5:15, 5:15, 5:15].reshape(3, -1).mean(axis=1), [3.0, 0.0, -1.0], atol=1e-5)
@@ -110,7 +109,8 @@ def test_true_residual_composes_the_deformation_with_the_registration():
              "Size": ["20", "20", "20"], "Index": ["0", "0", "0"], "Spacing": ["1", "1", "1"],
              "Origin": ["0", "0", "0"], "Direction": ["1", "0", "0", "0", "1", "0", "0", "0", "1"],
              "UseDirectionCosines": ["true"], "ResampleInterpolator": ["FinalLinearInterpolator"],
-             "Resampler": ["DefaultResampler"], "DefaultPixelValue": ["0"], "ResultImagePixelType": ["float"]}]  # fmt: skip
+             "Resampler": ["DefaultResampler"], "DefaultPixelValue": ["0"],
+             "ResultImagePixelType": ["float"]}]  # fmt: skip
     e = true_residual(u, maps, reference)
     assert np.abs(e[:, 5:15, 5:15, 5:15]).max() < 1e-4
 
