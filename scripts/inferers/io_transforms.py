@@ -180,7 +180,8 @@ class SaveLandmarkPredictionsd(_OutputWriter):
 
 class SaveOverlayd(_OutputWriter):
     """Write ``<stem>_overlay.png``: fixed, deformed moving and the green/yellow/red map on an axial and a coronal
-    slice (landmarks drawn if given); the title says so plainly when the weights are untrained."""
+    slice (landmarks drawn if given), plus the expected error in mm with a colour bar for methods that estimate it;
+    the title says so plainly when the weights are untrained."""
 
     def __init__(
         self,
@@ -212,6 +213,7 @@ class SaveOverlayd(_OutputWriter):
             title=f"{image_stem(_path(d[self.moving_key]))}",
             trained=self.trained,
             note=CONSTANT_MAP_NOTE if constant and self.trained else "",
+            error_mm=expected_error(d[self.keys[0]]),
         )
         logger.info("wrote %s", path)
         if not self.trained:

@@ -1,5 +1,6 @@
 """The overlay PNG (like the paper's Fig. 4): fixed image, deformed moving image and the green/yellow/red
-misalignment map on an axial and a coronal slice through the region of interest, with landmarks if given.
+misalignment map on an axial and a coronal slice through the region of interest, with landmarks if given; for methods
+that estimate it, a fourth panel shows the expected misalignment in mm with a colour bar marking the class limits.
 
 Arrays are on the 1 mm LPS grid in (z, y, x) order; axial slices are shown in the radiological convention
 (patient's left on the right, anterior up), coronal slices with the head up.
@@ -20,13 +21,16 @@ from scripts.data.image_io import Grid
 from scripts.data.landmark_csv import LandmarkTable
 from scripts.data.landmarks import true_classes as landmark_classes
 from scripts.utils.atomic_write import atomic_output
-from scripts.utils.constants import CLASS_NAMES
+from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
 
 CLASS_COLOURS = ("#1fb41f", "#ffd21f", "#e8221f")  # correct green, poor yellow, wrong red
 CLASS_LABELS = ("correct [0,3) mm", "poor [3,6) mm", "wrong [6,inf) mm")
 HU_WINDOW = (-1100.0, 300.0)  # lung-and-soft-tissue window
 SLAB_MM = 3.0  # landmarks within this distance of a slice are drawn on it
 MAP_ALPHA = 0.45
+ERROR_CMAP = "inferno"  # perceptually uniform, dark (small error) to bright (large error)
+ERROR_ALPHA = 0.75
+ERROR_PERCENTILE = 99.0  # the colour bar ends at this percentile of the error in the mask (at least 2x the last limit)
 
 
 def choose_slices(labels: np.ndarray, landmark_index: Optional[np.ndarray], slab: float = SLAB_MM) -> Tuple[int, int]:
@@ -59,8 +63,7 @@ def _extent(box: slice, size: int) -> int:
     return len(range(*box.indices(size)))
 
 
-def save_overlay(
-    path: str | os.PathLike,
+def overlay_figure(
     image: np.ndarray,
     labels: np.ndarray,
     grid: Grid,
@@ -68,8 +71,9 @@ def save_overlay(
     title: str = "",
     trained: bool = True,
     note: str = "",
-) -> Path:
-    """Write the overlay PNG atomically.
+    error_mm: Optional[np.ndarray] = None,
+) -> Figure:
+    """The overlay figure: fixed, deformed moving, the class map (and the error in mm) per slice, legend, title.
 
     Args:
         image: ``[2, z, y, x]`` HU (fixed, deformed moving) on the 1 mm ``grid``.
@@ -78,6 +82,8 @@ def save_overlay(
             column (white otherwise).
         trained: False puts "UNTRAINED WEIGHTS - NOT A PREDICTION" in the title.
         note: a warning shown under the title (e.g. that the map is constant).
+        error_mm: ``(z, y, x)`` expected misalignment in mm (methods that estimate it): adds a panel per slice
+            with a colour bar in mm, the class limits marked on it.
     """
     index = None if landmarks is None else grid.continuous_index(landmarks.points())
     true_classes = None if landmarks is None else landmark_classes(landmarks)
@@ -92,13 +98,17 @@ def save_overlay(
     heights = [_extent(r, labels.shape[1 if k == 0 else 0]) / _extent(c, labels.shape[2]) for k, (r, c) in
                enumerate(boxes)]  # fmt: skip
     panel_width = 4.4  # inches
-    fig = Figure(figsize=(3 * panel_width, panel_width * sum(heights) + 2.2), dpi=90, layout="constrained")
-    axes = fig.subplots(2, 3, gridspec_kw={"height_ratios": heights})
+    columns = 3 if error_mm is None else 4
+    width = columns * panel_width + (0.8 if error_mm is not None else 0.0)  # room for the colour bar
+    fig = Figure(figsize=(width, panel_width * sum(heights) + 2.2), dpi=90, layout="constrained")
+    axes = fig.subplots(2, columns, gridspec_kw={"height_ratios": heights})
+    error_image, error_range = None, _error_range(error_mm, labels >= 0) if error_mm is not None else (0.0, 1.0)
     for row, (name, take, (row_axis, col_axis), flip) in enumerate(views):
         fixed, moving, lab = take(image[0]), take(image[1]), take(labels)
         rows, cols = boxes[row]
         origin = "lower" if flip else "upper"
         panels = [("fixed", fixed), ("deformed moving", moving), ("predicted misalignment", fixed)]
+        panels += [("expected error", fixed)] if error_mm is not None else []
         for col, (label, background) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(background[rows, cols], cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], origin=origin)
@@ -106,6 +116,10 @@ def save_overlay(
                 shown = np.ma.masked_less(lab[rows, cols], 0)
                 ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=2.5, alpha=MAP_ALPHA, origin=origin,
                           interpolation="nearest")  # fmt: skip
+            if col == 3:
+                shown = np.ma.masked_where(lab[rows, cols] < 0, take(error_mm)[rows, cols])
+                error_image = ax.imshow(shown, cmap=ERROR_CMAP, vmin=error_range[0], vmax=error_range[1],
+                                        alpha=ERROR_ALPHA, origin=origin, interpolation="nearest")  # fmt: skip
             if index is not None and col > 0:
                 depth = index[:, 2] if name == "axial" else index[:, 1]
                 level = z if name == "axial" else y
@@ -118,15 +132,34 @@ def save_overlay(
             ax.set_title(f"{label}, {name} slice {z if name == 'axial' else y}", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
+    if error_image is not None:
+        bar = fig.colorbar(error_image, ax=axes[:, 3], shrink=0.8, extend="max")
+        bar.set_label("expected misalignment (mm)", fontsize=10)
+        for limit in CLASS_THRESHOLDS_MM:
+            bar.ax.axhline(limit, color="white", linewidth=1.2)
     handles = [Patch(color=c, label=t) for c, t in zip(CLASS_COLOURS, CLASS_LABELS)]
     legend_title = "map (and landmark true class)" if true_classes is not None else "map"
     fig.legend(handles=handles, loc="outside lower center", ncol=3, title=legend_title, fontsize=10)
     text, colour = overlay_title(title, trained, note)
     bold = not trained or bool(note)
     fig.suptitle(text, fontsize=14 if bold else 13, color=colour, fontweight="bold" if bold else "normal")
+    return fig
+
+
+def save_overlay(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, grid: Grid, *args, **kwargs) -> Path:
+    """Write the overlay PNG atomically (arguments of ``overlay_figure``)."""
+    fig = overlay_figure(image, labels, grid, *args, **kwargs)
     with atomic_output(path) as temporary:
         fig.savefig(temporary, format="png")
     return Path(path)
+
+
+def _error_range(error_mm: np.ndarray, mask: np.ndarray) -> Tuple[float, float]:
+    """Colour range of the error panel: 0 to the ERROR_PERCENTILE of the error in the mask, at least twice the last
+    class limit, so the 3 and 6 mm limits always lie inside the colour bar."""
+    values = error_mm[mask & np.isfinite(error_mm)] if mask.any() else np.zeros(1)
+    top = float(np.percentile(values, ERROR_PERCENTILE)) if values.size else 0.0
+    return 0.0, max(top, 2.0 * float(CLASS_THRESHOLDS_MM[-1]))
 
 
 def overlay_title(title: str, trained: bool, note: str = "") -> Tuple[str, str]:
