@@ -222,7 +222,9 @@ def test_method_reregistration_writes_the_contract_files(tmp_path):
     np.testing.assert_allclose(error.GetSpacing(), fixed.GetSpacing())
     with open(out / "moving_landmarks.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["id", "x", "y", "z", "tre", "pred", "p_correct", "p_poor", "p_wrong", "error_mm"]
+    columns = ["id", "x", "y", "z", "tre", "pred", "p_correct", "p_poor", "p_wrong", "error_mm", "residual_mm"]
+    assert list(rows[0]) == columns
+    assert all(float(r["error_mm"]) == float(r["residual_mm"]) for r in rows)  # uncalibrated: E[e] = |r|
     # uncalibrated: |r| thresholded; the 4 mm shift is found within 0.5 mm at these textured landmarks -> poor
     found = [float(r["error_mm"]) for r in rows]
     assert np.median(np.abs(np.array(found) - 4.0)) < 0.5

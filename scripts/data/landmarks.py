@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 import numpy as np
 
@@ -62,12 +62,12 @@ def with_predictions(
     table: LandmarkTable,
     probabilities: np.ndarray,
     step_classes: Optional[np.ndarray] = None,
-    error_mm: Optional[np.ndarray] = None,
+    extra_columns: Optional[Mapping[str, np.ndarray]] = None,
 ) -> LandmarkTable:
     """``table`` plus ``pred`` (0/1/2; 0 with all probabilities 0 outside the mask), ``p_correct, p_poor, p_wrong``
     (``probabilities [N, 3]``) and ``step1, step2, ...`` (``step_classes [N, S]``, the coarse group index of each
     earlier LSTM step; no step column when S is 0 or ``step_classes`` is None, e.g. for the CNN decoders) and
-    ``error_mm`` (``[N]``, the expected misalignment, for methods that estimate one)."""
+    ``extra_columns`` (name -> ``[N]`` floats, e.g. ``error_mm`` of methods that estimate the misalignment)."""
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(table), 3)
     pred = np.where(probabilities.sum(axis=1) > 0, probabilities.argmax(axis=1), 0)
     out = table.with_column("pred", [str(int(p)) for p in pred])
@@ -77,8 +77,8 @@ def with_predictions(
         steps = np.asarray(step_classes).reshape(len(table), -1)
         for k, name in enumerate(step_columns(steps.shape[1])):
             out = out.with_column(name, [str(int(s)) for s in steps[:, k]])
-    if error_mm is not None:
-        out = out.with_column("error_mm", np.asarray(error_mm, dtype=np.float64).reshape(len(table)))
+    for name, values in (extra_columns or {}).items():
+        out = out.with_column(name, np.asarray(values, dtype=np.float64).reshape(len(table)))
     return out
 
 
@@ -87,10 +87,10 @@ def write_landmark_predictions(
     table: LandmarkTable,
     probabilities: np.ndarray,
     step_classes: Optional[np.ndarray] = None,
-    error_mm: Optional[np.ndarray] = None,
+    extra_columns: Optional[Mapping[str, np.ndarray]] = None,
 ) -> Path:
     """Write ``with_predictions(table, ...)`` to ``path`` atomically."""
-    return write_landmarks(with_predictions(table, probabilities, step_classes, error_mm), path)
+    return write_landmarks(with_predictions(table, probabilities, step_classes, extra_columns), path)
 
 
 def sample_nearest(volume: np.ndarray, grid: Grid, points: np.ndarray) -> np.ndarray:

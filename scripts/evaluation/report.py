@@ -115,7 +115,44 @@ def ground_truth_markdown(truth: dict[str, dict]) -> str:
     for setting, t in truth.items():
         c = t["counts"]
         lines.append(f"| {setting} | {c[0]} | {c[1]} | {c[2]} | {t['mean']:.2f} | {t['median']:.2f} | {t['max']:.2f} |")
+    total = np.sum([t["counts"] for t in truth.values()], axis=0)
+    shares = " / ".join(f"{100 * c / max(total.sum(), 1):.0f} %" for c in total)
+    lines.append(f"| **total** | {total[0]} | {total[1]} | {total[2]} | ({shares}) | | |")
     return "\n".join(lines)
+
+
+def error_markdown(methods: dict[str, dict]) -> str:
+    """Methods that estimate the misalignment in mm (``error_mm``): MAE and Spearman against the true TRE."""
+    lines = ["| registration | method | MAE (mm) | Spearman | n |", "|---|---|---|---|---|"]
+    for name, m in methods.items():
+        for setting, s in m.get("error_mm", {}).items() if m.get("status") == "ran" else ():
+            lines.append(f"| {setting} | {name} | {s['mae_mm']:.2f} | {s['spearman']:.2f} | {s['n']} |")
+    return "\n".join(lines) if len(lines) > 2 else "(no method estimates the misalignment in mm)"
+
+
+def plot_mean_f1(methods: dict[str, dict], path: Path) -> Path:
+    """Bar chart of the mean F1 (%) per registration setting and in total, one bar per method that ran."""
+    ran = {name: m["scores"] for name, m in methods.items() if m.get("status") == "ran"}
+    settings: list[str] = []
+    for scores in ran.values():
+        settings += [s for s in scores if s not in settings and s != TOTAL]
+    settings.append(TOTAL)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(settings) * max(1, len(ran)) / 2), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / max(len(ran), 1)
+    for k, (name, scores) in enumerate(ran.items()):
+        values = [100 * scores[s]["mean_f1"] if s in scores else np.nan for s in settings]
+        ax.bar(np.arange(len(settings)) + (k - (len(ran) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
+    ax.set_xlabel("registration setting")
+    ax.set_ylabel("mean F1 of the three classes (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Landmark mean F1 per registration setting")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def _rounded(value, digits: int = 2):
@@ -147,6 +184,8 @@ def write_report(result: dict, output_dir: str | Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     methods = result["methods"]
+    if any(m.get("status") == "ran" for m in methods.values()):
+        files["mean_f1_per_setting"] = str(plot_mean_f1(methods, out / "mean_f1_per_setting.png"))
     sections = [
         "# Simulated misalignment benchmark",
         "",
@@ -163,6 +202,12 @@ def write_report(result: dict, output_dir: str | Path) -> dict[str, str]:
         "## Table 2: landmark-based results per registration setting",
         "",
         table2_markdown(methods),
+        "",
+        "![mean F1 per setting](mean_f1_per_setting.png)",
+        "",
+        "## Estimated misalignment in mm against the true TRE",
+        "",
+        error_markdown(methods),
         "",
         "Methods not run:",
         "",

@@ -60,6 +60,7 @@ from scripts.registration.elastix import RegistrationOptions, parse_settings, re
 from scripts.transforms.ct_masks import ct_masks
 from scripts.transforms.evaluation_deformation import EvaluationDeformationSettings, deform_scan, draw_deformation
 from scripts.utils.atomic_write import atomic_write_image, atomic_write_text
+from scripts.utils.constants import CLASS_THRESHOLDS_MM
 from scripts.utils.file_digest import file_sha256
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
@@ -88,9 +89,10 @@ BaselineRunner = Callable[
 @dataclass
 class MethodSpec:
     """A method of the comparison: ``kind`` "bundle" runs the inference contract with ``weights`` and extra CLI
-    overrides (``files``: other files it reads, recorded with their hashes); "baseline" calls ``runner`` on all
-    settings at once when every file of ``files`` (bundle-relative) exists; "majority" predicts one class everywhere;
-    "pending" is not implemented (``reason``)."""
+    overrides (``files``: other files it reads, recorded with their hashes; ``landmark_mask``: predict only around
+    the landmarks); "baseline" calls ``runner`` on all settings at once when every file of ``files``
+    (bundle-relative) exists; "derived" re-labels the prediction CSVs of the method named ``source`` with
+    ``relabel``; "majority" predicts one class everywhere; "pending" is not implemented (``reason``)."""
 
     name: str
     kind: str
@@ -99,13 +101,46 @@ class MethodSpec:
     reason: str = ""
     runner: BaselineRunner | None = None
     files: tuple[str, ...] = ()
+    landmark_mask: bool = True
+    source: str = ""
+    relabel: Callable[[Path, Path], Path] | None = None
 
 
+def residual_thresholds(source_csv: Path, output_csv: Path) -> Path:
+    """What a user of plain re-registration does: |r| at each landmark (``residual_mm``) thresholded at 3 and
+    6 mm, one-hot probabilities and ``error_mm`` = |r| (from the calibrated re-registration's CSV)."""
+    table = read_landmarks(source_csv)
+    magnitude = table.float_columns(["residual_mm"])[:, 0]
+    pred = np.digitize(magnitude, CLASS_THRESHOLDS_MM)
+    table = table.with_column("pred", [str(int(v)) for v in pred]).with_column("error_mm", magnitude)
+    for k, name in enumerate(("p_correct", "p_poor", "p_wrong")):
+        table = table.with_column(name, (pred == k).astype(float))
+    return write_landmarks(table, output_csv)
+
+
+REREGISTRATION = "re-registration (calibrated)"
 DEFAULT_METHODS = (
-    MethodSpec("LSTM 6-3-1", "bundle", "models/model.pt", files=("models/class_weights.json",)),  # as shipped
-    MethodSpec("LSTM 6-3-1, argmax (paper)", "bundle", "models/model.pt", ["--class_weights_file", ""]),
-    MethodSpec("multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--decoder", "multi_cnn"]),
-    MethodSpec("single-scale CNN", "bundle", "models/model_single_cnn.pt", ["--decoder", "single_cnn"]),
+    MethodSpec(
+        REREGISTRATION,
+        "bundle",
+        None,
+        ["--method", "reregistration"],
+        files=("models/reregistration_calibration.json",),
+        landmark_mask=False,
+    ),
+    MethodSpec("re-registration, |r| thresholds", "derived", source=REREGISTRATION, relabel=residual_thresholds),
+    MethodSpec(
+        "LSTM 6-3-1", "bundle", "models/model.pt", ["--method", "network"], files=("models/class_weights.json",)
+    ),
+    MethodSpec(
+        "LSTM 6-3-1, argmax (paper)", "bundle", "models/model.pt", ["--method", "network", "--class_weights_file", ""]
+    ),
+    MethodSpec(
+        "multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--method", "network", "--decoder", "multi_cnn"]
+    ),
+    MethodSpec(
+        "single-scale CNN", "bundle", "models/model_single_cnn.pt", ["--method", "network", "--decoder", "single_cnn"]
+    ),
     MethodSpec("RegNet-t", "baseline", runner=regnet_t_predict_settings, files=tuple(REGNET_WEIGHTS.values())),
     MethodSpec("local NCC", "baseline", runner=ncc_predict_settings, files=(DEFAULT_THRESHOLDS,)),
     MethodSpec("majority class", "majority"),
@@ -390,16 +425,20 @@ def run_methods(
         if earlier:
             runs = {s: PredictorRun("ran", Path(r["csv"]), r["seconds"]) for s, r in earlier.items()}
             entry["reused"] = True
+        elif spec.kind == "derived":
+            runs = run_derived(spec, out.get(spec.source, {}), folder)
         else:
             runs = run_baseline(spec, fixed, registration, folder) if spec.kind == "baseline" else {}
-        for setting, reg in registration["settings"].items() if spec.kind != "baseline" and not earlier else ():
+        pending = spec.kind in ("bundle", "majority") and not earlier
+        for setting, reg in registration["settings"].items() if pending else ():
             moving, points = Path(reg["image"]), Path(reg["points"])
             if spec.kind == "majority":
                 runs[setting] = run_majority(points, moving, folder)
             else:
                 runs[setting] = run_bundle_predictor(
-                    fixed, moving, points, folder, weights=spec.weights, overrides=spec.overrides, mask=mask
-                )
+                    fixed, moving, points, folder, weights=spec.weights, overrides=spec.overrides,
+                    mask=mask if spec.landmark_mask else None,
+                )  # fmt: skip
             if runs[setting].status != "ran":
                 break  # the same reason would repeat for every setting
         failed = [r for r in runs.values() if r.status != "ran"]
@@ -414,8 +453,49 @@ def run_methods(
         if spec.files:
             entry["files_sha256"] = {f: hashes[f] for f in spec.files if f in hashes}
         predictions = [load_predictions(r.csv, setting=s) for s, r in runs.items()]
-        out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions)}
+        entry["csv"] = {s: str(r.csv) for s, r in runs.items()}
+        errors = error_scores({s: r.csv for s, r in runs.items()})
+        out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions), **errors}
     return out
+
+
+def run_derived(spec: MethodSpec, source: dict, folder: Path) -> dict[str, PredictorRun]:
+    """Re-label the CSVs of the method ``spec.source`` (it must have run before, in the same call)."""
+    if source.get("status") != "ran" or spec.relabel is None:
+        return {"all": PredictorRun("not run", reason=f"needs {spec.source!r}, which did not run")}
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for setting, csv in source["csv"].items():
+        start = time.perf_counter()
+        path = spec.relabel(Path(csv), folder / Path(csv).name)
+        runs[setting] = PredictorRun("ran", path, source["seconds"][setting] + time.perf_counter() - start)
+    return runs
+
+
+def error_scores(csv_by_setting: dict[str, Path]) -> dict:
+    """For methods that estimate the misalignment (an ``error_mm`` column): mean absolute error (mm) and Spearman
+    correlation against the true TRE, per setting and in total; {} otherwise."""
+    from scipy.stats import spearmanr
+
+    estimated, true = {}, {}
+    for setting, csv in csv_by_setting.items():
+        table = read_landmarks(csv)
+        if "error_mm" not in table.values:
+            return {}
+        estimated[setting] = table.float_columns(["error_mm"])[:, 0]
+        true[setting] = table.float_columns(["tre"])[:, 0]
+    estimated["total"] = np.concatenate(list(estimated.values()))
+    true["total"] = np.concatenate([true[s] for s in csv_by_setting])
+    return {
+        "error_mm": {
+            s: {
+                "mae_mm": float(np.abs(estimated[s] - true[s]).mean()),
+                "spearman": float(spearmanr(estimated[s], true[s]).statistic),
+                "n": int(true[s].size),
+            }
+            for s in estimated
+        }
+    }
 
 
 def _landmark_figure(registration: dict, setting: str, fixed: Path, report_dir: Path) -> Path:
@@ -435,6 +515,18 @@ def _landmark_figure(registration: dict, setting: str, fixed: Path, report_dir: 
     )
 
 
+def select_methods(methods: tuple[MethodSpec, ...], only: str | list[str] | tuple[str, ...]) -> tuple:
+    """``methods`` with those not named in ``only`` turned into "pending" entries ("" or empty: all run)."""
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
+    unknown = [n for n in names if n not in {m.name for m in methods}]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {[m.name for m in methods]}")
+    if not names:
+        return methods
+    return tuple(m if m.name in names else MethodSpec(m.name, "pending", reason="not selected for this run (only=)")
+                 for m in methods)  # fmt: skip
+
+
 def run_benchmark(
     output_dir: str = "docs/benchmark",
     work_dir: str | None = None,
@@ -451,13 +543,15 @@ def run_benchmark(
     reuse: bool = True,
     slices_in_report: bool = False,
     methods: tuple[MethodSpec, ...] = DEFAULT_METHODS,
+    only: str | list[str] | tuple[str, ...] = "",
 ) -> dict:
     """Run the whole benchmark and write the report into ``output_dir``; returns the report dictionary. Slice
     figures of the scan (Fig. 4 style) go to ``work_dir`` unless ``slices_in_report`` (mind the scan's licence).
     With ``reuse`` the simulated pair, the registrations and each method's predictions of an earlier run in the same
     ``work_dir`` are used again when their inputs (scan hash, seed, counts, options, the pair code; for predictions
     also the method's weights or thresholds and the prediction code) are the same; their timings are the ones
-    measured then and the report says which stages were reused. New weights thus re-run only their own method."""
+    measured then and the report says which stages were reused. New weights thus re-run only their own method.
+    ``only``: names of the methods to run (comma-separated or a list); the others are listed as not run."""
     total_start = time.perf_counter()
     load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
     scan_path = Path(scan)
@@ -465,6 +559,7 @@ def run_benchmark(
         raise FileNotFoundError(f"{scan_path}: scan not found (is ../shared present beside the repository?)")
     _check_scan(scan_path, allow_training_scan)
     settings = parse_settings(setting)
+    methods = select_methods(methods, only)
     temporary = work_dir is None
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="misalignment_benchmark_"))
     _check_work_dir(work)
@@ -551,7 +646,10 @@ def run_benchmark(
             "deformation": pair["deformation"],
             "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": load_at_start},
             "reused from an earlier run in the work folder (timings measured then)": reused or "nothing",
-            "predictors run on": f"balls of {LANDMARK_MASK_RADIUS_MM:g} mm around the landmarks (--mask)",
+            "predictors run on": (
+                f"balls of {LANDMARK_MASK_RADIUS_MM:g} mm around the landmarks (--mask); the re-registration on the "
+                "whole image (its elastix samples come from the body)"
+            ),
             "registration": {
                 "working_spacing_mm": working_spacing_mm,
                 "threads": threads,

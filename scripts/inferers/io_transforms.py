@@ -100,8 +100,23 @@ def split_prediction(pred: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
 def expected_error(pred: Any) -> Optional[np.ndarray]:
     """The expected misalignment ``[z, y, x]`` in mm of a method that estimates one (the re-registration), or None."""
     if isinstance(pred, Mapping) and pred.get("error_mm") is not None:
-        return _numpy(pred["error_mm"]).reshape(_numpy(pred["error_mm"]).shape[-3:])
+        error = _numpy(pred["error_mm"])
+        return error.reshape(error.shape[-3:])
     return None
+
+
+def landmark_columns(pred: Any, grid: Grid, points: np.ndarray) -> Dict[str, np.ndarray]:
+    """Extra landmark columns of methods with a misalignment estimate: ``error_mm`` (expected misalignment) and
+    ``residual_mm`` (|r| of the re-registration, before calibration)."""
+    columns = {}
+    error = expected_error(pred)
+    if error is not None:
+        columns["error_mm"] = sample_nearest(error[None], grid, points)[:, 0]
+    if isinstance(pred, Mapping) and pred.get("residual_mm") is not None:
+        residual = _numpy(pred["residual_mm"])
+        magnitude = np.linalg.norm(residual.reshape(residual.shape[-4:]), axis=0)
+        columns["residual_mm"] = sample_nearest(magnitude[None], grid, points)[:, 0]
+    return columns
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -165,14 +180,12 @@ class SaveLandmarkPredictionsd(_OutputWriter):
         grid = Grid.from_arrays(d["grid"])
         table = read_landmarks(landmarks_path)
         step_values = None if steps is None else sample_nearest(steps, grid, table.points())
-        error = expected_error(d[self.keys[0]])
-        error_values = None if error is None else sample_nearest(error[None], grid, table.points())[:, 0]
         path = write_landmark_predictions(
             self.output_path(d, "landmarks.csv"),
             table,
             sample_nearest(probabilities, grid, table.points()),
             step_values,
-            error_values,
+            landmark_columns(d[self.keys[0]], grid, table.points()),
         )
         logger.info("wrote %s", path)
         return d

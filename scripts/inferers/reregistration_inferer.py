@@ -13,6 +13,7 @@ from monai.inferers import Inferer
 
 from scripts.registration.calibration import ResidualCalibration
 from scripts.registration.reregistration import ReregistrationOptions, residual_field_on_pair
+from scripts.transforms.ct_masks import body_mask_array
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +22,13 @@ class ReregistrationInferer(Inferer):
     """Re-register the moving channel onto the fixed channel with elastix and calibrate the residual |r|.
 
     Returns ``{"probabilities": [B, 3, z, y, x], "error_mm": [B, 1, z, y, x], "residual_mm": [B, 3, z, y, x]}``,
-    zero outside ``mask``; the ``network`` argument of the evaluator is not used.
+    zero outside ``mask`` (elastix samples the fixed image's body, not ``mask``); the evaluator's ``network`` is
+    not used.
 
     Args:
         calibration_file: JSON tables of ``scripts.registration.calibration``; "" thresholds |r| at 3 and 6 mm.
         spacing_mm: voxel size of the loaded pair (LoadMisalignmentPaird's ``spacing``).
-        working_spacing_mm: register on a coarser isotropic grid (None: the loaded pair's own grid).
+        working_spacing_mm: register on this isotropic grid (None or 0: the loaded pair's own grid).
         bspline_iterations: iterations per resolution of the B-spline stage.
         grid_spacing_mm: final B-spline control-point spacing.
         metric: elastix metric, "AdvancedMattesMutualInformation" or "AdvancedNormalizedCorrelation".
@@ -37,7 +39,7 @@ class ReregistrationInferer(Inferer):
         self,
         calibration_file: str | Path = "",
         spacing_mm: float = 1.0,
-        working_spacing_mm: float | None = None,
+        working_spacing_mm: float | None = ReregistrationOptions.working_spacing_mm,
         bspline_iterations: int = ReregistrationOptions.bspline_iterations,
         grid_spacing_mm: float = ReregistrationOptions.grid_spacing_mm,
         metric: str = ReregistrationOptions.metric,
@@ -82,7 +84,8 @@ class ReregistrationInferer(Inferer):
         probabilities, errors, residuals = [], [], []
         for b in range(image.shape[0]):
             pair = f"pair with moving image {names[b]}" if b < len(names) else "the pair"
-            residual = residual_field_on_pair(image[b], region[b], self.spacing_mm, self.options, name=pair)
+            body = body_mask_array(image[b, 0])  # elastix samples the body, whatever the prediction mask
+            residual = residual_field_on_pair(image[b], body, self.spacing_mm, self.options, name=pair)
             p, expected = calibration.predict(np.linalg.norm(residual, axis=0))
             probabilities.append(p * region[b])
             errors.append((expected * region[b])[None])

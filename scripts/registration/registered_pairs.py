@@ -9,12 +9,14 @@ image is ``D(x) = I(T(x)) = S(T(x) + u(T(x)))``, so the exact residual misalignm
 
     e(x) = t(x) + u(x + t(x))      (mm, vector)
 
-Each pair stores F = S, D (int16 HU on F's grid), e (``residual_true``) and the re-registration estimate r
-(``residual_estimate``, ``scripts.registration.reregistration`` with its default settings, on the pair as the
-bundle's inference loads it), both float16 vector images, plus a JSON record with the protocol and the seconds each
-step took. ``datalist.json`` lists them; a pair counts as done when its JSON exists (an interrupted run resumes)::
+Each pair stores F = S, D (int16 HU on F's grid) and e (``residual_true``, a float16 vector image), plus a JSON
+record with the protocol and the seconds each step took; ``datalist.json`` lists them and a pair counts as done when
+its JSON exists (an interrupted run resumes). ``estimate`` then adds the re-registration estimate r
+(``residual_estimate``, ``scripts.registration.reregistration``, on the pair as the bundle's inference loads it)
+for given estimator settings, recomputed when the settings change::
 
-    python -m scripts.registration.registered_pairs --output_dir ../data/registered --pairs_per_scan 6
+    python -m scripts.registration.registered_pairs make --output_dir ../data/registered --pairs_per_scan 2
+    python -m scripts.registration.registered_pairs estimate --output_dir ../data/registered
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 from scripts.data.image_io import load_pair
 from scripts.data.prepare_data import DEFAULT_VALIDATION_SCANS, find_scans, pair_seed, prepare_scan, scan_name
+from scripts.registration.calibration import options_sha256
 from scripts.registration.elastix import (
     ElastixPair,
     RegistrationOptions,
@@ -39,9 +42,10 @@ from scripts.registration.elastix import (
     displacement_field,
     linear_parameter_map,
 )
-from scripts.registration.reregistration import residual_field_on_pair
+from scripts.registration.reregistration import ReregistrationOptions, residual_field_on_pair
 from scripts.transforms.artificial_dvf import RandArtificialDVFd, dvf_settings
 from scripts.transforms.artificial_intensity import deform_image as deform_artificially
+from scripts.transforms.ct_masks import body_mask_array
 from scripts.transforms.evaluation_deformation import deform_scan, draw_deformation
 from scripts.utils.atomic_write import atomic_write_image, atomic_write_text
 
@@ -162,13 +166,6 @@ def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str,
     atomic_write_image(crop["lung"], files["lung_mask"], level=1)
     files["residual_true"] = write_vector(residual, crop["image"], Path(f"{out_stem}_residual_true.nii.gz"))
 
-    # the estimator sees the pair exactly as the bundle's inference loads it
-    t0 = time.perf_counter()
-    pair = load_pair(files["fixed"], files["registered"], None, 1.0, True)
-    estimate = residual_field_on_pair(pair.image, pair.mask, threads=threads, name=str(out_stem))
-    seconds["reregister"] = time.perf_counter() - t0
-    files["residual_estimate"] = write_vector(estimate, crop["image"], Path(f"{out_stem}_residual_estimate.nii.gz"))
-
     lung = sitk.GetArrayViewFromImage(crop["lung"]) > 0
     magnitude = np.linalg.norm(residual, axis=0)[lung]
     classes = np.bincount(np.digitize(magnitude, (3.0, 6.0)), minlength=3) / max(magnitude.size, 1)
@@ -185,6 +182,52 @@ def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str,
     }
 
 
+def estimate_pair(record: dict, options: ReregistrationOptions, suffix: str = "residual_estimate") -> dict:
+    """Add the re-registration estimate r of one pair (``<stem>_<suffix>.nii.gz``) for ``options``; the pair is
+    loaded as the bundle's inference loads it and elastix samples its body. Returns the updated record."""
+    digest = options_sha256(options)
+    done = record.get(suffix) if isinstance(record.get(suffix), dict) else {}
+    if done.get("options_sha256") == digest and Path(done.get("path", "")).is_file():
+        return record
+    t0 = time.perf_counter()
+    pair = load_pair(record["fixed"], record["registered"], None, 1.0, True)
+    name = f"registered pair {record['fixed']}"
+    estimate = residual_field_on_pair(pair.image, body_mask_array(pair.image[0]), 1.0, options, name=name)
+    seconds = time.perf_counter() - t0
+    reference = sitk.ReadImage(record["fixed"])
+    path = write_vector(
+        estimate, reference, Path(record["registered"].replace("_registered.nii.gz", f"_{suffix}.nii.gz"))
+    )
+    return {**record, suffix: {"path": str(path), "options_sha256": digest, "seconds": round(seconds, 1)}}
+
+
+def estimate(
+    output_dir: str = "../data/registered",
+    suffix: str = "residual_estimate",
+    working_spacing_mm: float | None = ReregistrationOptions.working_spacing_mm,
+    threads: int = 2,
+    splits: str | tuple[str, ...] = ("training", "validation"),
+    first_only: bool = False,
+    **changes,
+) -> str:
+    """Add the estimate of every pair of ``output_dir/datalist.json`` (default settings, or ``changes`` to them
+    such as ``--bspline_iterations 1000``, written under another ``suffix``); ``first_only``: only each scan's
+    pair 0 (for settings comparisons). Returns the datalist path."""
+    options = ReregistrationOptions(working_spacing_mm=working_spacing_mm or None, threads=threads, **changes)
+    datalist_path = Path(output_dir) / "datalist.json"
+    datalist = json.loads(datalist_path.read_text())
+    for split in (splits,) if isinstance(splits, str) else splits:
+        for i, record in enumerate(tqdm(datalist[split], desc=f"estimates ({split})", unit="pair")):
+            if first_only and record["index"] != 0:
+                continue
+            record = estimate_pair(record, options, suffix)
+            datalist[split][i] = record
+            record_path = record.get("record") or record["registered"].replace("_registered.nii.gz", ".json")
+            atomic_write_text(Path(record_path), json.dumps({**record, "record": record_path}, indent=1))
+            atomic_write_text(datalist_path, json.dumps(datalist, indent=1))
+    return str(datalist_path)
+
+
 def run(
     data_dir: str = "../shared/data/ct",
     output_dir: str = "../data/registered",
@@ -195,24 +238,25 @@ def run(
     threads: int = 2,
 ) -> str:
     """Write ``pairs_per_scan`` registered pairs of every scan and ``output_dir/datalist.json``; returns its path.
-    Deformation kinds cycle through ``DEFORMATIONS`` (the evaluation-style one every fourth pair)."""
+    Deformation kinds cycle through ``DEFORMATIONS``, shifted by one per scan so that few pairs per scan still
+    cover every kind."""
     out = Path(output_dir)
     validation = {validation_scans} if isinstance(validation_scans, str) else set(validation_scans or ())
     datalist: dict[str, list] = {"training": [], "validation": []}
     paths = find_scans(data_dir, scans)
     bar = tqdm(total=len(paths) * pairs_per_scan, desc="registered pairs", unit="pair")
-    for path in paths:
+    for scan_index, path in enumerate(paths):
         name = scan_name(path)
         scan_files = prepare_scan(path, out / "scans" / name)
         for k in range(pairs_per_scan):
-            kind = DEFORMATIONS[k % len(DEFORMATIONS)]
+            kind = DEFORMATIONS[(k + scan_index) % len(DEFORMATIONS)]
             stem = out / "pairs" / name / f"pair_{k:03d}"
             record_path = stem.with_suffix(".json")
             if not record_path.is_file():
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 s = pair_seed(seed, name, k, 99.0)
                 record = make_registered_pair(scan_files, stem, s, kind, threads)
-                record.update(scan=name, index=k)
+                record.update(scan=name, index=k, record=str(record_path))
                 atomic_write_text(record_path, json.dumps(record, indent=1))
                 tqdm.write(f"{stem.name} {name}: {kind}, {record['protocol']}, lung classes "
                            f"{record['lung_class_fractions']}, {record['seconds']} s")  # fmt: skip
@@ -226,4 +270,4 @@ def run(
 
 
 if __name__ == "__main__":
-    fire.Fire(run)
+    fire.Fire({"make": run, "estimate": estimate})
