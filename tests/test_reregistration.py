@@ -229,3 +229,13 @@ def test_method_reregistration_writes_the_contract_files(tmp_path):
     found = [float(r["error_mm"]) for r in rows]
     assert np.median(np.abs(np.array(found) - 4.0)) < 0.5
     assert sum(int(r["pred"]) == 1 for r in rows) >= 4
+
+
+def test_displacement_field_writes_nothing_in_the_working_folder(tmp_path, monkeypatch):
+    """transformix writes its deformation field to disk too: into a temporary folder, never the caller's cwd."""
+    monkeypatch.chdir(tmp_path)
+    hu, body = phantom()
+    residual_field_on_pair(
+        np.stack([hu, hu]), body, 1.0, ReregistrationOptions(linear="translation", bspline_iterations=0)
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ CLI::
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -296,7 +297,9 @@ def displacement_field(transform_maps: list[dict[str, list[str]]], fixed: sitk.I
     transformix.SetTransformParameterObject(_parameter_object(on_grid(transform_maps, fixed)))
     transformix.ComputeDeformationFieldOn()
     transformix.SetLogToConsole(False)
-    transformix.Update()
+    with tempfile.TemporaryDirectory(prefix="transformix_") as folder:
+        transformix.SetOutputDirectory(folder)  # transformix also writes the field to disk: not to the caller's cwd
+        transformix.Update()
     field = np.asarray(itk.array_from_image(transformix.GetOutputDeformationField()), dtype=np.float32)
     out = sitk.GetImageFromArray(field, isVector=True)
     out.CopyInformation(fixed)
