@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from monai.bundle import ConfigWorkflow
 from scipy import ndimage
 
+from scripts.inferers.io_transforms import BadInputExit
 from scripts.inferers.reregistration_inferer import ReregistrationInferer, select_inferer
 from scripts.registration.calibration import (
     ResidualCalibration,
@@ -189,10 +190,9 @@ def write_phantom_pair(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def test_method_reregistration_writes_the_contract_files(tmp_path):
-    paths = write_phantom_pair(tmp_path / "data")
-    out = tmp_path / "out"
-    workflow = ConfigWorkflow(
+def reregistration_workflow(paths: dict[str, Path], out: Path) -> ConfigWorkflow:
+    """configs/inference.json with ``--method reregistration`` (uncalibrated) on a phantom pair."""
+    return ConfigWorkflow(
         config_file=str(REPO_ROOT / "configs" / "inference.json"),
         meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
         logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
@@ -206,6 +206,28 @@ def test_method_reregistration_writes_the_contract_files(tmp_path):
         output_dir=str(out),
         progress=False,
     )
+
+
+def test_a_failed_registration_ends_the_run_with_one_message_and_no_output(tmp_path, monkeypatch):
+    """elastix failing inside a bundle run (the real failure is tested above): one message naming the pair."""
+    import scripts.registration.reregistration as reregistration
+
+    def failing(fixed, deformed, options=None, fixed_mask=None, name="pair"):
+        raise RegistrationError(f"{name}: re-registration with elastix failed (test)")
+
+    monkeypatch.setattr(reregistration, "residual_field", failing)
+    paths = write_phantom_pair(tmp_path / "data")
+    workflow = reregistration_workflow(paths, tmp_path / "out")
+    workflow.initialize()
+    with pytest.raises(BadInputExit, match="pair with moving image .*moving.nii.gz: re-registration with elastix"):
+        workflow.run()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_method_reregistration_writes_the_contract_files(tmp_path):
+    paths = write_phantom_pair(tmp_path / "data")
+    out = tmp_path / "out"
+    workflow = reregistration_workflow(paths, out)
     workflow.initialize()
     assert not workflow.check_properties()
     assert isinstance(workflow.parser.get_parsed_content("inferer"), ReregistrationInferer)
