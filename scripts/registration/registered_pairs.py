@@ -55,6 +55,7 @@ TRAINING_SEED_OFFSET = 7_000_000  # evaluation-style draws for training use seed
 PROTOCOLS = ("none", "translation", "rigid", "affine", "bspline")
 PROTOCOL_WEIGHTS = (0.08, 0.1, 0.1, 0.17, 0.55)
 DEFORMATIONS = ("single_frequency", "mixed_frequency", "respiratory_motion", "evaluation")
+EVALUATION_ATTEMPTS = 5
 CROP_MARGIN_MM = 15  # the scan is cropped to its lungs plus this margin: the misalignment that matters is there
 
 
@@ -103,9 +104,16 @@ def crop_to_lungs(images: dict[str, sitk.Image], lung: sitk.Image, margin_mm: fl
 def deform(rng: np.random.RandomState, kind: str, image: sitk.Image, body: sitk.Image, lung: sitk.Image, seed: int):
     """The deformed image and its deformation as a SimpleITK transform ``y -> y + u(y)``; ``max_mm`` drawn."""
     if kind == "evaluation":
-        deformation = draw_deformation(image, body, lung, seed=TRAINING_SEED_OFFSET + seed)
-        deformed = deform_scan(image, body, lung, deformation, seed=TRAINING_SEED_OFFSET + seed)
-        return sitk.Cast(deformed, sitk.sitkFloat32), deformation.field, {}
+        for attempt in range(EVALUATION_ATTEMPTS):  # a draw that folds is refused by draw_deformation: draw again
+            try:
+                deformation = draw_deformation(image, body, lung, seed=TRAINING_SEED_OFFSET + seed + attempt)
+                break
+            except ValueError as error:
+                logger.info("%s", error)
+        else:
+            raise ValueError(f"evaluation deformation: {EVALUATION_ATTEMPTS} draws from seed {seed} all fold")
+        deformed = deform_scan(image, body, lung, deformation, seed=TRAINING_SEED_OFFSET + seed + attempt)
+        return sitk.Cast(deformed, sitk.sitkFloat32), deformation.field, {"attempt": attempt}
     max_mm = float(rng.choice([10.0, 15.0, 20.0]))
     draw = RandArtificialDVFd(settings=dvf_settings(max_mm), dvf_type=kind)
     draw.set_random_state(state=rng)
