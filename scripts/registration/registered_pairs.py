@@ -110,8 +110,9 @@ def deform(rng: np.random.RandomState, kind: str, image: sitk.Image, body: sitk.
                 break
             except ValueError as error:
                 logger.info("%s", error)
-        else:
-            raise ValueError(f"evaluation deformation: {EVALUATION_ATTEMPTS} draws from seed {seed} all fold")
+        else:  # its sliding motion folds on some lung crops: fall back to the paper's respiratory motion
+            logger.warning("evaluation deformation folds on this scan (seed %d): respiratory motion instead", seed)
+            return deform(rng, "respiratory_motion", image, body, lung, seed)
         deformed = deform_scan(image, body, lung, deformation, seed=TRAINING_SEED_OFFSET + seed + attempt)
         return sitk.Cast(deformed, sitk.sitkFloat32), deformation.field, {"attempt": attempt}
     max_mm = float(rng.choice([10.0, 15.0, 20.0]))
@@ -119,7 +120,7 @@ def deform(rng: np.random.RandomState, kind: str, image: sitk.Image, body: sitk.
     draw.set_random_state(state=rng)
     data = draw({"image": image, "body_mask": body, "lung_mask": lung})
     deformed, _ = deform_artificially(rng, image, data["dvf"], body)
-    return deformed, data["dvf"], {"max_deformation_mm": max_mm, "variant": int(data["variant"])}
+    return deformed, data["dvf"], {"kind": kind, "max_deformation_mm": max_mm, "variant": int(data["variant"])}
 
 
 def true_residual(field_u: sitk.Image, maps, fixed: sitk.Image) -> np.ndarray:
@@ -155,6 +156,7 @@ def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str,
     }
     crop = crop_to_lungs(loaded, loaded["lung"])
     deformed, field_u, extra = deform(rng, kind, crop["image"], crop["body"], crop["lung"], seed)
+    kind = extra.pop("kind", kind)
     seconds["deform"] = time.perf_counter() - t0
     protocol = draw_protocol(rng)
     t0 = time.perf_counter()
