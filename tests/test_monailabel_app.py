@@ -81,14 +81,18 @@ def test_monailabel_server_answers_an_infer_request_for_the_sample_pair(tmp_path
     studies.mkdir()
     for name in ("fixed", "moving"):
         shutil.copy(REPO_ROOT / "sample_data" / f"{name}.nii.gz", studies / f"{name}.nii.gz")
+    app = tmp_path / "app"  # a copy: MONAI Label writes its logs into the app folder
+    app.mkdir()
+    shutil.copy(REPO_ROOT / "apps" / "monailabel" / "main.py", app / "main.py")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = ["timeout", str(SERVER_LIMIT_S), python, "-m", "monailabel.main", "start_server", "--app",
-               str(REPO_ROOT / "apps" / "monailabel"), "--studies", str(studies), "--host", "127.0.0.1", "--port",
+               str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port",
                str(port), "--conf", "bundle_python", sys.executable, "--conf", "bundle_overrides",
                json.dumps(REREGISTRATION_UNCALIBRATED)]  # fmt: skip
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, MISALIGNMENT_BUNDLE_ROOT=str(REPO_ROOT))
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         info = None
         deadline = time.monotonic() + STARTUP_S

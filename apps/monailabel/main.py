@@ -8,6 +8,9 @@ path and mean for methods that estimate one) in its parameters.
 
     monailabel start_server --app apps/monailabel --studies <folder with the images> \\
         [--conf bundle_python /path/to/bundle/env/bin/python] [--conf bundle_overrides '{"method": "network"}']
+
+MONAI Label writes its logs into ``<app>/logs``; a copy of this file elsewhere works with ``MISALIGNMENT_BUNDLE_ROOT``
+set to the bundle folder.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+BUNDLE_ROOT = Path(os.environ.get("MISALIGNMENT_BUNDLE_ROOT") or Path(__file__).resolve().parents[2])  # a copied app
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
 
