@@ -144,12 +144,12 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 
 def sample_voxels(record: dict, per_pair: int, rng: np.random.Generator, region: str = "lung_mask"):
     """|r| and |e| (mm) at ``per_pair`` random voxels of a registered pair's ``region`` mask."""
-    region_mask = sitk.GetArrayViewFromImage(sitk.ReadImage(record[region])) > 0
+    region_mask = sitk.GetArrayFromImage(sitk.ReadImage(record[region])) > 0  # a copy: a view would outlive its image
     idx = np.flatnonzero(region_mask)
     idx = rng.choice(idx, size=min(per_pair, idx.size), replace=False)
     out = []
     for key in ("residual_estimate", "residual_true"):
-        field = sitk.GetArrayViewFromImage(sitk.ReadImage(record[key])).reshape(-1, 3)
+        field = sitk.GetArrayFromImage(sitk.ReadImage(record[key])).reshape(-1, 3)
         out.append(np.linalg.norm(field[idx], axis=1))
     return out[0], out[1]
 
