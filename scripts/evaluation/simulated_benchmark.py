@@ -128,7 +128,7 @@ DEFAULT_METHODS = (
         files=("models/reregistration_calibration.json",),
         landmark_mask=False,
     ),
-    MethodSpec("re-registration, |r| thresholds", "derived", source=REREGISTRATION, relabel=residual_thresholds),
+    MethodSpec("re-registration (|r| thresholds)", "derived", source=REREGISTRATION, relabel=residual_thresholds),
     MethodSpec(
         "LSTM 6-3-1", "bundle", "models/model.pt", ["--method", "network"], files=("models/class_weights.json",)
     ),
