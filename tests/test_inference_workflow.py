@@ -23,9 +23,10 @@ OUTPUT_SUFFIXES = ("misalignment.nii.gz", "probabilities.nii.gz", "overlay.png",
 
 
 def make_workflow(tmp_path: Path, **override) -> ConfigWorkflow:
-    """The bundle's inference workflow with test overrides: tiny ConvLSTM, one 49^3 tile, float32, no weights."""
+    """The bundle's inference workflow (network method) with test overrides: tiny ConvLSTM, one 49^3 tile, float32, no weights."""
     settings = dict(
         bundle_root=str(REPO_ROOT),
+        method="network",
         output_dir=str(tmp_path / "out"),
         checkpoint=str(tmp_path / "no_model.pt"),
         hidden_channels=4,

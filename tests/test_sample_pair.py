@@ -59,6 +59,7 @@ def test_shipped_weights_give_a_real_prediction_on_the_sample_pair(tmp_path):
         config_file=str(root / "configs" / "inference.json"),
         workflow_type="infer",
         bundle_root=str(root),
+        method="network",
         output_dir=str(tmp_path / "out"),
         mask=str(mask),
         progress=False,
