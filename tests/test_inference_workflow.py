@@ -23,7 +23,7 @@ OUTPUT_SUFFIXES = ("misalignment.nii.gz", "probabilities.nii.gz", "overlay.png",
 
 
 def make_workflow(tmp_path: Path, **override) -> ConfigWorkflow:
-    """The bundle's inference workflow (network method) with test overrides: tiny ConvLSTM, one 49^3 tile, float32, no weights."""
+    """The bundle's network inference workflow with test overrides: tiny ConvLSTM, one 49^3 tile, float32, untrained."""
     settings = dict(
         bundle_root=str(REPO_ROOT),
         method="network",
