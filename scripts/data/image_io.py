@@ -440,9 +440,8 @@ def to_fixed_grid(probabilities: np.ndarray, mask: np.ndarray, grid: Grid, fixed
     return probs, labels, mask_f
 
 
-def error_to_fixed_grid(error_mm: np.ndarray, mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> np.ndarray:
-    """An error map ``[z, y, x]`` (mm) on the 1 mm ``grid`` -> float32 on ``fixed_grid`` (linear), 0 outside the
-    nearest-neighbour mask."""
-    mask_f = mask_to_fixed_grid(mask, grid, fixed_grid)
+def error_to_fixed_grid(error_mm: np.ndarray, grid: Grid, fixed_grid: Grid, mask_on_fixed: np.ndarray) -> np.ndarray:
+    """An error map ``[z, y, x]`` (mm) on the 1 mm ``grid`` -> float32 on ``fixed_grid`` (linear), 0 outside
+    ``mask_on_fixed`` (the mask already on the fixed grid, as ``to_fixed_grid`` returns it)."""
     values = sitk.GetArrayFromImage(resample(grid.image(error_mm.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
-    return np.where(mask_f, values, 0.0).astype(np.float32)
+    return np.where(mask_on_fixed, values, 0.0).astype(np.float32)

@@ -50,6 +50,7 @@ import SimpleITK as sitk
 
 from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.data.landmark_selection import select_landmarks
+from scripts.data.landmarks import write_landmark_predictions
 from scripts.evaluation.landmark_metrics import evaluate, load_predictions, true_classes
 from scripts.evaluation.ncc_baseline import DEFAULT_THRESHOLDS
 from scripts.evaluation.ncc_baseline import predict_settings as ncc_predict_settings
@@ -111,11 +112,8 @@ def residual_thresholds(source_csv: Path, output_csv: Path) -> Path:
     6 mm, one-hot probabilities and ``error_mm`` = |r| (from the calibrated re-registration's CSV)."""
     table = read_landmarks(source_csv)
     magnitude = table.float_columns(["residual_mm"])[:, 0]
-    pred = np.digitize(magnitude, CLASS_THRESHOLDS_MM)
-    table = table.with_column("pred", [str(int(v)) for v in pred]).with_column("error_mm", magnitude)
-    for k, name in enumerate(("p_correct", "p_poor", "p_wrong")):
-        table = table.with_column(name, (pred == k).astype(float))
-    return write_landmarks(table, output_csv)
+    one_hot = np.eye(3)[np.digitize(magnitude, CLASS_THRESHOLDS_MM)]
+    return write_landmark_predictions(output_csv, table, one_hot, extra_columns={"error_mm": magnitude})
 
 
 REREGISTRATION = "re-registration (calibrated)"

@@ -150,13 +150,12 @@ class SaveMisalignmentMapsd(_OutputWriter):
         probabilities, _ = split_prediction(d[self.keys[0]])
         mask = _numpy(d["mask"])[0].astype(bool)
         fixed_grid = Grid.from_arrays(d["fixed_grid"])
-        probs, labels, _ = to_fixed_grid(probabilities, mask, Grid.from_arrays(d["grid"]), fixed_grid)
+        grid = Grid.from_arrays(d["grid"])
+        probs, labels, mask_on_fixed = to_fixed_grid(probabilities, mask, grid, fixed_grid)
         outputs = [("probabilities.nii.gz", probs), ("misalignment.nii.gz", labels)]
         error = expected_error(d[self.keys[0]])
         if error is not None:
-            outputs.append(
-                ("error_mm.nii.gz", error_to_fixed_grid(error, mask, Grid.from_arrays(d["grid"]), fixed_grid))
-            )
+            outputs.append(("error_mm.nii.gz", error_to_fixed_grid(error, grid, fixed_grid, mask_on_fixed)))
         for suffix, values in outputs:
             path = atomic_write_image(fixed_grid.image(values), self.output_path(d, suffix))
             logger.info("wrote %s", path)

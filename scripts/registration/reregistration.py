@@ -101,12 +101,10 @@ def residual_field_on_pair(
     mask: np.ndarray,
     spacing_mm: float = 1.0,
     options: ReregistrationOptions | None = None,
-    threads: int = 2,
     name: str = "pair",
 ) -> np.ndarray:
     """The estimator on a loaded pair (``image [2, z, y, x]`` HU on an axis-aligned ``spacing_mm`` grid, ``mask``
     where to sample): ``r [3, z, y, x]`` mm. The bundle's inferer and the registered-pair maker call it the same way."""
-    options = options or ReregistrationOptions(threads=threads)
     fixed, moving = (sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32)) for a in image[:2])
     fixed_mask = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
     for im in (fixed, moving, fixed_mask):
