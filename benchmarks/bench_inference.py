@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from scripts.data.image_io import load_pair, to_fixed_grid  # noqa: E402
-from scripts.data.make_sample_pair import true_deformation  # noqa: E402
+from scripts.data.synthetic_pair import true_deformation  # noqa: E402
 from scripts.inferers.misalignment_inferer import MisalignmentInferer, latent_size_for  # noqa: E402
 from scripts.networks.misalignment_net import MisalignmentNet, level_window  # noqa: E402
 from scripts.transforms.ct_masks import ct_masks  # noqa: E402

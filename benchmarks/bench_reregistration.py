@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_inference import DEFAULT_SCAN, make_cube_pair  # noqa: E402
 
-from scripts.data.make_sample_pair import true_deformation  # noqa: E402
+from scripts.data.synthetic_pair import true_deformation  # noqa: E402
 from scripts.evaluation.landmark_metrics import classification_scores  # noqa: E402
 from scripts.transforms.ct_masks import ct_masks  # noqa: E402
 from scripts.utils.constants import CLASS_THRESHOLDS_MM  # noqa: E402

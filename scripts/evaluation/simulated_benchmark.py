@@ -67,7 +67,14 @@ from scripts.utils.file_digest import file_sha256
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 SHARED_CT_DIR = BUNDLE_ROOT.parent / "shared" / "data" / "ct"
 DEFAULT_SCAN = SHARED_CT_DIR / "thorax_ricord1a_419639.nii.gz"
-TRAINING_SCANS = ("thorax_popi_like_00", "thorax_lungpetctdx_A0001", "thorax_lungpetctdx_A0002")
+TRAINING_SCANS = (
+    "thorax_lidc_idri_0001",
+    "thorax_lidc_idri_0002",
+    "thorax_lidc_idri_0003",
+    "thorax_popi_like_00",
+    "thorax_lungpetctdx_A0001",
+    "thorax_lungpetctdx_A0002",
+)
 PAIR_MODULES = (
     "transforms/evaluation_deformation.py",
     "data/landmark_selection.py",

@@ -1,16 +1,17 @@
-"""Reproduce the shipped sample pair (sample_data/): a registered chest CT pair with known residual misalignment.
+"""A synthetic registered pair with a known breathing deformation: the speed benchmarks' large volumes.
 
 From TCIA Lung-PET-CT-Dx A0001 (CC BY 4.0): the fixed image is a crop of the scan resampled to 2 mm (int16); the
 moving image is a second "time point" made with a known smooth respiratory-like plus local deformation S (a moving
 point y shows the anatomy of fixed point S(y) = y + u(y)) and noise; it is then registered to the fixed image
 with a quick SimpleITK affine + B-spline registration R (fixed -> moving points) and resampled on the fixed grid,
 so real residual misalignment remains. Landmarks: distinctive lung points x of the fixed image with their true
-residual error ``tre = || R(x) - S^-1(x) ||`` (mm). Arrays are in SimpleITK's (z, y, x) order.
+residual error ``tre = || R(x) - S^-1(x) ||`` (mm). Arrays are in SimpleITK's (z, y, x) order. This made the sample
+pair shipped before 2026-12-01; today's sample comes from scripts.registration.sample_pair.
 
 CLI::
 
-    python -m scripts.data.make_sample_pair --scan ../shared/data/ct/thorax_lungpetctdx_A0001.nii.gz --output_dir \
-        sample_data
+    python -m scripts.data.synthetic_pair --scan ../shared/data/ct/thorax_lungpetctdx_A0001.nii.gz --output_dir \
+        ../data/synthetic_pair
 """
 
 from __future__ import annotations
