@@ -312,7 +312,15 @@ class MisalignmentPatchDataset(torch.utils.data.IterableDataset):
             self.patch = RegNetPatchd(level)
 
     def __len__(self) -> int:
-        return len(self.entries) * self.patches_per_pair
+        return sum(self.patch_count(e) for e in self.entries)
+
+    def load(self, entry: dict) -> dict:
+        """One pair with its pyramid, target field, factor and masks (``load_pair``)."""
+        return load_pair(entry)
+
+    def patch_count(self, entry: dict) -> int:
+        """Patches drawn from ``entry`` per pass."""
+        return self.patches_per_pair
 
     def set_epoch(self, epoch: int) -> None:
         """Different pair order and patches per epoch, reproducibly."""
@@ -325,8 +333,8 @@ class MisalignmentPatchDataset(torch.utils.data.IterableDataset):
         order = rng.permutation(len(self.entries)) if self.shuffle else np.arange(len(self.entries))
         for i in order[worker::workers]:
             self.centres.set_random_state(seed=int((self.seed * 7919 + self.epoch * 104_729 + i) % 2**32))
-            pair = load_pair(self.entries[i])
-            for _ in range(self.patches_per_pair):
+            pair = self.load(self.entries[i])
+            for _ in range(self.patch_count(self.entries[i])):
                 sample = self.patch(self.centres(pair))
                 sample["scan"] = self.entries[i].get("scan", "")
                 yield sample

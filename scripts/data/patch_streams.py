@@ -18,16 +18,16 @@ logger = logging.getLogger(__name__)
 PAIR_FILE_KEYS = ("fixed", "deformed", "dvf", "body_mask", "lung_mask")
 
 
-def check_pair_files(entries: list, source: str = "datalist") -> None:
-    """Raise FileNotFoundError naming the missing files of datalist ``entries`` (absolute paths), if any."""
-    missing = [str(e[k]) for e in entries for k in PAIR_FILE_KEYS if k in e and not Path(e[k]).is_file()]
-    absent_keys = sorted({k for e in entries for k in PAIR_FILE_KEYS if k not in e})
+def check_pair_files(entries: list, source: str = "datalist", keys: tuple = PAIR_FILE_KEYS) -> None:
+    """Raise FileNotFoundError naming the missing files of datalist ``entries`` (absolute paths under ``keys``), if
+    any, or ValueError if entries lack keys (a datalist of another kind)."""
+    missing = [str(e[k]) for e in entries for k in keys if k in e and not Path(e[k]).is_file()]
+    absent_keys = sorted({k for e in entries for k in keys if k not in e})
     if absent_keys:
-        raise ValueError(f"{source}: entries without {absent_keys}; re-run python -m scripts.data.prepare_data")
+        raise ValueError(f"{source}: entries without {absent_keys}; re-run the command that made the datalist")
     if missing:
         raise FileNotFoundError(
-            f"{source} names {len(missing)} missing files, e.g. {missing[:3]}; "
-            "re-run python -m scripts.data.prepare_data"
+            f"{source} names {len(missing)} missing files, e.g. {missing[:3]}; re-run the command that made it"
         )
 
 
@@ -41,7 +41,8 @@ class TransformedPatches(IterableDataset):
     """Iterate ``patches`` (an iterable patch dataset) and apply ``transform`` to every sample.
 
     Args:
-        patches: e.g. ``scripts.data.patch_sampling.MisalignmentPatchDataset``; its ``entries`` are checked here.
+        patches: e.g. ``scripts.data.patch_sampling.MisalignmentPatchDataset``; its ``entries`` are checked here
+            (the files under its ``file_keys``, by default those of a prepare_data datalist).
         transform: applied per sample (a MONAI Compose of dictionary transforms), or None.
         max_samples: stop after this many samples per pass (a small held-out validation set), or None.
         fixed_epoch: if set, every pass replays this epoch of ``patches``: the same samples at every validation.
@@ -65,7 +66,7 @@ class TransformedPatches(IterableDataset):
             raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
         entries = getattr(patches, "entries", None)
         if entries is not None:
-            check_pair_files(entries)
+            check_pair_files(entries, keys=getattr(patches, "file_keys", PAIR_FILE_KEYS))
             if max_deformation_mm is not None:
                 found = sorted({float(e.get("max_deformation_mm", max_deformation_mm)) for e in entries})
                 if found != [float(max_deformation_mm)]:

@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from scripts.engines.trainer import as_bool
+from scripts.networks.misalignment_net import RESIDUAL_FEATURES
 from scripts.utils.atomic_write import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -90,13 +91,41 @@ def load_regnet_encoders(net: nn.Module, checkpoint_pattern: str) -> nn.Module:
     return net
 
 
+def widen_for_residual(state: Mapping[str, torch.Tensor], net: nn.Module) -> Dict[str, torch.Tensor]:
+    """A 2-channel (``residual_input="none"``) MisalignmentNet state_dict fitted to ``net``'s residual-informed decoder:
+    zero weights for the residual features after each 112-channel latent map, so ``net`` starts with the old
+    network's output. Tensors that already fit are kept. Returns the new dict."""
+    features = RESIDUAL_FEATURES
+    blocks = 3 if getattr(net, "decoder_name", "lstm") == "multi_cnn" else 1
+    expected = net.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        target = expected.get(key)
+        if not isinstance(value, torch.Tensor) or target is None or value.ndim != 5:
+            continue
+        if target.shape[1] != value.shape[1] + features * blocks or target.shape[0] != value.shape[0]:
+            continue
+        zeros = value.new_zeros((value.shape[0], features) + tuple(value.shape[2:]))
+        pieces = []
+        for b in range(blocks):
+            pieces += [value[:, b * 112 : (b + 1) * 112], zeros]
+        out[key] = torch.cat(pieces + [value[:, blocks * 112 :]], dim=1)
+    return out
+
+
 def load_network_weights(net: nn.Module, path: Union[str, Path] = "") -> nn.Module:
     """Initialise all of ``net`` from ``path`` (an exported state_dict or a trainer checkpoint; "" for none), e.g. to
-    continue training the shipped ``models/model.pt`` in a fresh output folder on another machine. Returns ``net``."""
+    continue training the shipped ``models/model.pt`` in a fresh output folder on another machine. A residual-informed
+    ``net`` also takes the weights of the image-only network (its residual inputs start at zero). Returns ``net``."""
     if not path:
         return net
     state = load_state_dict_file(path)
     state = state.get("network", state)
+    if getattr(net, "residual_input", "none") != "none":
+        widened = widen_for_residual(state, net)
+        if any(widened[k] is not state[k] for k in state):
+            logger.info(f"{path}: image-only weights; the residual inputs of the decoder start at zero")
+        state = widened
     check_state_dict(state, net, path, type(net).__name__)
     net.load_state_dict(state)
     logger.info(f"network initialised from {path}")

@@ -63,9 +63,16 @@ class PatchTrainingNetwork(nn.Module):
             self.net.encoders.eval()
         return self
 
-    def forward(self, image_4mm: torch.Tensor, image_2mm: torch.Tensor, image_1mm: torch.Tensor) -> torch.Tensor:
-        """Three ``[B, 2, 101, 101, 101]`` HU patches (fixed, moving) centred on one point."""
-        return self.net.forward_patches(image_4mm, image_2mm, image_1mm)
+    def forward(
+        self,
+        image_4mm: torch.Tensor,
+        image_2mm: torch.Tensor,
+        image_1mm: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Three ``[B, 2, 101, 101, 101]`` HU patches (fixed, moving) centred on one point, and for a
+        residual-informed network the residual field ``[B, 3, 25, 25, 25]`` (mm) on the output voxels."""
+        return self.net.forward_patches(image_4mm, image_2mm, image_1mm, residual)
 
 
 class PrepareKeysBatch(PrepareBatch):

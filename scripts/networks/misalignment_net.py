@@ -1,11 +1,12 @@
 """The misalignment network: three RegNet encoders (4, 2, 1 mm) and a decoder, on one 1 mm grid.
 
-``MisalignmentNet.forward`` is the bundle's ``network_def`` contract: one 2-channel 1 mm tensor ``image`` (fixed,
-moving; HU) in, per-voxel probabilities of correct/poor/wrong out, same spatial size, background beyond the image.
-``forward_tile`` is the shared core: the training patches and the whole-image tiled inferer both call it.
+``MisalignmentNet.forward`` is the bundle's ``network_def`` contract: one 1 mm tensor ``image`` (fixed, moving; HU;
+with ``residual_input="lstm"`` three more channels: the re-registration's residual displacement r in mm, x y z) in,
+per-voxel probabilities of correct/poor/wrong out, same spatial size, background beyond the image. ``forward_tile``
+is the shared core: the training patches and the whole-image tiled inferer both call it.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,9 @@ from scripts.transforms.pyramid import bspline_kernel_1d, smooth_downsample_with
 from scripts.utils.constants import BACKGROUND_HU, HU_OFFSET, HU_SCALE
 
 DECODERS = ("lstm", "multi_cnn", "single_cnn")
+RESIDUAL_INPUTS = ("none", "lstm")
+RESIDUAL_FEATURES = 4  # r / 10 mm (x, y, z) and |r| / 10 mm, beside every latent map the decoder reads
+RESIDUAL_SCALE_MM = 10.0
 TILE_ALIGN = 8  # 1 mm latent tiles are 1 + 8k voxels so that their centre is a sample of every level
 
 
@@ -63,6 +67,10 @@ class MisalignmentNet(nn.Module):
         hidden_channels: ConvLSTM hidden size (the paper leaves it open; 16 keeps the 1 mm decoder cheaper than
             the three encoders on CPU: 21 vs 58 GFLOP per 25^3 patch, where 32 costs 47).
         cnn_widths: channel widths of the CNN decoders' 3^3 convolutions.
+        residual_input: "none" (the paper: fixed and moving image only) or "lstm": the re-registration's residual
+            field r (``scripts.registration.reregistration``) and |r| are concatenated to the latent map of every
+            decoder step, so the decoder starts from what a second registration found and the encoders add what it
+            missed. ``scripts.engines.checkpoints.load_network_weights`` extends a "none" checkpoint with zeros.
     """
 
     def __init__(
@@ -71,37 +79,54 @@ class MisalignmentNet(nn.Module):
         split: str = "6-3-1",
         hidden_channels: int = 16,
         cnn_widths: Tuple[int, ...] = (64, 32),
+        residual_input: str = "none",
     ) -> None:
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
+        if residual_input not in RESIDUAL_INPUTS:
+            raise ValueError(f"unknown residual_input {residual_input!r}; choose one of {RESIDUAL_INPUTS}")
         self.decoder_name = decoder
+        self.residual_input = residual_input
+        self.in_channels = 2 if residual_input == "none" else 5
+        latent_channels = 112 + (RESIDUAL_FEATURES if residual_input == "lstm" else 0)
         self.factors: List[int] = [1] if decoder == "single_cnn" else [4, 2, 1]
         self.encoders = nn.ModuleList([RegNetEncoder() for _ in self.factors])
         self.decoder: MisalignmentDecoder
         if decoder == "lstm":
-            self.decoder = HierarchicalLSTMDecoder(112, hidden_channels, split)
+            self.decoder = HierarchicalLSTMDecoder(latent_channels, hidden_channels, split)
         elif decoder == "multi_cnn":
-            self.decoder = MultiScaleCNNDecoder(112, 3, tuple(cnn_widths))
+            self.decoder = MultiScaleCNNDecoder(latent_channels, 3, tuple(cnn_widths))
         else:
-            self.decoder = SingleScaleCNNDecoder(112, tuple(cnn_widths))
+            self.decoder = SingleScaleCNNDecoder(latent_channels, tuple(cnn_widths))
         reach = self.decoder.num_steps if decoder == "lstm" else len(cnn_widths)  # 'same' 3^3 convs in the decoder
         self.halo = 4 * ((reach + 3) // 4)  # 1 mm context a tile needs, a multiple of 4 to stay on every grid
         self.register_buffer("kernel_2mm", bspline_kernel_1d(2), persistent=False)
         self.register_buffer("kernel_4mm", bspline_kernel_1d(4), persistent=False)
         self.tile_align = TILE_ALIGN
         self.hu_offset, self.hu_scale, self.background_hu = HU_OFFSET, HU_SCALE, BACKGROUND_HU
+        self.residual_scale_mm = RESIDUAL_SCALE_MM
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """HU to network input units: (HU + 1000) / 1000."""
         return (image + self.hu_offset) / self.hu_scale
 
-    def forward_tile(self, level_inputs: List[torch.Tensor]) -> torch.Tensor:
+    def residual_features(self, residual: torch.Tensor) -> torch.Tensor:
+        """``[B, 4, ...]`` decoder features of the residual field ``[B, 3, ...]`` (mm): r / 10 mm and |r| / 10 mm."""
+        scaled = residual / self.residual_scale_mm
+        return torch.cat([scaled, torch.linalg.vector_norm(scaled, dim=1, keepdim=True)], dim=1)
+
+    def forward_tile(self, level_inputs: List[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, steps, n_fine, n, n, n]`` for one 1 mm latent tile from its encoder windows (HU).
 
         ``level_inputs`` are the windows of ``level_window`` for the factors in ``self.factors`` (coarse to fine),
-        all centred on one 1 mm point; the tile size ``n`` is the 1 mm window's size minus 76.
+        all centred on one 1 mm point; the tile size ``n`` is the 1 mm window's size minus 76. ``residual``: the
+        residual field r ``[B, 3, n, n, n]`` (mm) on the tile, required with ``residual_input="lstm"``.
         """
+        if residual is None and self.residual_input != "none":
+            raise ValueError("residual_input='lstm' needs the residual field r on the tile (the re-registration's)")
+        if residual is not None and self.residual_input == "none":
+            raise ValueError("residual_input='none': this network takes no residual field")
         fine = level_inputs[-1]
         size = [fine.shape[2] - 76, fine.shape[3] - 76, fine.shape[4] - 76]
         latents: List[torch.Tensor] = []
@@ -114,14 +139,28 @@ class MisalignmentNet(nn.Module):
                 latent = latent[:, :, b[0] : b[0] + keep[0], b[1] : b[1] + keep[1], b[2] : b[2] + keep[2]]
                 latent = F.interpolate(latent, size=size, mode="trilinear", align_corners=True)
             latents.append(latent)
+        if residual is not None:
+            grow = [size[a] - residual.shape[2 + a] for a in range(3)]  # a tile below 25^3 comes back larger
+            if min(grow) < 0 or grow[0] % 2 + grow[1] % 2 + grow[2] % 2 > 0:
+                raise ValueError("the residual tile does not match the latent tile")
+            if max(grow) > 0:
+                pads = [grow[2] // 2, grow[2] // 2, grow[1] // 2, grow[1] // 2, grow[0] // 2, grow[0] // 2]
+                residual = F.pad(residual, pads)
+            features = self.residual_features(residual.to(latents[0].dtype))
+            latents = [torch.cat([latent, features], dim=1) for latent in latents]
         return self.decoder(latents)
 
     def forward_patches(
-        self, image_4mm: torch.Tensor, image_2mm: torch.Tensor, image_1mm: torch.Tensor
+        self,
+        image_4mm: torch.Tensor,
+        image_2mm: torch.Tensor,
+        image_1mm: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Training path: three ``[B, 2, 101, 101, 101]`` patches centred on one point -> logits on its 25^3."""
+        """Training path: three ``[B, 2, 101, 101, 101]`` patches centred on one point (and the residual field
+        ``[B, 3, 25, 25, 25]`` on its 25^3, for ``residual_input="lstm"``) -> logits on its 25^3."""
         levels = {4: image_4mm, 2: image_2mm, 1: image_1mm}
-        return self.forward_tile([levels[f] for f in self.factors])
+        return self.forward_tile([levels[f] for f in self.factors], residual)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Correct/poor/wrong probabilities ``[B, 3, ...]`` from the last step's fine labels."""
@@ -153,12 +192,22 @@ class MisalignmentNet(nn.Module):
                 out.append(image)
         return out
 
+    def residual_tile(self, residual: torch.Tensor, center: List[int], latent_size: List[int]) -> torch.Tensor:
+        """The residual field ``[B, 3, n, n, n]`` (mm) on one 1 mm latent tile, zero beyond the image."""
+        start = [c - (n - 1) // 2 for c, n in zip(center, latent_size)]
+        return crop_with_padding(residual, start, latent_size, 0.0)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``image [B, 2, D, H, W]`` (fixed, moving; HU at 1 mm) -> probabilities ``[B, 3, D, H, W]`` (float32).
+        """``image [B, C, D, H, W]`` (fixed, moving; HU at 1 mm; then r in mm, x y z, if ``residual_input`` is not
+        "none": ``C = self.in_channels``) -> probabilities ``[B, 3, D, H, W]`` (float32).
 
         The whole image is one tile; use ``scripts.inferers.misalignment_inferer.MisalignmentInferer`` for large
         volumes.
         """
+        if image.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got {image.shape[1]}")
+        residual = image[:, 2:] if self.residual_input != "none" else None
+        image = image[:, :2]
         levels = self.pyramid(image)
         center: List[int] = []
         latent_size: List[int] = []
@@ -167,7 +216,8 @@ class MisalignmentNet(nn.Module):
             n = n + (1 - n) % self.tile_align
             latent_size.append(n)
             center.append(-self.halo + (n - 1) // 2)
-        logits = self.forward_tile(self.tile_inputs(levels, center, latent_size))
+        tile_residual = None if residual is None else self.residual_tile(residual, center, latent_size)
+        logits = self.forward_tile(self.tile_inputs(levels, center, latent_size), tile_residual)
         h = self.halo
         logits = logits[:, :, :, h : h + image.shape[2], h : h + image.shape[3], h : h + image.shape[4]]
         return self.probabilities(logits)

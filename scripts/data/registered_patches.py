@@ -1,0 +1,144 @@
+"""Training patches from registered artificial pairs (``scripts.registration.registered_pairs``).
+
+A pair holds F, the registered moving image D, the exact residual misalignment e (the target: |e| in mm) and the
+re-registration's estimate r of it (an input of the residual-informed network). Patch centres are balanced by the
+class of |e| inside the lungs, where the misalignment that matters is; the images, the pyramid and the 25^3 target
+follow ``scripts.data.patch_sampling``, and the residual patch ``[3, 25, 25, 25]`` (mm, x y z) covers the target's
+voxels. Thick-slice scans can be drawn less often (``scan_weights``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from scripts.data.patch_sampling import (
+    MISALIGNMENT_PROBABILITIES,
+    MisalignmentPatchDataset,
+    RandBalancedCentred,
+    centred_range,
+    dvf_at_voxels,
+    misalignment_sample,
+    pair_pyramid,
+)
+from scripts.utils.constants import LATENT_SIZE
+
+PAIR_KEYS = ("fixed", "registered", "residual_true", "body_mask", "lung_mask")
+ESTIMATE_KEY = "residual_estimate"
+
+
+def read_registered_datalist(datalist: str | Path, split: str = "training", estimate_key: str = ESTIMATE_KEY) -> list:
+    """Entries of ``split`` in a registered-pairs datalist, each with ``residual`` (the path of its estimate r);
+    a ValueError or FileNotFoundError names the datalist and the pair that lacks a file."""
+    path = Path(datalist)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"datalist {path} does not exist; run python -m scripts.registration.registered_pairs make, then estimate"
+        )
+    entries = json.loads(path.read_text()).get(split)
+    if not entries:
+        raise ValueError(f"datalist {path} has no entries under {split!r}")
+    out = []
+    for entry in entries:
+        name = entry.get("record") or entry.get("registered", "?")
+        estimate = entry.get(estimate_key)
+        if not isinstance(estimate, dict) or "path" not in estimate:
+            raise ValueError(
+                f"{path}: pair {name} has no re-registration estimate {estimate_key!r}; run python -m "
+                "scripts.registration.registered_pairs estimate (the residual-informed network needs r)"
+            )
+        absent = [k for k in PAIR_KEYS if k not in entry]
+        if absent:
+            raise ValueError(f"{path}: pair {name} has no {absent}; is this a registered-pairs datalist?")
+        files = {k: str(path.parent / entry[k]) for k in PAIR_KEYS}
+        files["residual"] = str(path.parent / estimate["path"])
+        missing = [f"{k} {f}" for k, f in files.items() if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: pair {name} is missing {missing}")
+        out.append({**entry, **files})
+    return out
+
+
+def read_vector(path: str) -> np.ndarray:
+    """A vector image as a ``[3, z, y, x]`` float32 array (mm, components x y z)."""
+    return np.ascontiguousarray(np.moveaxis(sitk.GetArrayFromImage(sitk.ReadImage(path)), -1, 0), dtype=np.float32)
+
+
+def load_registered_pair(entry: dict) -> dict:
+    """Pyramid of (F, D), the exact residual e (``residual_true``, the target field, factor 1), the estimate r
+    (``residual``) and the masks of one registered pair."""
+    fixed = sitk.GetArrayFromImage(sitk.ReadImage(entry["fixed"]))
+    return {
+        "pyramid": pair_pyramid(fixed, sitk.GetArrayFromImage(sitk.ReadImage(entry["registered"]))),
+        "residual_true": read_vector(entry["residual_true"]),
+        "residual": read_vector(entry["residual"]),
+        "factor": 1,
+        "body_mask": sitk.GetArrayFromImage(sitk.ReadImage(entry["body_mask"])) > 0,
+        "lung_mask": sitk.GetArrayFromImage(sitk.ReadImage(entry["lung_mask"])) > 0,
+    }
+
+
+class RegisteredPatchd(MapTransform):
+    """From a loaded registered pair with ``centre``: ``image_4mm``, ``image_2mm``, ``image_1mm`` [2,101^3],
+    ``magnitude`` [1,25^3] (|e|, mm) and ``residual`` [3,25^3] (r, mm) on the same 25^3 voxels."""
+
+    def __init__(self, keys: KeysCollection = "residual_true", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        sample = misalignment_sample(data["pyramid"], data[self.first_key(data)], 1, data["centre"])
+        voxels = [centred_range(int(c), LATENT_SIZE) for c in data["centre"]]
+        sample["residual"] = torch.from_numpy(dvf_at_voxels(data["residual"], 1, *voxels))
+        return sample
+
+
+class RegisteredPatchDataset(MisalignmentPatchDataset):
+    """Patches from a registered-pairs datalist, one pair loaded at a time (see ``MisalignmentPatchDataset``).
+
+    Args:
+        datalist: ``datalist.json`` of ``scripts.registration.registered_pairs``.
+        split: "training" or "validation".
+        patches_per_pair: patches drawn from a pair per pass (times its scan's weight, at least 1).
+        probabilities: class probabilities of the patch centres' |e| (default 60/20/20 %, the paper's).
+        region: mask the centres lie in ("lung_mask" or "body_mask").
+        scan_weights: ``{scan name: weight}``, e.g. 0.5 for the 5 and 8 mm scans; missing scans weigh 1.
+        estimate_key: the datalist key of the estimate r to read (``registered_pairs estimate --suffix``).
+        seed, shuffle: as ``MisalignmentPatchDataset``.
+    """
+
+    file_keys = PAIR_KEYS + ("residual",)
+
+    def __init__(
+        self,
+        datalist: str | Path,
+        split: str = "training",
+        patches_per_pair: int = 50,
+        probabilities=None,
+        region: str = "lung_mask",
+        scan_weights: dict | None = None,
+        estimate_key: str = ESTIMATE_KEY,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        torch.utils.data.IterableDataset.__init__(self)
+        self.entries = read_registered_datalist(datalist, split, estimate_key)
+        self.patches_per_pair, self.level, self.seed, self.shuffle = patches_per_pair, None, seed, shuffle
+        self.scan_weights = dict(scan_weights or {})
+        self.epoch = 0
+        self.centres = RandBalancedCentred(
+            keys="residual_true", region=region, probabilities=probabilities or MISALIGNMENT_PROBABILITIES
+        )
+        self.patch = RegisteredPatchd()
+
+    def load(self, entry: dict) -> dict:
+        return load_registered_pair(entry)
+
+    def patch_count(self, entry: dict) -> int:
+        weight = float(self.scan_weights.get(entry.get("scan", ""), 1.0))
+        return max(1, int(round(self.patches_per_pair * weight)))

@@ -1,0 +1,139 @@
+"""The residual-informed network (issue 12): its input contract, widening image-only weights, the registered-pair
+patches, and one training iteration of configs/train_residual.json on a tiny registered-pair folder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from scripts.data.registered_patches import RegisteredPatchDataset, read_registered_datalist
+from scripts.engines.checkpoints import load_network_weights
+from scripts.networks.misalignment_net import MisalignmentNet
+from tests.chest_phantom import chest_phantom_arrays
+from tests.conftest import REPO_ROOT
+
+SHIFT_MM = np.array([4.0, 0.0, 0.0])  # the exact residual e of the tiny pair: 4 mm along x ("poor")
+
+
+def write_vector(field: np.ndarray, path: Path) -> str:
+    image = sitk.GetImageFromArray(np.moveaxis(field, 0, -1).astype(np.float32), isVector=True)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def registered_pairs_folder(root: Path, with_estimate: bool = True) -> Path:
+    """A registered-pairs folder as ``registered_pairs make`` + ``estimate`` write it: one training and one validation
+    pair of a 1 mm phantom, D = F shifted by 4 mm, e = 4 mm everywhere, r = e + noise."""
+    root.mkdir(parents=True, exist_ok=True)
+    hu, body, lung = chest_phantom_arrays((72, 72, 72), seed=0)
+    datalist = {"training": [], "validation": []}
+    for split, index in (("training", 0), ("validation", 1)):
+        stem = root / f"pair_{index}"
+        files = {}
+        for key, array in (("fixed", hu), ("registered", np.roll(hu, 4, axis=2)), ("body_mask", body), ("lung_mask", lung)):
+            sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.int16)), f"{stem}_{key}.nii.gz")
+            files[key] = f"{stem.name}_{key}.nii.gz"
+        truth = np.broadcast_to(SHIFT_MM[:, None, None, None], (3,) + hu.shape)
+        files["residual_true"] = Path(write_vector(truth, Path(f"{stem}_residual_true.nii.gz"))).name
+        record = {**files, "scan": f"phantom_{split}", "index": 0}
+        if with_estimate:
+            noisy = truth + np.random.default_rng(index).normal(0, 0.5, truth.shape)
+            record["residual_estimate"] = {"path": Path(write_vector(noisy, Path(f"{stem}_residual_estimate.nii.gz"))).name}
+        datalist[split].append(record)
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    return root
+
+
+def test_forward_takes_the_residual_channels_and_checks_them():
+    net = MisalignmentNet(decoder="single_cnn", residual_input="lstm").eval()
+    assert net.in_channels == 5 and MisalignmentNet().in_channels == 2
+    with torch.no_grad():
+        assert net(torch.full((1, 5, 9, 9, 9), -500.0)).shape == (1, 3, 9, 9, 9)
+        with pytest.raises(ValueError, match="5 input channels"):
+            net(torch.zeros(1, 2, 9, 9, 9))
+    with pytest.raises(ValueError, match="unknown residual_input"):
+        MisalignmentNet(residual_input="encoder")
+
+
+def test_image_only_weights_widen_to_the_same_prediction(tmp_path):
+    """Zero weights for the residual features: the widened network predicts what the image-only one did, whatever r
+    is; a checkpoint of another architecture still fails with its file name."""
+    torch.manual_seed(0)
+    image_only = MisalignmentNet(hidden_channels=4).eval()
+    torch.save(image_only.state_dict(), tmp_path / "image_only.pt")
+    widened = load_network_weights(MisalignmentNet(hidden_channels=4, residual_input="lstm"), tmp_path / "image_only.pt")
+    image = torch.randn(1, 2, 9, 9, 9) * 300
+    with torch.no_grad():
+        expected = image_only(image)
+        for r in (torch.zeros(1, 3, 9, 9, 9), torch.randn(1, 3, 9, 9, 9) * 8):
+            torch.testing.assert_close(widened.eval()(torch.cat([image, r], 1)), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_only.pt"):
+        load_network_weights(MisalignmentNet(hidden_channels=8, residual_input="lstm"), tmp_path / "image_only.pt")
+
+
+def test_registered_patches_target_the_exact_residual_and_carry_the_estimate(tmp_path):
+    folder = registered_pairs_folder(tmp_path / "registered")
+    patches = RegisteredPatchDataset(folder / "datalist.json", patches_per_pair=3, seed=0)
+    samples = list(patches)
+    assert len(samples) == len(patches) == 3
+    for sample in samples:
+        assert sample["image_1mm"].shape == (2, 101, 101, 101) and sample["residual"].shape == (3, 25, 25, 25)
+        torch.testing.assert_close(sample["magnitude"], torch.full((1, 25, 25, 25), 4.0))
+        assert abs(float(sample["residual"][0].mean()) - 4.0) < 0.1 and float(sample["residual"][1:].abs().mean()) < 1
+    weighted = RegisteredPatchDataset(folder / "datalist.json", patches_per_pair=4, scan_weights={"phantom_training": 0.5})
+    assert len(weighted) == 2
+
+
+def test_registered_datalist_errors_name_the_pair(tmp_path):
+    folder = registered_pairs_folder(tmp_path / "no_estimate", with_estimate=False)
+    with pytest.raises(ValueError, match="registered_pairs estimate"):
+        read_registered_datalist(folder / "datalist.json")
+    folder = registered_pairs_folder(tmp_path / "missing")
+    (folder / "pair_0_registered.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="pair_0_registered"):
+        read_registered_datalist(folder / "datalist.json")
+    with pytest.raises(FileNotFoundError, match="registered_pairs make"):
+        read_registered_datalist(tmp_path / "nowhere" / "datalist.json")
+
+
+def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path):
+    """configs/train.json + configs/train_residual.json: widened image-only weights, frozen encoders, one iteration;
+    only the decoder changes and the residual weights leave zero."""
+    folder = registered_pairs_folder(tmp_path / "registered")
+    torch.manual_seed(0)
+    torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "image_only.pt")
+    workflow = ConfigWorkflow(
+        config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "train_residual.json")],
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(folder),
+        init_weights=str(tmp_path / "image_only.pt"),
+        decoder="single_cnn",
+        patches_per_pair=1,
+        val_patches_per_pair=1,
+        val_num_patches=1,
+        batch_size=1,
+        max_epochs=1,
+        val_interval=1,
+        ckpt_interval=1,
+    )
+    workflow.initialize()
+    net = workflow.parser.get_parsed_content("network_def")
+    encoders = {k: v.clone() for k, v in net.encoders.state_dict().items()}
+    first = net.decoder.head[0].weight.detach().clone()
+    losses = []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+    workflow.run()
+    workflow.finalize()
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    assert all(torch.equal(v, net.encoders.state_dict()[k]) for k, v in encoders.items())
+    assert not torch.equal(net.decoder.head[0].weight[:, 112:116], first[:, 112:116])  # r is being learnt from
+    assert (tmp_path / "models" / "model.pt").is_file()
