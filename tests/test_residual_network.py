@@ -35,7 +35,12 @@ def registered_pairs_folder(root: Path, with_estimate: bool = True) -> Path:
     for split, index in (("training", 0), ("validation", 1)):
         stem = root / f"pair_{index}"
         files = {}
-        for key, array in (("fixed", hu), ("registered", np.roll(hu, 4, axis=2)), ("body_mask", body), ("lung_mask", lung)):
+        for key, array in (
+            ("fixed", hu),
+            ("registered", np.roll(hu, 4, axis=2)),
+            ("body_mask", body),
+            ("lung_mask", lung),
+        ):
             sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.int16)), f"{stem}_{key}.nii.gz")
             files[key] = f"{stem.name}_{key}.nii.gz"
         truth = np.broadcast_to(SHIFT_MM[:, None, None, None], (3,) + hu.shape)
@@ -43,7 +48,9 @@ def registered_pairs_folder(root: Path, with_estimate: bool = True) -> Path:
         record = {**files, "scan": f"phantom_{split}", "index": 0}
         if with_estimate:
             noisy = truth + np.random.default_rng(index).normal(0, 0.5, truth.shape)
-            record["residual_estimate"] = {"path": Path(write_vector(noisy, Path(f"{stem}_residual_estimate.nii.gz"))).name}
+            record["residual_estimate"] = {
+                "path": Path(write_vector(noisy, Path(f"{stem}_residual_estimate.nii.gz"))).name
+            }
         datalist[split].append(record)
     (root / "datalist.json").write_text(json.dumps(datalist))
     return root
@@ -66,7 +73,9 @@ def test_image_only_weights_widen_to_the_same_prediction(tmp_path):
     torch.manual_seed(0)
     image_only = MisalignmentNet(hidden_channels=4).eval()
     torch.save(image_only.state_dict(), tmp_path / "image_only.pt")
-    widened = load_network_weights(MisalignmentNet(hidden_channels=4, residual_input="lstm"), tmp_path / "image_only.pt")
+    widened = load_network_weights(
+        MisalignmentNet(hidden_channels=4, residual_input="lstm"), tmp_path / "image_only.pt"
+    )
     image = torch.randn(1, 2, 9, 9, 9) * 300
     with torch.no_grad():
         expected = image_only(image)
@@ -85,7 +94,9 @@ def test_registered_patches_target_the_exact_residual_and_carry_the_estimate(tmp
         assert sample["image_1mm"].shape == (2, 101, 101, 101) and sample["residual"].shape == (3, 25, 25, 25)
         torch.testing.assert_close(sample["magnitude"], torch.full((1, 25, 25, 25), 4.0))
         assert abs(float(sample["residual"][0].mean()) - 4.0) < 0.1 and float(sample["residual"][1:].abs().mean()) < 1
-    weighted = RegisteredPatchDataset(folder / "datalist.json", patches_per_pair=4, scan_weights={"phantom_training": 0.5})
+    weighted = RegisteredPatchDataset(
+        folder / "datalist.json", patches_per_pair=4, scan_weights={"phantom_training": 0.5}
+    )
     assert len(weighted) == 2
 
 
@@ -137,3 +148,60 @@ def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path):
     assert all(torch.equal(v, net.encoders.state_dict()[k]) for k, v in encoders.items())
     assert not torch.equal(net.decoder.head[0].weight[:, 112:116], first[:, 112:116])  # r is being learnt from
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_tiled_inferer_with_the_residual_equals_the_whole_image_network():
+    """The residual tiles are cut where the image tiles are: stitched tiles equal the network on the whole image."""
+    from scripts.inferers.misalignment_inferer import MisalignmentInferer
+    from tests.synthetic_pair import phantom_hu
+
+    torch.manual_seed(0)
+    net = MisalignmentNet(hidden_channels=4, residual_input="lstm").eval()
+    image = torch.from_numpy(phantom_hu((20, 18, 12), seed=1)).float()[None, None].repeat(1, 2, 1, 1, 1)
+    residual = torch.randn(1, 3, 20, 18, 12) * 4
+    inputs = torch.cat([image, residual], dim=1)
+    with torch.no_grad():
+        whole = net(inputs)
+        without = net(torch.cat([image, torch.zeros_like(residual)], dim=1))
+    assert (whole - without).abs().max() > 1e-3  # r changes the prediction
+    inferer = MisalignmentInferer(tile_size=25, precision="float32", with_steps=False, progress=False)
+    tiled = inferer(inputs, net)
+    assert (tiled - whole).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="5 input channels"):
+        inferer(image, net)
+
+
+def test_inference_config_runs_the_residual_network(tmp_path):
+    """``--method network --residual_input lstm``: the pair is re-registered, the network reads r, and the outputs
+    gain the re-registration's expected error."""
+    from tests.synthetic_pair import write_pair
+
+    paths = write_pair(tmp_path / "data")
+    torch.manual_seed(0)
+    torch.save(MisalignmentNet(hidden_channels=4, residual_input="lstm").state_dict(), tmp_path / "model.pt")
+    workflow = ConfigWorkflow(
+        config_file=str(REPO_ROOT / "configs" / "inference.json"),
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type="infer",
+        bundle_root=str(REPO_ROOT),
+        method="network",
+        residual_input="lstm",
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(tmp_path / "model.pt"),
+        class_weights_file="",
+        hidden_channels=4,
+        tile_size=49,
+        precision="float32",
+        progress=False,
+        fixed_image=str(paths["fixed"]),
+        moving_image=str(paths["moving"]),
+        landmarks=str(paths["landmarks"]),
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    out = tmp_path / "out"
+    assert (out / "moving_error_mm.nii.gz").is_file() and (out / "moving_misalignment.nii.gz").is_file()
+    header = (out / "moving_landmarks.csv").read_text().splitlines()[0].split(",")
+    assert {"pred", "p_correct", "p_poor", "p_wrong", "error_mm", "residual_mm", "step1", "step2"} <= set(header)

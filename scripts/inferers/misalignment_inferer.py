@@ -225,12 +225,20 @@ class MisalignmentInferer(Inferer):
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: nn.Module, mask: Optional[torch.Tensor] = None
     ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``inputs [B, 2, z, y, x]`` (fixed, moving; HU at 1 mm, LPS) -> probabilities ``[B, 3, z, y, x]`` (float32,
-        0 outside ``mask``); with ``with_steps`` a dict ``{"probabilities", "step_classes" [B, S-1, z, y, x] uint8}``.
+        """``inputs [B, C, z, y, x]`` (fixed, moving; HU at 1 mm, LPS; for a residual-informed network then r in mm,
+        ``C = network.in_channels``) -> probabilities ``[B, 3, z, y, x]`` (float32, 0 outside ``mask``); with
+        ``with_steps`` a dict ``{"probabilities", "step_classes" [B, S-1, z, y, x] uint8}``.
 
         ``mask``: ``[B, 1, z, y, x]``, ``[B, z, y, x]`` or ``[z, y, x]``, nonzero where to predict (default: all).
         """
         net = getattr(network, "module", network)
+        channels = getattr(net, "in_channels", 2)
+        if inputs.shape[1] != channels:
+            raise ValueError(
+                f"the network takes {channels} input channels (fixed, moving"
+                + (", the residual field r" if channels > 2 else "")
+                + f"), the pair has {inputs.shape[1]}"
+            )
         batch, spatial = inputs.shape[0], tuple(inputs.shape[2:])
         masks = self._masks(mask, batch, spatial, inputs.device)
         steps = net.decoder.num_steps - 1 if self.with_steps else 0
@@ -240,7 +248,8 @@ class MisalignmentInferer(Inferer):
             prepared = inference_copy(net, self.precision, self.channels_last)
             dtype = PRECISIONS[self.precision]
             for b in range(batch):
-                levels = net.pyramid(inputs[b : b + 1].float())
+                levels = net.pyramid(inputs[b : b + 1, :2].float())
+                residual = inputs[b : b + 1, 2:].float() if channels > 2 else None
                 starts, block = self.plan(masks[b], net.halo)
                 latent = [latent_size_for(n, net.halo) for n in block]
                 logger.info(
@@ -250,7 +259,10 @@ class MisalignmentInferer(Inferer):
                 for start in tqdm(starts, desc="misalignment tiles", disable=not self.progress, leave=False):
                     center = [s - net.halo + (n - 1) // 2 for s, n in zip(start, latent)]
                     windows = [self._prepare(w, dtype) for w in net.tile_inputs(levels, center, latent)]
-                    logits = prepared.forward_tile(windows)
+                    tile_residual = None
+                    if residual is not None:
+                        tile_residual = self._prepare(net.residual_tile(residual, center, latent), dtype)
+                    logits = prepared.forward_tile(windows, tile_residual)
                     keep = [min(n, size - s) for s, n, size in zip(start, block, spatial)]
                     # a tile below the encoder's 25^3 minimum comes back larger, centred on the same point
                     lo = [(logits.shape[3 + a] - latent[a]) // 2 + net.halo for a in range(3)]

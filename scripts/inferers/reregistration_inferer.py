@@ -98,6 +98,37 @@ class ReregistrationInferer(Inferer):
         }
 
 
+class ResidualNetworkInferer(Inferer):
+    """The residual-informed network (``MisalignmentNet(residual_input="lstm")``): re-register the pair, then run the
+    tiled network on (fixed, moving, r).
+
+    Returns the network's ``probabilities`` and ``step_classes`` (``MisalignmentInferer``) with the re-registration's
+    ``error_mm`` and ``residual_mm`` (zero outside ``mask``).
+
+    Args:
+        reregistration: the ``ReregistrationInferer`` that finds r (its calibration gives ``error_mm``).
+        network_inferer: the ``MisalignmentInferer`` that tiles the network.
+    """
+
+    def __init__(self, reregistration: ReregistrationInferer, network_inferer: Inferer) -> None:
+        super().__init__()
+        self.reregistration = reregistration
+        self.network_inferer = network_inferer
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Any, mask: torch.Tensor | None = None, name: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """``inputs [B, 2, z, y, x]`` (fixed, moving HU) -> the dict above."""
+        found = self.reregistration(inputs, None, None, name)  # r on the whole grid: the tiles' halos need it
+        with_residual = torch.cat([inputs.float(), found["residual_mm"].to(inputs.device, torch.float32)], dim=1)
+        out = self.network_inferer(with_residual, network, mask)
+        out = dict(out) if isinstance(out, dict) else {"probabilities": out}
+        region = torch.ones_like(inputs[:, :1], dtype=torch.float32) if mask is None else (mask != 0).float()
+        out["error_mm"] = found["error_mm"] * region
+        out["residual_mm"] = found["residual_mm"] * region
+        return out
+
+
 def select_inferer(method: str, inferers: dict[str, Inferer]) -> Inferer:
     """The inferer of ``method`` (configs/inference.json's ``method``); a clear error for an unknown name."""
     if method not in inferers:

@@ -4,9 +4,9 @@ Made the way registered pairs are (scripts.registration.registered_pairs): LIDC-
 at 1 mm, cropped to both lungs, deformed with intensity changes, then registered back with elastix (affine), so the
 registered image D keeps the residual misalignment such registrations leave. The deformation is drawn as for the
 registered training pairs: the evaluation-style motion folds on this scan (its lung bases lie 24 mm above the
-scan's lower edge), so ``deform`` falls back to the paper's respiratory motion (20 mm here). The exact residual ``e(x) = t(x) + u(x + t(x))``
-gives every landmark's true error ``tre = |e|``. F and D are shipped at ``spacing`` mm (int16) to stay a few MB;
-landmarks are Förstner points in the lungs. Arrays are in SimpleITK's (z, y, x) order.
+scan's lower edge), so ``deform`` falls back to the paper's respiratory motion (20 mm here). The exact residual
+``e(x) = t(x) + u(x + t(x))`` gives every landmark's true error ``tre = |e|``. F and D are shipped at ``spacing``
+mm (int16) to stay a few MB; landmarks are Förstner points in the lungs. Arrays are in SimpleITK's (z, y, x) order.
 
 CLI::
 
