@@ -205,3 +205,20 @@ def test_inference_config_runs_the_residual_network(tmp_path):
     assert (out / "moving_error_mm.nii.gz").is_file() and (out / "moving_misalignment.nii.gz").is_file()
     header = (out / "moving_landmarks.csv").read_text().splitlines()[0].split(",")
     assert {"pred", "p_correct", "p_poor", "p_wrong", "error_mm", "residual_mm", "step1", "step2"} <= set(header)
+
+
+def test_registered_pair_scores_put_network_and_reregistration_on_the_same_voxels(tmp_path):
+    from scripts.evaluation.registered_pair_scores import score
+
+    folder = registered_pairs_folder(tmp_path / "registered")
+    torch.manual_seed(0)
+    torch.save(MisalignmentNet(decoder="single_cnn", residual_input="lstm").state_dict(), tmp_path / "w.pt")
+    results = score(
+        weights=str(tmp_path / "w.pt"), residual_input="lstm", decoder="single_cnn",
+        datalist=str(folder / "datalist.json"), patches_per_pair=2, calibration_file="",
+        output=str(tmp_path / "scores.json"),
+    )  # fmt: skip
+    network, thresholds = results["network (argmax)"], results["re-registration (|r| thresholds)"]
+    assert network["voxels"] == thresholds["voxels"] > 1000 and network["true_counts"] == [0, network["voxels"], 0]
+    assert thresholds["accuracy"] > 0.95  # r = e + noise, |e| = 4 mm: "poor" nearly everywhere
+    assert json.loads((tmp_path / "scores.json").read_text())["pairs"] == 1

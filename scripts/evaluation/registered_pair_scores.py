@@ -1,0 +1,121 @@
+"""Voxel scores of the network beside the re-registration on registered pairs (issue 12's held-out measure).
+
+For every pair of a split of a registered-pairs datalist (``scripts.registration.registered_pairs``; the validation
+split holds pairs of the validation scan only), patch centres are drawn uniformly over the lungs, so the voxels keep
+the pair's own class mix; on the same lung voxels of each 25^3 output block the script scores the network (argmax,
+or its class-weighted decision) and the re-registration estimator (calibrated, and |r| thresholded at 3 and 6 mm)
+against the true class of the exact residual |e|. Prints and writes the scores as JSON::
+
+    python -m scripts.evaluation.registered_pair_scores --weights models/model.pt --residual_input none \
+        --datalist ../data/registered/datalist.json --output docs/training/registered_val.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+from scripts.data.patch_sampling import candidate_centres, centred_range
+from scripts.data.registered_patches import RegisteredPatchd, load_registered_pair, read_registered_datalist
+from scripts.engines.checkpoints import load_network_weights
+from scripts.engines.patch_validation import voxel_scores
+from scripts.inferers.class_decision import apply_class_weights, read_class_weights
+from scripts.inferers.misalignment_inferer import inference_copy
+from scripts.networks.misalignment_net import MisalignmentNet
+from scripts.registration.calibration import ResidualCalibration
+from scripts.registration.reregistration import ReregistrationOptions
+from scripts.utils.atomic_write import atomic_write_text
+from scripts.utils.constants import CLASS_THRESHOLDS_MM, LATENT_SIZE
+
+logger = logging.getLogger(__name__)
+
+
+def network_probabilities(prepared: torch.nn.Module, net: MisalignmentNet, batch: list, precision: torch.dtype):
+    """``[B, 3, 25, 25, 25]`` probabilities of the prepared network for a list of RegisteredPatchd samples."""
+    stack = {k: torch.stack([s[k] for s in batch]) for k in ("image_4mm", "image_2mm", "image_1mm", "residual")}
+    levels = {4: stack["image_4mm"], 2: stack["image_2mm"], 1: stack["image_1mm"]}
+    windows = [levels[f].to(precision).contiguous(memory_format=torch.channels_last_3d) for f in net.factors]
+    residual = None
+    if net.residual_input != "none":
+        residual = stack["residual"].to(precision).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        return net.probabilities(prepared.forward_tile(windows, residual).float())
+
+
+def score(
+    weights: str = "models/model.pt",
+    residual_input: str = "none",
+    decoder: str = "lstm",
+    hidden_channels: int = 16,
+    datalist: str = "../data/registered/datalist.json",
+    split: str = "validation",
+    patches_per_pair: int = 24,
+    batch_size: int = 4,
+    calibration_file: str = "models/reregistration_calibration.json",
+    class_weights_file: str = "",
+    seed: int = 0,
+    output: str = "",
+) -> dict:
+    """Scores of the network ``weights`` and of the re-registration on the same lung voxels (see the module)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
+    entries = read_registered_datalist(datalist, split)
+    net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
+    net = load_network_weights(net, weights)
+    net.eval()
+    prepared = inference_copy(net, "bfloat16")
+    calibration = ResidualCalibration.read(calibration_file, ReregistrationOptions()) if calibration_file else None
+    class_weights = read_class_weights(class_weights_file, weights) if class_weights_file else None
+    patch = RegisteredPatchd()
+    rng = np.random.RandomState(seed)
+    collected: dict[str, list] = {"labels": [], "network": [], "residual": [], "pair": []}
+    start = time.perf_counter()
+    for index, entry in enumerate(entries):
+        pair = load_registered_pair(entry)
+        centres = candidate_centres(pair["lung_mask"], LATENT_SIZE // 2)
+        chosen = centres[rng.choice(len(centres), size=min(patches_per_pair, len(centres)), replace=False)]
+        for b in range(0, len(chosen), batch_size):
+            batch = [patch({**pair, "centre": c}) for c in chosen[b : b + batch_size]]
+            probabilities = network_probabilities(prepared, net, batch, torch.bfloat16)
+            for k, (sample, centre) in enumerate(zip(batch, chosen[b : b + batch_size])):
+                voxels = np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])
+                lung = pair["lung_mask"][voxels]
+                collected["labels"].append(np.digitize(sample["magnitude"][0].numpy()[lung], CLASS_THRESHOLDS_MM))
+                collected["network"].append(probabilities[k].numpy()[:, lung].T)
+                collected["residual"].append(np.linalg.norm(sample["residual"].numpy(), axis=0)[lung])
+                collected["pair"].append(np.full(int(lung.sum()), index))
+        logger.info("pair %d/%d (%s) scored", index + 1, len(entries), entry.get("record", ""))
+    labels = np.concatenate(collected["labels"])
+    network = np.concatenate(collected["network"])
+    residual = np.concatenate(collected["residual"])
+    thresholds = ResidualCalibration.thresholds().predict(residual)[0].T
+    results = {
+        "datalist": str(datalist),
+        "split": split,
+        "pairs": len(entries),
+        "patches_per_pair": patches_per_pair,
+        "weights": weights,
+        "residual_input": residual_input,
+        "seconds": round(time.perf_counter() - start, 1),
+        "network (argmax)": voxel_scores(labels, network),
+        "re-registration (|r| thresholds)": voxel_scores(labels, thresholds),
+    }
+    if class_weights is not None:
+        weighted = apply_class_weights(torch.from_numpy(network), class_weights).numpy()
+        results["network (class-weighted)"] = {"class_weights": class_weights, **voxel_scores(labels, weighted)}
+    if calibration is not None:
+        results["re-registration (calibrated)"] = voxel_scores(labels, calibration.predict(residual)[0].T)
+    summary = {k: (round(v["mean_f1"], 3), round(v["kappa"], 3)) for k, v in results.items() if isinstance(v, dict)}
+    logger.info("mean F1, kappa: %s", summary)
+    if output:
+        atomic_write_text(Path(output), json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    fire.Fire(score, serialize=lambda results: json.dumps(results, indent=1))
