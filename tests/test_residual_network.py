@@ -208,7 +208,7 @@ def test_inference_config_runs_the_residual_network(tmp_path):
 
 
 def test_registered_pair_scores_put_network_and_reregistration_on_the_same_voxels(tmp_path):
-    from scripts.evaluation.registered_pair_scores import score
+    from scripts.evaluation.registered_pair_scores import fit_weights, score
 
     folder = registered_pairs_folder(tmp_path / "registered")
     torch.manual_seed(0)
@@ -222,3 +222,9 @@ def test_registered_pair_scores_put_network_and_reregistration_on_the_same_voxel
     assert network["voxels"] == thresholds["voxels"] > 1000 and network["true_counts"] == [0, network["voxels"], 0]
     assert thresholds["accuracy"] > 0.95  # r = e + noise, |e| = 4 mm: "poor" nearly everywhere
     assert json.loads((tmp_path / "scores.json").read_text())["pairs"] == 1
+    record = fit_weights(
+        weights=str(tmp_path / "w.pt"), output=str(tmp_path / "cw.json"), residual_input="lstm", decoder="single_cnn",
+        datalist=str(folder / "datalist.json"), patches_per_pair=2,
+    )  # fmt: skip
+    assert record["fitted_on"]["true_counts"][1] == record["fitted_on"]["voxels"] > 1000
+    assert record["mean_f1_fitted"] >= record["mean_f1_argmax"] and len(record["weights"]) == 3

@@ -4,10 +4,13 @@ For every pair of a split of a registered-pairs datalist (``scripts.registration
 split holds pairs of the validation scan only), patch centres are drawn uniformly over the lungs, so the voxels keep
 the pair's own class mix; on the same lung voxels of each 25^3 output block the script scores the network (argmax,
 or its class-weighted decision) and the re-registration estimator (calibrated, and |r| thresholded at 3 and 6 mm)
-against the true class of the exact residual |e|. Prints and writes the scores as JSON::
+against the true class of the exact residual |e|. Prints and writes the scores as JSON. ``fit_weights`` fits the
+network's class-weighted decision the same way on the TRAINING pairs::
 
-    python -m scripts.evaluation.registered_pair_scores --weights models/model.pt --residual_input none \
+    python -m scripts.evaluation.registered_pair_scores score --weights models/model.pt --residual_input none \
         --datalist ../data/registered/datalist.json --output docs/training/registered_val.json
+    python -m scripts.evaluation.registered_pair_scores fit_weights --weights W.pt --residual_input lstm \
+        --output models/class_weights.json
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from scripts.data.patch_sampling import candidate_centres, centred_range
 from scripts.data.registered_patches import RegisteredPatchd, load_registered_pair, read_registered_datalist
 from scripts.engines.checkpoints import load_network_weights
+from scripts.engines.class_weights import fit_class_weights
 from scripts.engines.patch_validation import voxel_scores
 from scripts.inferers.class_decision import apply_class_weights, read_class_weights
 from scripts.inferers.misalignment_inferer import inference_copy
@@ -31,7 +35,8 @@ from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.registration.calibration import ResidualCalibration
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
-from scripts.utils.constants import CLASS_THRESHOLDS_MM, LATENT_SIZE
+from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM, LATENT_SIZE
+from scripts.utils.file_digest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,44 @@ def network_probabilities(prepared: torch.nn.Module, net: MisalignmentNet, batch
         residual = stack["residual"].to(precision).contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode():
         return net.probabilities(prepared.forward_tile(windows, residual).float())
+
+
+def collect(
+    weights: str,
+    residual_input: str,
+    decoder: str,
+    hidden_channels: int,
+    datalist: str,
+    split: str,
+    patches_per_pair: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """True classes, network probabilities ``[N, 3]`` and |r| of the lung voxels of uniformly drawn patches."""
+    entries = read_registered_datalist(datalist, split)
+    net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
+    net = load_network_weights(net, weights).eval()
+    prepared = inference_copy(net, "bfloat16")
+    patch = RegisteredPatchd()
+    rng = np.random.RandomState(seed)
+    collected: dict[str, list] = {"labels": [], "network": [], "residual": []}
+    for index, entry in enumerate(entries):
+        pair = load_registered_pair(entry)
+        centres = candidate_centres(pair["lung_mask"], LATENT_SIZE // 2)
+        chosen = centres[rng.choice(len(centres), size=min(patches_per_pair, len(centres)), replace=False)]
+        for b in range(0, len(chosen), batch_size):
+            batch = [patch({**pair, "centre": c}) for c in chosen[b : b + batch_size]]
+            probabilities = network_probabilities(prepared, net, batch, torch.bfloat16)
+            for k, (sample, centre) in enumerate(zip(batch, chosen[b : b + batch_size])):
+                voxels = np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])
+                lung = pair["lung_mask"][voxels]
+                collected["labels"].append(np.digitize(sample["magnitude"][0].numpy()[lung], CLASS_THRESHOLDS_MM))
+                collected["network"].append(probabilities[k].numpy()[:, lung].T)
+                collected["residual"].append(np.linalg.norm(sample["residual"].numpy(), axis=0)[lung])
+        logger.info("pair %d/%d (%s) predicted", index + 1, len(entries), entry.get("record", ""))
+    out = {k: np.concatenate(v) for k, v in collected.items()}
+    out["pairs"] = np.array(len(entries))
+    return out
 
 
 def score(
@@ -64,40 +107,18 @@ def score(
 ) -> dict:
     """Scores of the network ``weights`` and of the re-registration on the same lung voxels (see the module)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
-    entries = read_registered_datalist(datalist, split)
-    net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
-    net = load_network_weights(net, weights)
-    net.eval()
-    prepared = inference_copy(net, "bfloat16")
     calibration = ResidualCalibration.read(calibration_file, ReregistrationOptions()) if calibration_file else None
     class_weights = read_class_weights(class_weights_file, weights) if class_weights_file else None
-    patch = RegisteredPatchd()
-    rng = np.random.RandomState(seed)
-    collected: dict[str, list] = {"labels": [], "network": [], "residual": [], "pair": []}
     start = time.perf_counter()
-    for index, entry in enumerate(entries):
-        pair = load_registered_pair(entry)
-        centres = candidate_centres(pair["lung_mask"], LATENT_SIZE // 2)
-        chosen = centres[rng.choice(len(centres), size=min(patches_per_pair, len(centres)), replace=False)]
-        for b in range(0, len(chosen), batch_size):
-            batch = [patch({**pair, "centre": c}) for c in chosen[b : b + batch_size]]
-            probabilities = network_probabilities(prepared, net, batch, torch.bfloat16)
-            for k, (sample, centre) in enumerate(zip(batch, chosen[b : b + batch_size])):
-                voxels = np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])
-                lung = pair["lung_mask"][voxels]
-                collected["labels"].append(np.digitize(sample["magnitude"][0].numpy()[lung], CLASS_THRESHOLDS_MM))
-                collected["network"].append(probabilities[k].numpy()[:, lung].T)
-                collected["residual"].append(np.linalg.norm(sample["residual"].numpy(), axis=0)[lung])
-                collected["pair"].append(np.full(int(lung.sum()), index))
-        logger.info("pair %d/%d (%s) scored", index + 1, len(entries), entry.get("record", ""))
-    labels = np.concatenate(collected["labels"])
-    network = np.concatenate(collected["network"])
-    residual = np.concatenate(collected["residual"])
+    found = collect(
+        weights, residual_input, decoder, hidden_channels, datalist, split, patches_per_pair, batch_size, seed
+    )
+    labels, network, residual = found["labels"], found["network"], found["residual"]
     thresholds = ResidualCalibration.thresholds().predict(residual)[0].T
     results = {
         "datalist": str(datalist),
         "split": split,
-        "pairs": len(entries),
+        "pairs": int(found["pairs"]),
         "patches_per_pair": patches_per_pair,
         "weights": weights,
         "residual_input": residual_input,
@@ -117,5 +138,44 @@ def score(
     return results
 
 
+def fit_weights(
+    weights: str = "models/model.pt",
+    output: str = "models/class_weights.json",
+    residual_input: str = "none",
+    decoder: str = "lstm",
+    hidden_channels: int = 16,
+    datalist: str = "../data/registered/datalist.json",
+    patches_per_pair: int = 16,
+    batch_size: int = 4,
+    seed: int = 4321,
+) -> dict:
+    """Fit the class-weighted decision (``scripts.engines.class_weights``) on the TRAINING registered pairs' lung
+    voxels, in their own class mix, and write ``output`` with the hash of ``weights``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
+    found = collect(
+        weights, residual_input, decoder, hidden_channels, datalist, "training", patches_per_pair, batch_size, seed
+    )
+    class_weights, fitted, plain = fit_class_weights(found["labels"], found["network"])
+    record = {
+        "weights": class_weights,
+        "classes": list(CLASS_NAMES),
+        "weights_sha256": file_sha256(weights),
+        "fitted_on": {
+            "split": "training",
+            "datalist": str(datalist),
+            "pairs": int(found["pairs"]),
+            "patches_per_pair": patches_per_pair,
+            "voxels": int(found["labels"].size),
+            "true_counts": np.bincount(found["labels"], minlength=3).tolist(),
+            "seed": seed,
+        },
+        "mean_f1_fitted": fitted,
+        "mean_f1_argmax": plain,
+    }
+    atomic_write_text(Path(output), json.dumps(record, indent=1))
+    logger.info("class weights %s: mean F1 %.3f (argmax %.3f) on the training voxels", class_weights, fitted, plain)
+    return record
+
+
 if __name__ == "__main__":
-    fire.Fire(score, serialize=lambda results: json.dumps(results, indent=1))
+    fire.Fire({"score": score, "fit_weights": fit_weights}, serialize=lambda results: json.dumps(results, indent=1))
