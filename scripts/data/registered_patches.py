@@ -33,6 +33,13 @@ PAIR_KEYS = ("fixed", "registered", "residual_true", "body_mask", "lung_mask")
 ESTIMATE_KEY = "residual_estimate"
 
 
+def _locate(name: str, folder: Path) -> str:
+    """A datalist path: absolute, or relative to the working directory it was written from (as registered_pairs
+    writes them), or else relative to the datalist's folder."""
+    given = Path(name)
+    return str(given if given.is_absolute() or given.exists() else folder / given)
+
+
 def read_registered_datalist(datalist: str | Path, split: str = "training", estimate_key: str = ESTIMATE_KEY) -> list:
     """Entries of ``split`` in a registered-pairs datalist, each with ``residual`` (the path of its estimate r);
     a ValueError or FileNotFoundError names the datalist and the pair that lacks a file."""
@@ -56,8 +63,8 @@ def read_registered_datalist(datalist: str | Path, split: str = "training", esti
         absent = [k for k in PAIR_KEYS if k not in entry]
         if absent:
             raise ValueError(f"{path}: pair {name} has no {absent}; is this a registered-pairs datalist?")
-        files = {k: str(path.parent / entry[k]) for k in PAIR_KEYS}
-        files["residual"] = str(path.parent / estimate["path"])
+        files = {k: _locate(entry[k], path.parent) for k in PAIR_KEYS}
+        files["residual"] = _locate(estimate["path"], path.parent)
         missing = [f"{k} {f}" for k, f in files.items() if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path}: pair {name} is missing {missing}")
