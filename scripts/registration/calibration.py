@@ -168,8 +168,10 @@ def class_scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
 def _load(
     datalist: str | Path, split: str, per_pair: int, seed: int, options: ReregistrationOptions
 ) -> tuple[np.ndarray, ...]:
-    """|r|, |e| and the scan name of voxel samples of the ``split`` pairs, whose estimates must be of ``options``."""
-    records = json.loads(Path(datalist).read_text())[split]
+    """|r|, |e| and the scan name of voxel samples of the ``split`` pairs, whose estimates must be of ``options``;
+    ``datalist``: one path, or several separated by commas (their pairs are pooled)."""
+    names = [d for d in str(datalist).split(",") if d]
+    records = [r for name in names for r in json.loads(Path(name).read_text()).get(split, [])]
     if not records:
         raise ValueError(f"{datalist}: no {split} pairs")
     digest = options_sha256(options)
@@ -312,7 +314,8 @@ def report(
     per_pair: int = 20000,
     seed: int = 1,
 ) -> dict:
-    """Reliability diagram (PNG) and scores of the calibration on the VALIDATION pairs of ``datalist``."""
+    """Reliability diagram (PNG) and scores of the calibration on the VALIDATION pairs of ``datalist`` (one path, or
+    several separated by commas)."""
     import matplotlib
 
     matplotlib.use("Agg")
