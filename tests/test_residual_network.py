@@ -146,7 +146,7 @@ def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path):
     workflow.finalize()
     assert len(losses) == 1 and np.isfinite(losses[0])
     assert all(torch.equal(v, net.encoders.state_dict()[k]) for k, v in encoders.items())
-    assert not torch.equal(net.decoder.head[0].weight[:, 112:116], first[:, 112:116])  # r is being learnt from
+    assert not torch.equal(net.decoder.head[0].weight[:, 112:118], first[:, 112:118])  # r is being learnt from
     assert (tmp_path / "models" / "model.pt").is_file()
 
 

@@ -24,7 +24,7 @@ from scripts.utils.constants import BACKGROUND_HU, HU_OFFSET, HU_SCALE
 
 DECODERS = ("lstm", "multi_cnn", "single_cnn")
 RESIDUAL_INPUTS = ("none", "lstm")
-RESIDUAL_FEATURES = 4  # r / 10 mm (x, y, z) and |r| / 10 mm, beside every latent map the decoder reads
+RESIDUAL_FEATURES = 6  # r / 10 mm (x, y, z), |r| / 3 mm and soft steps of |r| at 3 and 6 mm (see residual_features)
 RESIDUAL_SCALE_MM = 10.0
 TILE_ALIGN = 8  # 1 mm latent tiles are 1 + 8k voxels so that their centre is a sample of every level
 
@@ -67,9 +67,9 @@ class MisalignmentNet(nn.Module):
         hidden_channels: ConvLSTM hidden size (the paper leaves it open; 16 keeps the 1 mm decoder cheaper than
             the three encoders on CPU: 21 vs 58 GFLOP per 25^3 patch, where 32 costs 47).
         cnn_widths: channel widths of the CNN decoders' 3^3 convolutions.
-        residual_input: "none" (the paper: fixed and moving image only) or "lstm": the re-registration's residual
-            field r (``scripts.registration.reregistration``) and |r| are concatenated to the latent map of every
-            decoder step, so the decoder starts from what a second registration found and the encoders add what it
+        residual_input: "none" (the paper: fixed and moving image only) or "lstm": features of the re-registration's
+            residual field r (``scripts.registration.reregistration``; ``residual_features``) are concatenated to the
+            latent map of every decoder step, so the decoder starts from what a second registration found and the encoders add what it
             missed. ``scripts.engines.checkpoints.load_network_weights`` extends a "none" checkpoint with zeros.
     """
 
@@ -112,9 +112,20 @@ class MisalignmentNet(nn.Module):
         return (image + self.hu_offset) / self.hu_scale
 
     def residual_features(self, residual: torch.Tensor) -> torch.Tensor:
-        """``[B, 4, ...]`` decoder features of the residual field ``[B, 3, ...]`` (mm): r / 10 mm and |r| / 10 mm."""
-        scaled = residual / self.residual_scale_mm
-        return torch.cat([scaled, torch.linalg.vector_norm(scaled, dim=1, keepdim=True)], dim=1)
+        """``[B, 6, ...]`` decoder features of the residual field ``[B, 3, ...]`` (mm): r / 10 mm, |r| / 3 mm and
+        sigmoid(2 (|r| - 3 mm)), sigmoid(2 (|r| - 6 mm)). The soft steps put the class thresholds within one linear
+        layer of the residual, so the zero-initialised decoder weights of these inputs learn quickly (with |r| alone
+        the first 120 iterations left the validation labels all "correct")."""
+        magnitude = torch.linalg.vector_norm(residual, dim=1, keepdim=True)
+        return torch.cat(
+            [
+                residual / self.residual_scale_mm,
+                magnitude / 3.0,
+                torch.sigmoid(2.0 * (magnitude - 3.0)),
+                torch.sigmoid(2.0 * (magnitude - 6.0)),
+            ],
+            dim=1,
+        )
 
     def forward_tile(self, level_inputs: List[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, steps, n_fine, n, n, n]`` for one 1 mm latent tile from its encoder windows (HU).
