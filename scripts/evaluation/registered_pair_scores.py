@@ -64,8 +64,9 @@ def collect(
     batch_size: int,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """True classes, network probabilities ``[N, 3]`` and |r| of the lung voxels of uniformly drawn patches."""
-    entries = read_registered_datalist(datalist, split)
+    """True classes, network probabilities ``[N, 3]`` and |r| of the lung voxels of uniformly drawn patches of the
+    ``split`` pairs of ``datalist`` (one path, or several separated by commas)."""
+    entries = [e for name in str(datalist).split(",") if name for e in read_registered_datalist(name, split)]
     net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
     net = load_network_weights(net, weights).eval()
     prepared = inference_copy(net, "bfloat16")
