@@ -228,3 +228,22 @@ def test_registered_pair_scores_put_network_and_reregistration_on_the_same_voxel
     )  # fmt: skip
     assert record["fitted_on"]["true_counts"][1] == record["fitted_on"]["voxels"] > 1000
     assert record["mean_f1_fitted"] >= record["mean_f1_argmax"] and len(record["weights"]) == 3
+
+
+def test_prior_variant_starts_as_the_thresholded_reregistration(tmp_path):
+    """``residual_input="lstm_prior"`` widened from image-only weights answers like |r| thresholded at 3 and 6 mm,
+    whatever the images say, and its decoder gate is a trained parameter."""
+    torch.manual_seed(0)
+    torch.save(MisalignmentNet(hidden_channels=4).state_dict(), tmp_path / "image_only.pt")
+    net = load_network_weights(
+        MisalignmentNet(hidden_channels=4, residual_input="lstm_prior"), tmp_path / "image_only.pt"
+    )
+    magnitude = torch.tensor([0.5, 2.0, 4.0, 5.5, 7.0, 12.0]).repeat_interleave(3)  # 18 voxels along x
+    residual = torch.zeros(1, 3, 18, 18, 18)
+    residual[:, 0] = magnitude.view(1, 1, 1, -1)
+    image = torch.randn(1, 2, 18, 18, 18) * 300
+    with torch.no_grad():
+        labels = net.eval()(torch.cat([image, residual], dim=1)).argmax(dim=1)[0]
+    expected = torch.bucketize(magnitude, torch.tensor([3.0, 6.0]), right=True)
+    assert torch.equal(labels[9, 9], expected)
+    assert net.residual_gate.requires_grad and torch.equal(net.residual_gate, torch.zeros(3))

@@ -110,6 +110,8 @@ def widen_for_residual(state: Mapping[str, torch.Tensor], net: nn.Module) -> Dic
         for b in range(blocks):
             pieces += [value[:, b * 112 : (b + 1) * 112], zeros]
         out[key] = torch.cat(pieces + [value[:, blocks * 112 :]], dim=1)
+    if "residual_gate" in expected and "residual_gate" not in out:  # older checkpoints: the gate starts at zero
+        out["residual_gate"] = torch.zeros_like(expected["residual_gate"])
     return out
 
 

@@ -23,7 +23,7 @@ from scripts.transforms.pyramid import bspline_kernel_1d, smooth_downsample_with
 from scripts.utils.constants import BACKGROUND_HU, HU_OFFSET, HU_SCALE
 
 DECODERS = ("lstm", "multi_cnn", "single_cnn")
-RESIDUAL_INPUTS = ("none", "lstm")
+RESIDUAL_INPUTS = ("none", "lstm", "lstm_prior")
 RESIDUAL_FEATURES = 6  # r / 10 mm (x, y, z), |r| / 3 mm and soft steps of |r| at 3 and 6 mm (see residual_features)
 RESIDUAL_SCALE_MM = 10.0
 TILE_ALIGN = 8  # 1 mm latent tiles are 1 + 8k voxels so that their centre is a sample of every level
@@ -69,8 +69,11 @@ class MisalignmentNet(nn.Module):
         cnn_widths: channel widths of the CNN decoders' 3^3 convolutions.
         residual_input: "none" (the paper: fixed and moving image only) or "lstm": features of the re-registration's
             residual field r (``scripts.registration.reregistration``; ``residual_features``) are concatenated to the
-            latent map of every decoder step, so the decoder starts from what a second registration found and the encoders add what it
-            missed. ``scripts.engines.checkpoints.load_network_weights`` extends a "none" checkpoint with zeros.
+            latent map of every decoder step, so the decoder starts from what a second registration found and the
+            encoders add what it missed. "lstm_prior" also starts every step's fine-label logits from the log of soft
+            |r| thresholds (the re-registration's own answer) and adds the decoder's logits scaled by a learnt per-step
+            gate that starts at zero: the network begins as the estimator and learns corrections from the images.
+            ``scripts.engines.checkpoints.load_network_weights`` extends a "none" checkpoint with zeros.
     """
 
     def __init__(
@@ -89,7 +92,7 @@ class MisalignmentNet(nn.Module):
         self.decoder_name = decoder
         self.residual_input = residual_input
         self.in_channels = 2 if residual_input == "none" else 5
-        latent_channels = 112 + (RESIDUAL_FEATURES if residual_input == "lstm" else 0)
+        latent_channels = 112 + (RESIDUAL_FEATURES if residual_input != "none" else 0)
         self.factors: List[int] = [1] if decoder == "single_cnn" else [4, 2, 1]
         self.encoders = nn.ModuleList([RegNetEncoder() for _ in self.factors])
         self.decoder: MisalignmentDecoder
@@ -99,6 +102,14 @@ class MisalignmentNet(nn.Module):
             self.decoder = MultiScaleCNNDecoder(latent_channels, 3, tuple(cnn_widths))
         else:
             self.decoder = SingleScaleCNNDecoder(latent_channels, tuple(cnn_widths))
+        self.residual_prior = residual_input == "lstm_prior"
+        if self.residual_prior:  # no such key in the state_dict of the other variants
+            self.residual_gate = nn.Parameter(torch.zeros(self.decoder.num_steps))
+        else:
+            self.register_parameter("residual_gate", None)
+        self.register_buffer(
+            "prior_edges", torch.tensor(self.decoder.fine_edges, dtype=torch.float32), persistent=False
+        )
         reach = self.decoder.num_steps if decoder == "lstm" else len(cnn_widths)  # 'same' 3^3 convs in the decoder
         self.halo = 4 * ((reach + 3) // 4)  # 1 mm context a tile needs, a multiple of 4 to stay on every grid
         self.register_buffer("kernel_2mm", bspline_kernel_1d(2), persistent=False)
@@ -159,7 +170,22 @@ class MisalignmentNet(nn.Module):
                 residual = F.pad(residual, pads)
             features = self.residual_features(residual.to(latents[0].dtype))
             latents = [torch.cat([latent, features], dim=1) for latent in latents]
+            gate_weights = self.residual_gate
+            if gate_weights is not None:
+                logits = self.decoder(latents)
+                gate = gate_weights.to(logits.dtype).view(1, -1, 1, 1, 1, 1)
+                return gate * logits + self.residual_log_prior(residual.float()).unsqueeze(1).to(logits.dtype)
         return self.decoder(latents)
+
+    def residual_log_prior(self, residual: torch.Tensor) -> torch.Tensor:
+        """``[B, n_fine, ...]`` log-probabilities of the fine labels from |r| alone: P(|e| >= t) = sigmoid(2 (|r| - t))
+        at every fine edge t (mm), the thresholding a plain re-registration does, softened by 0.5 mm."""
+        magnitude = torch.linalg.vector_norm(residual, dim=1, keepdim=True)
+        at_least = torch.sigmoid(2.0 * (magnitude - self.prior_edges.view(1, -1, 1, 1, 1)))
+        ones = torch.ones_like(magnitude)
+        upper = torch.cat([ones, at_least], dim=1)
+        lower = torch.cat([at_least, torch.zeros_like(magnitude)], dim=1)
+        return torch.log((upper - lower).clamp_min(1e-4))
 
     def forward_patches(
         self,
@@ -229,6 +255,9 @@ class MisalignmentNet(nn.Module):
             center.append(-self.halo + (n - 1) // 2)
         tile_residual = None if residual is None else self.residual_tile(residual, center, latent_size)
         logits = self.forward_tile(self.tile_inputs(levels, center, latent_size), tile_residual)
-        h = self.halo
-        logits = logits[:, :, :, h : h + image.shape[2], h : h + image.shape[3], h : h + image.shape[4]]
+        # a tile below the encoder's 25^3 minimum comes back larger, centred on the same point
+        lo = [(logits.shape[3 + a] - latent_size[a]) // 2 + self.halo for a in range(3)]
+        logits = logits[
+            :, :, :, lo[0] : lo[0] + image.shape[2], lo[1] : lo[1] + image.shape[3], lo[2] : lo[2] + image.shape[4]
+        ]
         return self.probabilities(logits)
