@@ -247,3 +247,14 @@ def test_prior_variant_starts_as_the_thresholded_reregistration(tmp_path):
     expected = torch.bucketize(magnitude, torch.tensor([3.0, 6.0]), right=True)
     assert torch.equal(labels[9, 9], expected)
     assert net.residual_gate.requires_grad and torch.equal(net.residual_gate, torch.zeros(3))
+
+
+def test_committed_residual_weights_are_the_prior_variant():
+    """models/model_residual.pt (issue 12's run, to continue with --init_weights) loads into its architecture only."""
+    path = REPO_ROOT / "models" / "model_residual.pt"
+    if not path.is_file():
+        pytest.skip("no residual-informed weights committed")
+    net = load_network_weights(MisalignmentNet(residual_input="lstm_prior"), path)
+    assert net.residual_gate.shape == (3,)
+    with pytest.raises(ValueError, match="model_residual.pt"):
+        load_network_weights(MisalignmentNet(), path)

@@ -124,8 +124,7 @@ def residual_thresholds(source_csv: Path, output_csv: Path) -> Path:
 
 
 REREGISTRATION = "re-registration (calibrated)"
-RESIDUAL_NETWORK = "LSTM 6-3-1 + r (residual-informed)"
-RESIDUAL_CLASS_WEIGHTS = "models/class_weights_residual.json"
+RESIDUAL_NETWORK = "LSTM 6-3-1 + r prior (residual-informed)"
 DEFAULT_METHODS = (
     MethodSpec(
         REREGISTRATION,
@@ -146,14 +145,7 @@ DEFAULT_METHODS = (
         RESIDUAL_NETWORK,
         "bundle",
         "models/model_residual.pt",
-        ["--method", "network", "--residual_input", "lstm", "--class_weights_file", RESIDUAL_CLASS_WEIGHTS],
-        files=(RESIDUAL_CLASS_WEIGHTS,),
-    ),
-    MethodSpec(
-        RESIDUAL_NETWORK + ", argmax",
-        "bundle",
-        "models/model_residual.pt",
-        ["--method", "network", "--residual_input", "lstm", "--class_weights_file", ""],
+        ["--method", "network", "--residual_input", "lstm_prior", "--class_weights_file", ""],
     ),
     MethodSpec(
         "multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--method", "network", "--decoder", "multi_cnn"]
