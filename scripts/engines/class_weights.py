@@ -59,6 +59,28 @@ def fit_class_weights(labels: np.ndarray, probabilities: np.ndarray) -> tuple[li
     return [1.0, float(np.exp(a)), float(np.exp(b))], score, plain
 
 
+def write_class_weights(weights: str, labels: np.ndarray, probabilities: np.ndarray, fitted_on: dict, output: str):
+    """Fit the class weights on training voxels ``labels [N]``, ``probabilities [N, 3]`` and write ``output`` with the
+    sha256 of ``weights`` and what they were fitted on (``fitted_on`` plus voxel and class counts); returns the
+    record."""
+    class_weights, score, plain = fit_class_weights(labels, probabilities)
+    record = {
+        "weights": class_weights,
+        "classes": list(CLASS_NAMES),
+        "weights_sha256": file_sha256(weights),
+        "fitted_on": {
+            "split": "training",
+            **fitted_on,
+            "voxels": int(labels.size),
+            "true_counts": np.bincount(labels, minlength=3).tolist(),
+        },
+        "mean_f1_fitted": score,
+        "mean_f1_argmax": plain,
+    }
+    atomic_write_text(Path(output), json.dumps(record, indent=1))
+    return record
+
+
 def fit(
     weights: str = "models/model.pt",
     output: str = "models/class_weights.json",
@@ -78,23 +100,9 @@ def fit(
         **overrides,
     }
     labels, probabilities = predict_patches(weights, config_file, **overrides)
-    class_weights, score, plain = fit_class_weights(labels, probabilities)
-    record = {
-        "weights": class_weights,
-        "classes": list(CLASS_NAMES),
-        "weights_sha256": file_sha256(weights),
-        "fitted_on": {
-            "split": "training",
-            "patches": int(labels.size // LATENT_SIZE**3),
-            "voxels": int(labels.size),
-            "true_counts": np.bincount(labels, minlength=3).tolist(),
-            "seed": seed,
-            "dataset_dir": str(overrides.get("dataset_dir", "")),
-        },
-        "mean_f1_fitted": score,
-        "mean_f1_argmax": plain,
-    }
-    atomic_write_text(Path(output), json.dumps(record, indent=1))
+    fitted_on = {"patches": int(labels.size // LATENT_SIZE**3), "seed": seed,
+                 "dataset_dir": str(overrides.get("dataset_dir", ""))}  # fmt: skip
+    record = write_class_weights(weights, labels, probabilities, fitted_on, output)
     print(json.dumps(record, indent=1))
     return record
 

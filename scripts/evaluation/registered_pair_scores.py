@@ -27,7 +27,7 @@ import torch
 from scripts.data.patch_sampling import candidate_centres, centred_range
 from scripts.data.registered_patches import RegisteredPatchd, load_registered_pair, read_registered_datalist
 from scripts.engines.checkpoints import load_network_weights
-from scripts.engines.class_weights import fit_class_weights
+from scripts.engines.class_weights import write_class_weights
 from scripts.engines.patch_validation import voxel_scores
 from scripts.inferers.class_decision import apply_class_weights, read_class_weights
 from scripts.inferers.misalignment_inferer import inference_copy
@@ -35,8 +35,7 @@ from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.registration.calibration import ResidualCalibration
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
-from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM, LATENT_SIZE
-from scripts.utils.file_digest import file_sha256
+from scripts.utils.constants import CLASS_THRESHOLDS_MM, LATENT_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -156,25 +155,13 @@ def fit_weights(
     found = collect(
         weights, residual_input, decoder, hidden_channels, datalist, "training", patches_per_pair, batch_size, seed
     )
-    class_weights, fitted, plain = fit_class_weights(found["labels"], found["network"])
-    record = {
-        "weights": class_weights,
-        "classes": list(CLASS_NAMES),
-        "weights_sha256": file_sha256(weights),
-        "fitted_on": {
-            "split": "training",
-            "datalist": str(datalist),
-            "pairs": int(found["pairs"]),
-            "patches_per_pair": patches_per_pair,
-            "voxels": int(found["labels"].size),
-            "true_counts": np.bincount(found["labels"], minlength=3).tolist(),
-            "seed": seed,
-        },
-        "mean_f1_fitted": fitted,
-        "mean_f1_argmax": plain,
-    }
-    atomic_write_text(Path(output), json.dumps(record, indent=1))
-    logger.info("class weights %s: mean F1 %.3f (argmax %.3f) on the training voxels", class_weights, fitted, plain)
+    fitted_on = {"datalist": str(datalist), "pairs": int(found["pairs"]), "patches_per_pair": patches_per_pair,
+                 "seed": seed}  # fmt: skip
+    record = write_class_weights(weights, found["labels"], found["network"], fitted_on, output)
+    logger.info(
+        "class weights %s: mean F1 %.3f (argmax %.3f) on the training voxels",
+        record["weights"], record["mean_f1_fitted"], record["mean_f1_argmax"],
+    )  # fmt: skip
     return record
 
 
