@@ -3,9 +3,13 @@
 One step = forward + loss + backward + Adam update on 101^3 patches, exactly the path the training configs use
 (``PatchTrainingNetwork`` / ``AutocastInferer`` / the losses). FLOPs of forward + backward come from
 ``torch.utils.flop_counter.FlopCounterMode``; the peak is a Conv3d(32 -> 32, 3^3) forward in fp32 and bf16, contiguous
-and channels-last, the fastest of which is the reference. Prints medians; run from the repository root:
+and channels-last, the fastest of which is the reference. Also labelled voxels per second (25^3 output voxels per
+sample of the misalignment network, 21^3 of RegNet). ``--residual_input lstm_prior --freeze_encoders true`` measures
+the residual-informed recipe (configs/train_residual.json). Prints medians; run from the repository root:
 
     python -m benchmarks.bench_training --models "['regnet','misalignment']" --batches "[1]" --repeats 3
+    python -m benchmarks.bench_training --models "['misalignment']" --batches "[4]" --precisions "['bf16']" \
+        --channels_last true --residual_input lstm_prior --freeze_encoders true
 """
 
 import json
@@ -18,11 +22,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from scripts.engines.losses import HierarchicalCrossEntropyLoss, RegNetLoss
-from scripts.engines.trainer import AutocastInferer, PatchTrainingNetwork
+from scripts.engines.trainer import AutocastInferer, PatchTrainingNetwork, as_bool
 from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.networks.regnet import RegNet
 
 PATCH = 101
+LABELLED_VOXELS = {"regnet": 21**3, "misalignment": 25**3}  # output voxels with a target, per sample
 
 
 def _median_seconds(step: Callable[[], None], repeats: int, warmup: int) -> float:
@@ -50,7 +55,15 @@ def conv3d_peak(size: int = 48, repeats: int = 5) -> Dict[str, float]:
     return results
 
 
-def _training_step(model: str, batch: int, precision: str, decoder: str, channels_last: bool) -> Callable[[], None]:
+def _training_step(
+    model: str,
+    batch: int,
+    precision: str,
+    decoder: str,
+    channels_last: bool,
+    residual_input: str = "none",
+    freeze_encoders: bool = False,
+) -> Callable[[], None]:
     torch.manual_seed(0)
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     inferer = AutocastInferer("bfloat16" if precision == "bf16" else None)
@@ -64,15 +77,18 @@ def _training_step(model: str, batch: int, precision: str, decoder: str, channel
         target = torch.randn(batch, 3, 21, 21, 21)
         loss_fn: torch.nn.Module = RegNetLoss()
     elif model == "misalignment":
-        net = MisalignmentNet(decoder=decoder)
-        network = PatchTrainingNetwork(net).to(memory_format=layout)
+        net = MisalignmentNet(decoder=decoder, residual_input=residual_input)
+        network = PatchTrainingNetwork(net, freeze_encoders).to(memory_format=layout)
         inputs = tuple(patch() for _ in range(3))
+        if residual_input != "none":
+            inputs += (torch.randn(batch, 3, 25, 25, 25).to(memory_format=layout) * 3,)
         target = torch.rand(batch, 1, 25, 25, 25) * 12
         loss_fn = HierarchicalCrossEntropyLoss.from_decoder(net.decoder)
     else:
         raise ValueError(f"unknown model {model!r}; use 'regnet' or 'misalignment'")
     network.train()
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, fused=True)  # as the training configs
+    trained = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=1e-3, fused=True)  # as the training configs
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -84,10 +100,17 @@ def _training_step(model: str, batch: int, precision: str, decoder: str, channel
 
 
 def training_throughput(
-    model: str, batch: int, precision: str, decoder: str = "lstm", channels_last: bool = False, repeats: int = 3
+    model: str,
+    batch: int,
+    precision: str,
+    decoder: str = "lstm",
+    channels_last: bool = False,
+    repeats: int = 3,
+    residual_input: str = "none",
+    freeze_encoders: bool = False,
 ) -> Dict[str, float]:
-    """Median seconds per step, samples/s, GFLOP per step (forward + backward) and achieved GFLOP/s."""
-    step = _training_step(model, batch, precision, decoder, channels_last)
+    """Median seconds per step, samples/s, labelled voxels/s, GFLOP per step (forward + backward) and GFLOP/s."""
+    step = _training_step(model, batch, precision, decoder, channels_last, residual_input, freeze_encoders)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -96,6 +119,7 @@ def training_throughput(
     return {
         "seconds_per_step": seconds,
         "samples_per_s": batch / seconds,
+        "labelled_voxels_per_s": batch * LABELLED_VOXELS[model] / seconds,
         "gflop_per_step": flops / 1e9,
         "gflop_per_s": flops / seconds / 1e9,
     }
@@ -109,8 +133,11 @@ def run_benchmark(
     channels_last: bool = False,
     repeats: int = 3,
     threads: int = 0,
+    residual_input: str = "none",
+    freeze_encoders: bool = False,
 ) -> List[Dict[str, object]]:
     """Measure the conv3d peak, then every (model, batch, precision); print a table and one JSON line per row."""
+    channels_last, freeze_encoders = as_bool(channels_last), as_bool(freeze_encoders)  # "true" from the command line
     if threads > 0:
         torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {repeats} (after 1 warm-up)")
@@ -124,9 +151,15 @@ def run_benchmark(
     for model in models:
         for batch in batches:
             for precision in precisions:
-                result = training_throughput(model, batch, precision, decoder, channels_last, repeats)
+                result = training_throughput(
+                    model, batch, precision, decoder, channels_last, repeats, residual_input, freeze_encoders
+                )
+                name = model if model == "regnet" else f"misalignment-{decoder}"
+                if model != "regnet" and residual_input != "none":
+                    name += f"+r:{residual_input}"
                 row: Dict[str, object] = {
-                    "model": model if model == "regnet" else f"misalignment-{decoder}",
+                    "model": name,
+                    "freeze_encoders": freeze_encoders and model != "regnet",
                     "batch": batch,
                     "precision": precision,
                     "channels_last": channels_last,
@@ -137,7 +170,8 @@ def run_benchmark(
                 rows.append(row)
                 print(
                     f"{row['model']:22s} batch {batch:2d} {precision}: {result['seconds_per_step']:7.2f} s/step "
-                    f"{result['samples_per_s']:6.3f} samples/s {result['gflop_per_step']:8.1f} GFLOP/step "
+                    f"{result['samples_per_s']:6.3f} samples/s {result['labelled_voxels_per_s']:9.0f} voxels/s "
+                    f"{result['gflop_per_step']:8.1f} GFLOP/step "
                     f"{result['gflop_per_s']:7.1f} GFLOP/s = {100 * row['ratio_to_peak']:.0f}% of peak"
                 )
                 print(json.dumps(row))

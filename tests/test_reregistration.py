@@ -261,3 +261,22 @@ def test_displacement_field_writes_nothing_in_the_working_folder(tmp_path, monke
         np.stack([hu, hu]), body, 1.0, ReregistrationOptions(linear="translation", bspline_iterations=0)
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_local_features_of_the_calibration_experiment():
+    """Jacobian of x + r for a linear field, local NCC of an image with itself and with its negative."""
+    from scripts.registration.calibration_features import jacobian_at, local_ncc
+
+    shape = (12, 12, 12)
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    spacing_zyx = np.array([2.0, 1.0, 1.0])
+    field = np.zeros(shape + (3,), dtype=np.float32)
+    field[..., 0] = 0.1 * xx * spacing_zyx[2]  # r_x = 0.1 x (mm): stretch along x
+    field[..., 2] = -0.2 * zz * spacing_zyx[0]  # r_z = -0.2 z: compression along z
+    points = np.array([[5, 5, 5], [3, 7, 2]])
+    np.testing.assert_allclose(jacobian_at(field, points, spacing_zyx), [1.1 * 0.8] * 2, rtol=1e-5)
+
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32) * 100
+    assert np.allclose(local_ncc(image, image)[3:-3, 3:-3, 3:-3], 1.0, atol=1e-3)
+    assert np.allclose(local_ncc(image, -image)[3:-3, 3:-3, 3:-3], -1.0, atol=1e-3)
+    assert np.all(local_ncc(np.zeros(shape), image) == 0.0)  # a flat window has no correlation
