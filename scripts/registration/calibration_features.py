@@ -101,7 +101,8 @@ def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
     from sklearn.metrics import log_loss
 
     scores = class_scores(labels, probs.argmax(axis=1))
-    scores["log_loss"] = float(log_loss(labels, np.clip(probs, 1e-6, 1), labels=[0, 1, 2]))
+    clipped = np.clip(probs, 1e-6, 1)
+    scores["log_loss"] = float(log_loss(labels, clipped / clipped.sum(axis=1, keepdims=True), labels=[0, 1, 2]))
     scores["ece"] = expected_calibration_error(probs, labels)
     return scores
 
