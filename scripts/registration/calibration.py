@@ -165,6 +165,17 @@ def class_scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
     }
 
 
+def probability_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """``class_scores`` of the argmax of ``probabilities [N, 3]``, their log loss (clipped at 1e-6) and ECE."""
+    from sklearn.metrics import log_loss
+
+    scores = class_scores(labels, probabilities.argmax(axis=1))
+    clipped = np.clip(probabilities, 1e-6, 1)
+    scores["log_loss"] = float(log_loss(labels, clipped / clipped.sum(axis=1, keepdims=True), labels=[0, 1, 2]))
+    scores["ece"] = expected_calibration_error(probabilities, labels)
+    return scores
+
+
 def _load(
     datalist: str | Path, split: str, per_pair: int, seed: int, options: ReregistrationOptions
 ) -> tuple[np.ndarray, ...]:
@@ -204,7 +215,6 @@ def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, 
     (both on log1p|r|): mean F1 of the argmax, kappa, log loss, ECE and the MAE of the expected error."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.linear_model import LinearRegression, LogisticRegression
-    from sklearn.metrics import log_loss
 
     labels = true_classes(error)
     x = np.log1p(magnitude)[:, None]
@@ -231,9 +241,7 @@ def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, 
                 p = np.zeros((test.sum(), 3))
                 p[:, clf.classes_] = clf.predict_proba(x[test])
                 probs[test], expected[test] = p, reg.predict(x[test])
-        scores = class_scores(labels, probs.argmax(axis=1))
-        scores["log_loss"] = float(log_loss(labels, np.clip(probs, 1e-6, 1), labels=[0, 1, 2]))
-        scores["ece"] = expected_calibration_error(probs, labels)
+        scores = probability_scores(labels, probs)
         scores["error_mae_mm"] = float(np.abs(expected - error).mean())
         results[name] = scores
     return results

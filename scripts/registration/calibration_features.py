@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from scripts.registration.calibration import class_scores, expected_calibration_error, true_classes
+from scripts.registration.calibration import probability_scores, true_classes
 from scripts.utils.atomic_write import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -97,16 +97,6 @@ def pair_features(record: dict, per_pair: int, rng: np.random.Generator) -> tupl
     return np.stack([columns[name] for name in FEATURES], 1), np.linalg.norm(truth[at], axis=-1)
 
 
-def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
-    from sklearn.metrics import log_loss
-
-    scores = class_scores(labels, probs.argmax(axis=1))
-    clipped = np.clip(probs, 1e-6, 1)
-    scores["log_loss"] = float(log_loss(labels, clipped / clipped.sum(axis=1, keepdims=True), labels=[0, 1, 2]))
-    scores["ece"] = expected_calibration_error(probs, labels)
-    return scores
-
-
 def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int) -> np.ndarray:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -160,8 +150,8 @@ def compare(
             probs[test] = _fit_predict(train["x"][~test][:, columns], labels[~test], train["x"][test][:, columns], seed)
         validation = _fit_predict(train["x"][:, columns], labels, val["x"][:, columns], seed)
         results[name] = {
-            "leave_one_scan_out": _scores(labels, probs),
-            "validation": _scores(true_classes(val["e"]), validation),
+            "leave_one_scan_out": probability_scores(labels, probs),
+            "validation": probability_scores(true_classes(val["e"]), validation),
         }
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.inspection import permutation_importance
