@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.data.landmark_selection import select_landmarks
 from scripts.evaluation.landmark_metrics import evaluate, load_predictions
-from scripts.evaluation.report import table4_markdown, write_report
+from scripts.evaluation.report import table2_markdown, table4_markdown, write_report
 from scripts.evaluation.simulated_benchmark import (
     BUNDLE_ROOT,
     MethodSpec,
@@ -18,9 +18,11 @@ from scripts.evaluation.simulated_benchmark import (
     _check_work_dir,
     _record,
     _reusable,
+    carry_rows,
     landmark_mask,
     run_bundle_predictor,
     run_methods,
+    select_methods,
 )
 from scripts.transforms.ct_masks import ct_masks
 from scripts.transforms.evaluation_deformation import deform_scan, draw_deformation, sliding_region
@@ -271,3 +273,44 @@ def test_method_predictions_are_reused_until_their_files_change(tmp_path):
     assert len(calls) == 3  # new weights: predict again
     run_methods(registration, tmp_path / "f.nii.gz", tmp_path, methods)
     assert len(calls) == 4  # no stage inputs (reuse off): always predicts
+
+
+def test_rows_not_selected_are_carried_from_an_earlier_report_of_the_same_landmarks(tmp_path):
+    """``only=`` + ``carry_from``: unselected rows take the earlier run's scores, marked; rows that ran now and rows
+    that did not run then stay as they are; another set of landmarks is refused."""
+    truth = {"affine": {"counts": [5, 3, 2], "mean": 3.2, "median": 2.9, "max": 9.0}}
+    earlier = {
+        "ground_truth": truth,
+        "methods": {
+            "local NCC": {"status": "ran", "scores": {"total": {"mean_f1": 0.5}}, "seconds": {"affine": 9.0}},
+            "majority class": {"status": "ran", "scores": {"total": {"mean_f1": 0.2}}},
+            "RegNet-t": {"status": "not run", "reason": "no weights"},
+        },
+    }
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(earlier))
+    specs = select_methods(
+        (MethodSpec("local NCC", "baseline"), MethodSpec("majority class", "majority"), MethodSpec("RegNet-t", "x")),
+        "majority class",
+    )
+    now = {s.name: {"kind": s.kind, "status": "not run", "reason": s.reason} for s in specs if s.kind == "pending"}
+    now["majority class"] = {"status": "ran", "scores": {"total": {"mean_f1": 0.3}}}
+    out = carry_rows(now, truth, report)
+    assert out["local NCC"]["scores"] == {"total": {"mean_f1": 0.5}} and out["local NCC"]["carried_from"] == str(report)
+    assert out["majority class"]["scores"]["total"]["mean_f1"] == 0.3 and "carried_from" not in out["majority class"]
+    assert out["RegNet-t"]["status"] == "not run"  # it did not run then either
+    row = {"f1_correct": 0.5, "f1_poor": 0.5, "f1_wrong": 0.5, "mean_f1": 0.5, "accuracy": 0.5, "kappa": 0.2}
+    table = table2_markdown(
+        {
+            **out,
+            "local NCC": {**out["local NCC"], "scores": {"total": {**row, "cw": 1, "n": 10}}},
+            "majority class": {"status": "ran", "scores": {"total": {**row, "cw": 1, "n": 10}}},
+        }
+    )
+    assert "| total | local NCC (carried) |" in table and "| total | majority class |" in table
+    other = {"affine": {**truth["affine"], "counts": [6, 2, 2]}}
+    with pytest.raises(ValueError, match="true classes differ"):
+        carry_rows(now, other, report)
+    report.write_text("{}")
+    with pytest.raises(ValueError, match="not a benchmark report"):
+        carry_rows(now, truth, report)

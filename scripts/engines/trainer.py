@@ -18,6 +18,8 @@ from monai.handlers import ValidationHandler
 from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 
+from scripts.utils.precision import AUTO, resolve_precision
+
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,8 +111,9 @@ class PrepareKeysBatch(PrepareBatch):
 class AutocastInferer(Inferer):
     """Calls ``network(*inputs)`` (or ``network(inputs)`` for one tensor), under autocast when ``dtype`` is set.
 
-    ``dtype``: None (full precision), "bfloat16" or "float16"; autocast uses the inputs' device type, so bf16 works
-    on CPU as well as on GPU. The loss should cast the output to float32 (``scripts.engines.losses`` does).
+    ``dtype``: None (full precision), "bfloat16", "float16" or "auto" (bf16 where the inputs' device computes it
+    natively, ``scripts.utils.precision``; full precision elsewhere); autocast uses the inputs' device type, so bf16
+    works on CPU as well as on GPU. The loss should cast the output to float32 (``scripts.engines.losses`` does).
     ``channels_last``: pass 5-D inputs in channels-last memory order (oneDNN's fast path on CPU; give the network
     the same order with ``network.to(memory_format=torch.channels_last_3d)``).
     """
@@ -118,18 +121,22 @@ class AutocastInferer(Inferer):
     def __init__(self, dtype: Optional[str] = None, channels_last: Union[bool, str] = False) -> None:
         super().__init__()
         self.memory_format = torch.channels_last_3d if as_bool(channels_last) else torch.contiguous_format
-        if dtype in (None, "", "none", "float32"):
+        self.auto = dtype == AUTO  # resolved per call, by the inputs' device
+        if dtype in (None, "", "none", "float32", AUTO):
             self.dtype = None
         elif dtype in AUTOCAST_DTYPES:
             self.dtype = AUTOCAST_DTYPES[dtype]
         else:
-            raise ValueError(f"autocast dtype must be one of None, {sorted(AUTOCAST_DTYPES)}; got {dtype!r}")
+            raise ValueError(f"autocast dtype must be one of None, {AUTO!r}, {sorted(AUTOCAST_DTYPES)}; got {dtype!r}")
 
     def __call__(self, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         tensors = tuple(t.contiguous(memory_format=self.memory_format) if t.ndim == 5 else t for t in tensors)
         device_type = tensors[0].device.type
-        with torch.autocast(device_type=device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        dtype = self.dtype
+        if self.auto and resolve_precision(AUTO, tensors[0].device) == "bfloat16":
+            dtype = torch.bfloat16
+        with torch.autocast(device_type=device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return network(*tensors, *args, **kwargs)
 
 

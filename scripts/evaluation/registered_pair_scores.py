@@ -30,12 +30,13 @@ from scripts.engines.checkpoints import load_network_weights
 from scripts.engines.class_weights import write_class_weights
 from scripts.engines.patch_validation import voxel_scores
 from scripts.inferers.class_decision import apply_class_weights, read_class_weights
-from scripts.inferers.misalignment_inferer import inference_copy
+from scripts.inferers.misalignment_inferer import PRECISIONS, inference_copy
 from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.registration.calibration import ResidualCalibration
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
 from scripts.utils.constants import CLASS_THRESHOLDS_MM, LATENT_SIZE
+from scripts.utils.precision import AUTO, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def collect(
     entries = [e for name in str(datalist).split(",") if name for e in read_registered_datalist(name, split)]
     net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
     net = load_network_weights(net, weights).eval()
-    prepared = inference_copy(net, "bfloat16")
+    precision = resolve_precision(AUTO)
+    prepared = inference_copy(net, precision)
     patch = RegisteredPatchd()
     rng = np.random.RandomState(seed)
     collected: dict[str, list] = {"labels": [], "network": [], "residual": []}
@@ -78,7 +80,7 @@ def collect(
         chosen = centres[rng.choice(len(centres), size=min(patches_per_pair, len(centres)), replace=False)]
         for b in range(0, len(chosen), batch_size):
             batch = [patch({**pair, "centre": c}) for c in chosen[b : b + batch_size]]
-            probabilities = network_probabilities(prepared, net, batch, torch.bfloat16)
+            probabilities = network_probabilities(prepared, net, batch, PRECISIONS[precision])
             for k, (sample, centre) in enumerate(zip(batch, chosen[b : b + batch_size])):
                 voxels = np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])
                 lung = pair["lung_mask"][voxels]

@@ -44,6 +44,7 @@ from scripts.engines.checkpoints import load_network_weights
 from scripts.inferers.misalignment_inferer import inference_copy
 from scripts.networks.regnet import RegNet
 from scripts.utils.constants import BACKGROUND_HU, CLASS_THRESHOLDS_MM
+from scripts.utils.precision import AUTO, resolve_precision
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 LEVELS = (4, 2, 1)  # coarse to fine, mm
@@ -190,9 +191,9 @@ def load_regnets(
     weights: dict[int, str | os.PathLike] | None = None, precision: str | None = None
 ) -> dict[int, torch.nn.Module]:
     """The three RegNets in eval mode from their state dicts; FileNotFoundError naming any missing file. With
-    ``precision`` ("float32" / "bfloat16") each is prepared by scripts.inferers.misalignment_inferer.inference_copy
-    (BatchNorm folded,
-    conv + ReLU fused, channels-last; bfloat16 is ~3x faster on CPU than plain float32, output within 1 %)."""
+    ``precision`` ("float32", "bfloat16" or "auto": bf16 where the CPU has it natively) each is prepared by
+    scripts.inferers.misalignment_inferer.inference_copy (BatchNorm folded, conv + ReLU fused, channels-last; native
+    bfloat16 is ~3x faster on CPU than plain float32, output within 1 %)."""
     weights = weights or DEFAULT_WEIGHTS
     missing = missing_weights(weights)
     if missing:
@@ -200,7 +201,7 @@ def load_regnets(
     networks = {}
     for factor, path in weights.items():
         net = load_network_weights(RegNet(), _resolve(path))  # ValueError naming the file if not a RegNet
-        networks[int(factor)] = net.eval() if precision is None else inference_copy(net, precision)
+        networks[int(factor)] = net.eval() if precision is None else inference_copy(net, resolve_precision(precision))
     return networks
 
 
@@ -212,7 +213,7 @@ def predict_settings(
     tile: int = 101,
     compose: str = "exact",
     threads: int | None = None,
-    precision: str = "bfloat16",
+    precision: str = AUTO,
 ) -> dict[str, tuple[Path, float]]:
     """RegNet-t on every ``setting -> (registered moving image, landmark CSV)`` against one fixed image; writes
     ``<moving stem>_landmarks.csv`` (input columns + pred, one-hot p_*, ``regnet_mm``, ``regnet_ux/uy/uz``) and
@@ -246,7 +247,7 @@ def main(
     tile: int = 101,
     compose: str = "exact",
     threads: int | None = None,
-    precision: str = "bfloat16",
+    precision: str = AUTO,
     weights_4mm: str = DEFAULT_WEIGHTS[4],
     weights_2mm: str = DEFAULT_WEIGHTS[2],
     weights_1mm: str = DEFAULT_WEIGHTS[1],

@@ -43,8 +43,9 @@ def table2_markdown(methods: dict[str, dict]) -> str:
             s = m["scores"].get(setting)
             if s is None:
                 continue
+            label = f"{name} (carried)" if m.get("carried_from") else name
             lines.append(
-                f"| {setting} | {name} | {_pct(s['f1_correct'])} | {_pct(s['f1_poor'])} | {_pct(s['f1_wrong'])} | "
+                f"| {setting} | {label} | {_pct(s['f1_correct'])} | {_pct(s['f1_poor'])} | {_pct(s['f1_wrong'])} | "
                 f"{_pct(s['mean_f1'])} | {_pct(s['accuracy'])} | {_kappa(s['kappa'])} | {s['cw']} | {s['n']} |"
             )
     return "\n".join(lines)

@@ -123,6 +123,7 @@ def residual_thresholds(source_csv: Path, output_csv: Path) -> Path:
     return write_landmark_predictions(output_csv, table, one_hot, extra_columns={"error_mm": magnitude})
 
 
+NOT_SELECTED = "not selected for this run (only=)"
 REREGISTRATION = "re-registration (calibrated)"
 RESIDUAL_NETWORK = "LSTM 6-3-1 + r prior (residual-informed)"
 DEFAULT_METHODS = (
@@ -535,8 +536,37 @@ def select_methods(methods: tuple[MethodSpec, ...], only: str | list[str] | tupl
         raise ValueError(f"unknown method(s) {unknown}; choose from {[m.name for m in methods]}")
     if not names:
         return methods
-    return tuple(m if m.name in names else MethodSpec(m.name, "pending", reason="not selected for this run (only=)")
+    return tuple(m if m.name in names else MethodSpec(m.name, "pending", reason=NOT_SELECTED)
                  for m in methods)  # fmt: skip
+
+
+def carry_rows(methods: dict[str, dict], ground_truth: dict, earlier_report: str | Path) -> dict[str, dict]:
+    """``methods`` with the rows not selected for this run (``only=``) taken from ``earlier_report`` (its
+    report.json) where they ran there, marked ``carried_from``; refused unless that run scored the same landmarks
+    (the same true classes per setting and mean TRE within 0.01 mm), so only rows this run did not re-predict and
+    whose inputs did not change should be carried."""
+    path = Path(earlier_report)
+    try:
+        earlier = json.loads(path.read_text())
+        earlier_methods, earlier_truth = earlier["methods"], earlier["ground_truth"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a benchmark report.json ({type(err).__name__}: {err})") from err
+    same = set(earlier_truth) == set(ground_truth) and all(
+        earlier_truth[s]["counts"] == t["counts"] and abs(earlier_truth[s]["mean"] - t["mean"]) <= 0.01
+        for s, t in ground_truth.items()
+    )
+    if not same:
+        raise ValueError(f"{path}: its landmarks' true classes differ from this run's; rows cannot be carried")
+    out = dict(methods)
+    for name, entry in methods.items():
+        old = earlier_methods.get(name, {})
+        if (
+            entry.get("status") == "not run"
+            and entry.get("reason", "").startswith(NOT_SELECTED)
+            and (old.get("status") == "ran")
+        ):
+            out[name] = {**old, "carried_from": str(path), "reused": False}
+    return out
 
 
 def run_benchmark(
@@ -556,6 +586,7 @@ def run_benchmark(
     slices_in_report: bool = False,
     methods: tuple[MethodSpec, ...] = DEFAULT_METHODS,
     only: str | list[str] | tuple[str, ...] = "",
+    carry_from: str = "",
 ) -> dict:
     """Run the whole benchmark and write the report into ``output_dir``; returns the report dictionary. Slice
     figures of the scan (Fig. 4 style) go to ``work_dir`` unless ``slices_in_report`` (mind the scan's licence).
@@ -563,7 +594,8 @@ def run_benchmark(
     ``work_dir`` are used again when their inputs (scan hash, seed, counts, options, the pair code; for predictions
     also the method's weights or thresholds and the prediction code) are the same; their timings are the ones
     measured then and the report says which stages were reused. New weights thus re-run only their own method.
-    ``only``: names of the methods to run (comma-separated or a list); the others are listed as not run."""
+    ``only``: names of the methods to run (comma-separated or a list); the others are listed as not run, or, with
+    ``carry_from`` (an earlier report.json of the same landmarks), taken from it and marked as carried."""
     total_start = time.perf_counter()
     load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
     scan_path = Path(scan)
@@ -621,6 +653,8 @@ def run_benchmark(
     method_results = run_methods(
         registration, scan_path, work, methods, mask, stage_inputs=registration_inputs if reuse else None
     )
+    if carry_from:
+        method_results = carry_rows(method_results, _ground_truth(registration), carry_from)
     reused_methods = [name for name, m in method_results.items() if m.get("reused")]
     reused += [f"{name} predictions" for name in reused_methods]
     methods_s = time.perf_counter() - start
@@ -641,6 +675,7 @@ def run_benchmark(
         (pair["seconds"] if "make pair" in reused else 0.0)
         + (registration_s if "registration" in reused else 0.0)
         + sum(sum(method_results[name]["seconds"].values()) for name in reused_methods)
+        + sum(sum(m.get("seconds", {}).values()) for m in method_results.values() if m.get("carried_from"))
     )
     timing["total"] = time.perf_counter() - total_start + reused_s  # as if every stage had run now
     result = {
@@ -658,6 +693,10 @@ def run_benchmark(
             "deformation": pair["deformation"],
             "machine": {"cpu_count": os.cpu_count(), "load_average_at_start": load_at_start},
             "reused from an earlier run in the work folder (timings measured then)": reused or "nothing",
+            "rows carried from an earlier report (not predicted again; scores and timings of that run)": [
+                f"{name} ({m['carried_from']})" for name, m in method_results.items() if m.get("carried_from")
+            ]
+            or "none",
             "predictors run on": (
                 f"balls of {LANDMARK_MASK_RADIUS_MM:g} mm around the landmarks (--mask); the re-registration on the "
                 "whole image (its elastix samples come from the body)"

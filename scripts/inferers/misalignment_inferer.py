@@ -20,6 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from scripts.inferers.class_decision import apply_class_weights
+from scripts.utils.precision import AUTO, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,9 @@ class MisalignmentInferer(Inferer):
     Args:
         tile_size: latent tile edge at 1 mm (``1 + 8k``, halo included); memory grows with its cube (about 2.5 GB
             at 97 in bfloat16, see docs/README.md).
-        precision: "float32" or "bfloat16" (bf16 weights and activations, channels-last-3d; CPU AVX-512 BF16/AMX).
+        precision: "float32", "bfloat16" (bf16 weights and activations, channels-last-3d) or "auto": bf16 where the
+            device computes it natively (CPU AVX-512 BF16 / AMX, a bf16 GPU), float32 elsewhere
+            (``scripts.utils.precision``).
         with_steps: also return the coarse class of every earlier LSTM step.
         progress: show a tqdm progress bar over the tiles.
         channels_last: use the channels-last-3d memory format (faster oneDNN convolutions on CPU).
@@ -183,7 +186,7 @@ class MisalignmentInferer(Inferer):
     def __init__(
         self,
         tile_size: int = 97,
-        precision: str = "bfloat16",
+        precision: str = AUTO,
         with_steps: bool = True,
         progress: bool = True,
         channels_last: bool = True,
@@ -192,8 +195,8 @@ class MisalignmentInferer(Inferer):
         super().__init__()
         if tile_size < 1 + TILE_STEP or (tile_size - 1) % TILE_STEP != 0:
             raise ValueError(f"tile_size must be 1 + 8k (e.g. 65, 97, 129), got {tile_size}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        if precision != AUTO and precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)} or {AUTO!r}")
         self.tile_size = tile_size
         self.precision = precision
         self.with_steps = with_steps
@@ -245,8 +248,9 @@ class MisalignmentInferer(Inferer):
         probabilities = torch.zeros((batch, 3) + spatial, dtype=torch.float32, device=inputs.device)
         step_classes = torch.zeros((batch, steps) + spatial, dtype=torch.uint8, device=inputs.device)
         with torch.inference_mode():
-            prepared = inference_copy(net, self.precision, self.channels_last)
-            dtype = PRECISIONS[self.precision]
+            precision = resolve_precision(self.precision, inputs.device)
+            prepared = inference_copy(net, precision, self.channels_last)
+            dtype = PRECISIONS[precision]
             for b in range(batch):
                 levels = net.pyramid(inputs[b : b + 1, :2].float())
                 residual = inputs[b : b + 1, 2:].float() if channels > 2 else None
@@ -254,7 +258,7 @@ class MisalignmentInferer(Inferer):
                 latent = [latent_size_for(n, net.halo) for n in block]
                 logger.info(
                     "misalignment map: %d tiles of %s latent voxels (blocks %s, z y x) over a %s grid, %s",
-                    len(starts), latent, list(block), list(spatial), self.precision,
+                    len(starts), latent, list(block), list(spatial), precision,
                 )  # fmt: skip
                 for start in tqdm(starts, desc="misalignment tiles", disable=not self.progress, leave=False):
                     center = [s - net.halo + (n - 1) // 2 for s, n in zip(start, latent)]
