@@ -12,10 +12,11 @@ import SimpleITK as sitk
 import torch
 from sklearn.metrics import f1_score
 
-from scripts.engines.class_weights import fit, fit_class_weights, mean_f1_of_decisions
+from scripts.engines.class_weights import fit
 from scripts.inferers.class_decision import apply_class_weights, read_class_weights
 from scripts.inferers.misalignment_inferer import MisalignmentInferer
 from scripts.networks.misalignment_net import MisalignmentNet
+from scripts.utils.class_decision import fit_class_weights, mean_f1_of_decisions
 from scripts.utils.file_digest import file_sha256
 from tests.conftest import REPO_ROOT
 from tests.synthetic_pair import phantom_hu, write_pair

@@ -124,6 +124,11 @@ def test_to_fixed_grid_gives_normalised_probabilities_and_labels(tmp_path):
     np.testing.assert_allclose(probs[mask].sum(axis=-1), 1.0, atol=1e-5)
     assert (probs[~mask] == 0).all() and (labels[~mask] == 0).all()
     assert np.array_equal(labels[mask], probs[mask].argmax(axis=-1))
+    weights = [1.0, 1.0, 3.0]  # a decision that favours "wrong": the probabilities stay, the labels move
+    probs_w, labels_w, _ = to_fixed_grid(probabilities, pair.mask, pair.grid, pair.fixed_grid, weights)
+    np.testing.assert_array_equal(probs_w, probs)
+    assert np.array_equal(labels_w[mask], (probs[mask] * np.array(weights)).argmax(axis=-1))
+    assert (labels_w[mask] == 2).sum() > (labels[mask] == 2).sum()
 
 
 def test_grid_geometry_helpers():

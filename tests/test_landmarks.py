@@ -62,6 +62,9 @@ def test_predictions_are_added_and_written_atomically(pair, tmp_path):
     assert rows[3]["step2"] == "2" and rows[1]["p_poor"] == "0.6000" and rows[0]["tre"] == "1.0"
     cnn = with_predictions(table, probabilities, None)  # CNN decoders have no earlier steps
     assert "step1" not in cnn.columns and cnn.columns[-1] == "p_wrong"
+    weighted = with_predictions(table, probabilities, None, class_weights=[1.0, 2.0, 1.0])  # the mean-F1 decision
+    assert weighted.values["pred"] == ["0", "1", "0", "2", "1"]  # 0.4 * 2 > 0.5: the last row turns poor
+    np.testing.assert_allclose(weighted.float_columns(["p_correct", "p_poor", "p_wrong"]), probabilities)
 
 
 def test_sample_nearest_reads_the_voxel_under_each_point():

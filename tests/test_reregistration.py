@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from monai.bundle import ConfigWorkflow
 from scipy import ndimage
 
@@ -141,6 +142,48 @@ def test_calibration_is_monotone_and_under_calls_are_corrected(tmp_path):
     path.write_text(calibration.to_json(note="x"))
     again = ResidualCalibration.read(path)
     np.testing.assert_allclose(again.predict(grid)[0], probs)
+
+
+def test_mean_f1_decision_of_the_calibration_keeps_its_probabilities(tmp_path, monkeypatch):
+    """``fit_isotonic(..., labels=)`` adds class weights whose decision has a higher mean F1 than the argmax on
+    the fit's voxels (a rare 'wrong' class, as in real registrations); the file keeps them; the inferer returns them
+    with the calibrated probabilities unchanged, and its "argmax" decision does not."""
+    from scripts.utils.class_decision import mean_f1_of_decisions
+
+    rng = np.random.default_rng(1)
+    error = rng.gamma(1.2, 1.6, 30000)
+    magnitude = np.clip(0.7 * error + rng.normal(0, 0.8, error.size), 0, None)
+    labels = np.digitize(error, (3.0, 6.0))
+    calibration = fit_isotonic(magnitude, error, "", labels=labels)
+    weights = calibration.class_weights
+    assert weights is not None and len(weights) == 3 and weights[0] == 1.0 and min(weights) > 0
+    probabilities = calibration.predict(magnitude)[0]
+    plain = mean_f1_of_decisions(labels, probabilities.argmax(axis=0))
+    assert mean_f1_of_decisions(labels, calibration.decide(probabilities)) > plain + 0.005
+    path = tmp_path / "weighted.json"
+    path.write_text(calibration.to_json())
+    assert ResidualCalibration.read(path).class_weights == weights
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "class_weights": [1.0, -1.0, 2.0]}))
+    with pytest.raises(ValueError, match="weighted.json: class_weights must be 3 positive numbers"):
+        ResidualCalibration.read(path)
+
+    path.write_text(calibration.to_json())
+    residual = np.zeros((3, 8, 8, 8), dtype=np.float32)
+    residual[0] = np.linspace(0, 9, 8)[None, None, :]  # |r| from 0 to 9 mm along x
+    monkeypatch.setattr(
+        "scripts.inferers.reregistration_inferer.residual_field_on_pair", lambda *a, **k: residual.astype(np.float64)
+    )
+    inputs = torch.zeros((1, 2, 8, 8, 8))
+    weighted = ReregistrationInferer(calibration_file=path)(inputs)
+    plain_out = ReregistrationInferer(calibration_file=path, decision="argmax")(inputs)
+    np.testing.assert_allclose(weighted["class_weights"].numpy(), [weights], rtol=1e-6)
+    assert "class_weights" not in plain_out
+    torch.testing.assert_close(weighted["probabilities"], plain_out["probabilities"])
+    expected = calibration.predict(np.linalg.norm(residual, axis=0))[0]
+    np.testing.assert_allclose(weighted["probabilities"][0].numpy(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown decision 'vote'"):
+        ReregistrationInferer(decision="vote")
 
 
 def test_calibration_file_errors_and_settings_check(tmp_path, caplog):

@@ -20,7 +20,9 @@ from scripts.evaluation.simulated_benchmark import (
     _reusable,
     carry_rows,
     landmark_mask,
+    relabel_with_weights,
     run_bundle_predictor,
+    run_derived,
     run_methods,
     select_methods,
 )
@@ -314,3 +316,26 @@ def test_rows_not_selected_are_carried_from_an_earlier_report_of_the_same_landma
     report.write_text("{}")
     with pytest.raises(ValueError, match="not a benchmark report"):
         carry_rows(now, truth, report)
+
+
+def test_derived_rows_relabel_the_probabilities_of_their_source(tmp_path):
+    """argmax and class-weighted rows from one prediction CSV (the probabilities stay); a weights file that is missing
+    makes the row "not run" with its name."""
+    table = table_from_points(np.zeros((3, 3)), {"tre": np.array([1.0, 4.0, 8.0])})
+    for name, values in (("pred", ["0", "0", "0"]), ("p_correct", [0.6, 0.5, 0.4]), ("p_poor", [0.3, 0.4, 0.25]),
+                         ("p_wrong", [0.1, 0.1, 0.35])):  # fmt: skip
+        table = table.with_column(name, values)
+    source = write_landmarks(table, tmp_path / "src" / "affine_landmarks.csv")
+    plain = relabel_with_weights(None)(source, tmp_path / "argmax.csv")
+    assert read_landmarks(plain).values["pred"] == ["0", "0", "0"]
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({"weights": [1.0, 1.5, 2.0]}))
+    weighted = read_landmarks(relabel_with_weights(str(weights))(source, tmp_path / "weighted.csv"))
+    assert (
+        weighted.values["pred"] == ["0", "1", "2"]
+        and weighted.values["p_poor"] == read_landmarks(source).values["p_poor"]
+    )
+    spec = MethodSpec("w", "derived", source="s", relabel=relabel_with_weights(str(weights)),
+                      files=(str(tmp_path / "missing.json"),))  # fmt: skip
+    runs = run_derived(spec, {"status": "ran", "csv": {"affine": str(source)}, "seconds": {"affine": 1.0}}, tmp_path)
+    assert runs["all"].status == "not run" and "missing.json not found" in runs["all"].reason

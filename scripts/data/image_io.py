@@ -425,9 +425,16 @@ def mask_to_fixed_grid(mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> np.nda
     return sitk.GetArrayFromImage(image).astype(bool)
 
 
-def to_fixed_grid(probabilities: np.ndarray, mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> Tuple[np.ndarray, ...]:
+def to_fixed_grid(
+    probabilities: np.ndarray,
+    mask: np.ndarray,
+    grid: Grid,
+    fixed_grid: Grid,
+    class_weights: Optional[Sequence[float]] = None,
+) -> Tuple[np.ndarray, ...]:
     """Probabilities ``[3, z, y, x]`` and mask on the 1 mm ``grid`` -> (probabilities ``[z, y, x, 3]``, labels
-    uint8, mask) on ``fixed_grid``: linear interpolation, renormalised to sum 1 inside the nearest-neighbour mask."""
+    uint8, mask) on ``fixed_grid``: linear interpolation, renormalised to sum 1 inside the nearest-neighbour mask;
+    labels = argmax(probabilities), or argmax(class_weights * probabilities) (the mean-F1 decision)."""
     mask_f = mask_to_fixed_grid(mask, grid, fixed_grid)
     channels = [
         sitk.GetArrayFromImage(resample(grid.image(p.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
@@ -436,7 +443,8 @@ def to_fixed_grid(probabilities: np.ndarray, mask: np.ndarray, grid: Grid, fixed
     probs = np.stack(channels, axis=-1)
     total = probs.sum(axis=-1, keepdims=True)
     probs = np.where(mask_f[..., None] & (total > 0), probs / np.maximum(total, 1e-12), 0.0).astype(np.float32)
-    labels = np.where(mask_f, probs.argmax(axis=-1), 0).astype(np.uint8)
+    weights = np.ones(3, dtype=np.float32) if class_weights is None else np.asarray(class_weights, dtype=np.float32)
+    labels = np.where(mask_f, (probs * weights).argmax(axis=-1), 0).astype(np.uint8)
     return probs, labels, mask_f
 
 

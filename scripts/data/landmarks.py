@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -63,13 +63,17 @@ def with_predictions(
     probabilities: np.ndarray,
     step_classes: Optional[np.ndarray] = None,
     extra_columns: Optional[Mapping[str, np.ndarray]] = None,
+    class_weights: Optional[Sequence[float]] = None,
 ) -> LandmarkTable:
     """``table`` plus ``pred`` (0/1/2; 0 with all probabilities 0 outside the mask), ``p_correct, p_poor, p_wrong``
     (``probabilities [N, 3]``) and ``step1, step2, ...`` (``step_classes [N, S]``, the coarse group index of each
     earlier LSTM step; no step column when S is 0 or ``step_classes`` is None, e.g. for the CNN decoders) and
-    ``extra_columns`` (name -> ``[N]`` floats, e.g. ``error_mm`` of methods that estimate the misalignment)."""
+    ``extra_columns`` (name -> ``[N]`` floats, e.g. ``error_mm`` of methods that estimate the misalignment);
+    ``pred`` is argmax(class_weights * p) when ``class_weights`` are given (the probabilities are written as they are).
+    """
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(table), 3)
-    pred = np.where(probabilities.sum(axis=1) > 0, probabilities.argmax(axis=1), 0)
+    weights = np.ones(3) if class_weights is None else np.asarray(class_weights, dtype=np.float64)
+    pred = np.where(probabilities.sum(axis=1) > 0, (probabilities * weights).argmax(axis=1), 0)
     out = table.with_column("pred", [str(int(p)) for p in pred])
     for j, name in enumerate(PROBABILITY_COLUMNS):
         out = out.with_column(name, probabilities[:, j])
@@ -88,9 +92,10 @@ def write_landmark_predictions(
     probabilities: np.ndarray,
     step_classes: Optional[np.ndarray] = None,
     extra_columns: Optional[Mapping[str, np.ndarray]] = None,
+    class_weights: Optional[Sequence[float]] = None,
 ) -> Path:
     """Write ``with_predictions(table, ...)`` to ``path`` atomically."""
-    return write_landmarks(with_predictions(table, probabilities, step_classes, extra_columns), path)
+    return write_landmarks(with_predictions(table, probabilities, step_classes, extra_columns, class_weights), path)
 
 
 def sample_nearest(volume: np.ndarray, grid: Grid, points: np.ndarray) -> np.ndarray:

@@ -50,13 +50,14 @@ import SimpleITK as sitk
 
 from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.data.landmark_selection import select_landmarks
-from scripts.data.landmarks import write_landmark_predictions
+from scripts.data.landmarks import PROBABILITY_COLUMNS, write_landmark_predictions
 from scripts.evaluation.landmark_metrics import evaluate, load_predictions, true_classes
 from scripts.evaluation.ncc_baseline import DEFAULT_THRESHOLDS
 from scripts.evaluation.ncc_baseline import predict_settings as ncc_predict_settings
 from scripts.evaluation.regnet_t import DEFAULT_WEIGHTS as REGNET_WEIGHTS
 from scripts.evaluation.regnet_t import predict_settings as regnet_t_predict_settings
 from scripts.evaluation.report import plot_landmark_slices, write_report
+from scripts.inferers.class_decision import read_class_weights
 from scripts.registration.elastix import RegistrationOptions, parse_settings, read_image, register_pair
 from scripts.transforms.ct_masks import ct_masks
 from scripts.transforms.evaluation_deformation import EvaluationDeformationSettings, deform_scan, draw_deformation
@@ -123,18 +124,41 @@ def residual_thresholds(source_csv: Path, output_csv: Path) -> Path:
     return write_landmark_predictions(output_csv, table, one_hot, extra_columns={"error_mm": magnitude})
 
 
+def relabel_with_weights(class_weights_file: str | None) -> Callable[[Path, Path], Path]:
+    """A ``relabel`` that keeps a CSV's probabilities and labels argmax(w * p) with the weights of
+    ``class_weights_file`` (bundle-relative; read when it runs), or the plain argmax for None."""
+
+    def relabel(source_csv: Path, output_csv: Path) -> Path:
+        weights = None
+        if class_weights_file is not None:
+            weights = read_class_weights(_bundle_path(class_weights_file))
+        table = read_landmarks(source_csv)
+        probabilities = table.float_columns(list(PROBABILITY_COLUMNS))
+        return write_landmark_predictions(output_csv, table, probabilities, class_weights=weights)
+
+    return relabel
+
+
+def _bundle_path(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else BUNDLE_ROOT / path
+
+
 NOT_SELECTED = "not selected for this run (only=)"
-REREGISTRATION = "re-registration (calibrated)"
+REREGISTRATION = "re-registration (calibrated, mean-F1 decision)"
 RESIDUAL_NETWORK = "LSTM 6-3-1 + r prior (residual-informed)"
-DEFAULT_METHODS = (
-    MethodSpec(
-        REREGISTRATION,
-        "bundle",
-        None,
-        ["--method", "reregistration"],
-        files=("models/reregistration_calibration.json",),
-        landmark_mask=False,
-    ),
+RESIDUAL_CLASS_WEIGHTS = "models/class_weights_residual.json"
+DEFAULT_METHODS = (MethodSpec(
+    REREGISTRATION,
+    "bundle",
+    None,
+    ["--method", "reregistration"],
+    files=("models/reregistration_calibration.json",),
+    landmark_mask=False,
+), MethodSpec(
+    "re-registration (calibrated, argmax)",
+    "derived",
+    source=REREGISTRATION,
+    relabel=relabel_with_weights(None)),  # fmt: skip
     MethodSpec("re-registration (|r| thresholds)", "derived", source=REREGISTRATION, relabel=residual_thresholds),
     MethodSpec(
         "LSTM 6-3-1", "bundle", "models/model.pt", ["--method", "network"], files=("models/class_weights.json",)
@@ -147,6 +171,13 @@ DEFAULT_METHODS = (
         "bundle",
         "models/model_residual.pt",
         ["--method", "network", "--residual_input", "lstm_prior", "--class_weights_file", ""],
+    ),
+    MethodSpec(
+        "LSTM 6-3-1 + r prior, class-weighted",
+        "derived",
+        source=RESIDUAL_NETWORK,
+        relabel=relabel_with_weights(RESIDUAL_CLASS_WEIGHTS),
+        files=(RESIDUAL_CLASS_WEIGHTS,),
     ),
     MethodSpec(
         "multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--method", "network", "--decoder", "multi_cnn"]
@@ -476,6 +507,9 @@ def run_derived(spec: MethodSpec, source: dict, folder: Path) -> dict[str, Predi
     """Re-label the CSVs of the method ``spec.source`` (it must have run before, in the same call)."""
     if source.get("status") != "ran" or spec.relabel is None:
         return {"all": PredictorRun("not run", reason=f"needs {spec.source!r}, which did not run")}
+    missing = [f for f in spec.files if not _bundle_path(f).is_file()]
+    if missing:
+        return {"all": PredictorRun("not run", reason=f"{missing[0]} not found")}
     folder.mkdir(parents=True, exist_ok=True)
     runs = {}
     for setting, csv in source["csv"].items():

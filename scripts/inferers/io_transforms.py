@@ -105,6 +105,14 @@ def expected_error(pred: Any) -> Optional[np.ndarray]:
     return None
 
 
+def decision_weights(pred: Any) -> Optional[np.ndarray]:
+    """The class weights ``[3]`` of a method whose labels are argmax(w * p) while its probabilities are written as
+    they are (the re-registration's mean-F1 decision: its probabilities stay calibrated), or None (plain argmax)."""
+    if isinstance(pred, Mapping) and pred.get("class_weights") is not None:
+        return _numpy(pred["class_weights"]).reshape(-1)[:3].astype(np.float64)
+    return None
+
+
 def landmark_columns(pred: Any, grid: Grid, points: np.ndarray) -> Dict[str, np.ndarray]:
     """Extra landmark columns of methods with a misalignment estimate: ``error_mm`` (expected misalignment) and
     ``residual_mm`` (|r| of the re-registration, before calibration)."""
@@ -151,7 +159,8 @@ class SaveMisalignmentMapsd(_OutputWriter):
         mask = _numpy(d["mask"])[0].astype(bool)
         fixed_grid = Grid.from_arrays(d["fixed_grid"])
         grid = Grid.from_arrays(d["grid"])
-        probs, labels, mask_on_fixed = to_fixed_grid(probabilities, mask, grid, fixed_grid)
+        weights = decision_weights(d[self.keys[0]])
+        probs, labels, mask_on_fixed = to_fixed_grid(probabilities, mask, grid, fixed_grid, weights)
         outputs = [("probabilities.nii.gz", probs), ("misalignment.nii.gz", labels)]
         error = expected_error(d[self.keys[0]])
         if error is not None:
@@ -185,6 +194,7 @@ class SaveLandmarkPredictionsd(_OutputWriter):
             sample_nearest(probabilities, grid, table.points()),
             step_values,
             landmark_columns(d[self.keys[0]], grid, table.points()),
+            decision_weights(d[self.keys[0]]),
         )
         logger.info("wrote %s", path)
         return d
@@ -210,7 +220,9 @@ class SaveOverlayd(_OutputWriter):
         d = dict(data)
         probabilities, _ = split_prediction(d[self.keys[0]])
         mask = _numpy(d["mask"])[0].astype(bool)
-        labels = np.where(mask, probabilities.argmax(axis=0), -1)
+        weights = decision_weights(d[self.keys[0]])
+        weights = np.ones(3) if weights is None else weights
+        labels = np.where(mask, (probabilities * weights[:, None, None, None]).argmax(axis=0), -1)
         constant = bool(mask.any()) and float(probabilities[:, mask].std(axis=1).max()) < CONSTANT_MAP_STD
         if constant:
             logger.warning(CONSTANT_MAP_WARNING)

@@ -17,16 +17,21 @@ from scripts.transforms.ct_masks import body_mask_array
 
 logger = logging.getLogger(__name__)
 
+DECISIONS = ("weighted", "argmax")  # the re-registration's labels: mean-F1 class weights, or the plain argmax
+
 
 class ReregistrationInferer(Inferer):
     """Re-register the moving channel onto the fixed channel with elastix and calibrate the residual |r|.
 
     Returns ``{"probabilities": [B, 3, z, y, x], "error_mm": [B, 1, z, y, x], "residual_mm": [B, 3, z, y, x]}``,
-    zero outside ``mask`` (elastix samples the fixed image's body, not ``mask``); the evaluator's ``network`` is
-    not used.
+    zero outside ``mask`` (elastix samples the fixed image's body, not ``mask``), and with the "weighted" decision
+    ``"class_weights": [B, 3]`` (the writers label argmax(w * p); the probabilities stay calibrated); the
+    evaluator's ``network`` is not used.
 
     Args:
         calibration_file: JSON tables of ``scripts.registration.calibration``; "" thresholds |r| at 3 and 6 mm.
+        decision: "weighted": labels = argmax(w * p) with the calibration file's mean-F1 class weights (the plain
+            argmax if it has none); "argmax": the most probable class.
         spacing_mm: voxel size of the loaded pair (LoadMisalignmentPaird's ``spacing``).
         working_spacing_mm: register on this isotropic grid (None or 0: the loaded pair's own grid).
         bspline_iterations: iterations per resolution of the B-spline stage.
@@ -44,8 +49,12 @@ class ReregistrationInferer(Inferer):
         grid_spacing_mm: float = ReregistrationOptions.grid_spacing_mm,
         metric: str = ReregistrationOptions.metric,
         threads: int = 2,
+        decision: str = "weighted",
     ) -> None:
         super().__init__()
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; choose one of {DECISIONS}")
+        self.decision = decision
         self.options = ReregistrationOptions(
             working_spacing_mm=working_spacing_mm or None,
             bspline_iterations=int(bspline_iterations),
@@ -91,11 +100,15 @@ class ReregistrationInferer(Inferer):
             errors.append((expected * region[b])[None])
             residuals.append(residual * region[b])
         device = inputs.device
-        return {
+        out = {
             "probabilities": torch.from_numpy(np.stack(probabilities)).to(device),
             "error_mm": torch.from_numpy(np.stack(errors)).to(device),
             "residual_mm": torch.from_numpy(np.stack(residuals)).to(device),
         }
+        if self.decision == "weighted" and calibration.class_weights is not None:
+            weights = torch.tensor(calibration.class_weights, dtype=torch.float32, device=device)
+            out["class_weights"] = weights.expand(image.shape[0], -1).clone()
+        return out
 
 
 class ResidualNetworkInferer(Inferer):

@@ -7,7 +7,9 @@ of the TRAINING scans (``scripts.registration.registered_pairs``) whose true mis
 
 - ``P(e >= 3 | |r|)`` and ``P(e >= 6 | |r|)`` by isotonic regression (increasing in |r|, so the map is monotone),
   ``P(correct) = 1 - P(>=3)``, ``P(poor) = P(>=3) - P(>=6)``, ``P(wrong) = P(>=6)``;
-- ``E[e | |r|]`` by isotonic regression.
+- ``E[e | |r|]`` by isotonic regression;
+- the class weights of the mean-F1 decision, labels = argmax(w * p) (``scripts.utils.class_decision``), on the same
+  voxels: the probabilities stay calibrated, the labels favour the rarer classes as the mean F1 asks.
 
 Both are stored as piecewise-linear tables in ``models/reregistration_calibration.json`` with the estimator settings
 they were fitted for (and their sha256); applied with ``numpy.interp``, so inference needs neither scikit-learn
@@ -29,6 +31,7 @@ import SimpleITK as sitk
 
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
+from scripts.utils.class_decision import fit_class_weights
 from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,9 @@ class ResidualCalibration:
         p_at_least_6: P(e >= 6 mm) at the knots (increasing, <= p_at_least_3).
         expected_mm: E[e] at the knots (increasing).
         options_sha256: digest of the estimator settings the tables were fitted for ("" if none).
+        class_weights: ``[1, w_poor, w_wrong]`` of the mean-F1 decision labels = argmax(w * p), fitted on the same
+            training voxels (``scripts.utils.class_decision``); None: the plain argmax. The probabilities stay as
+            calibrated; only the labels use the weights.
     """
 
     knots_mm: list[float]
@@ -59,6 +65,7 @@ class ResidualCalibration:
     p_at_least_6: list[float]
     expected_mm: list[float]
     options_sha256: str = ""
+    class_weights: list[float] | None = None
 
     @classmethod
     def thresholds(cls) -> "ResidualCalibration":
@@ -67,6 +74,13 @@ class ResidualCalibration:
         eps = 1e-6
         return cls([0.0, lo - eps, lo, hi - eps, hi, 1000.0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1],
                    [0.0, lo - eps, lo, hi - eps, hi, 1000.0])  # fmt: skip
+
+    def decide(self, probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Labels of ``probabilities`` (classes along ``axis``): argmax(class_weights * p), or the plain argmax."""
+        weights = np.ones(len(CLASS_NAMES)) if self.class_weights is None else np.asarray(self.class_weights)
+        shape = [1] * np.ndim(probabilities)
+        shape[axis] = len(CLASS_NAMES)
+        return (np.asarray(probabilities) * weights.reshape(shape)).argmax(axis=axis)
 
     def predict(self, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities ``[3, *magnitude.shape]`` (correct, poor, wrong) and expected error (mm) of ``|r|``."""
@@ -88,7 +102,9 @@ class ResidualCalibration:
         try:
             record = json.loads(path.read_text())
             tables = [list(map(float, record[k])) for k in ("knots_mm", "p_at_least_3", "p_at_least_6", "expected_mm")]
-            out = cls(*tables, str(record.get("options_sha256", "")))
+            weights = record.get("class_weights")
+            weights = None if weights is None else [float(w) for w in weights]
+            out = cls(*tables, str(record.get("options_sha256", "")), weights)
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"{path}: calibration file not found (--calibration_file '' for thresholds)"
@@ -98,6 +114,12 @@ class ResidualCalibration:
         lengths = {len(out.knots_mm), len(out.p_at_least_3), len(out.p_at_least_6), len(out.expected_mm)}
         if len(lengths) != 1 or len(out.knots_mm) < 2 or np.any(np.diff(out.knots_mm) < 0):
             raise ValueError(f"{path}: the calibration tables must have one increasing knot per value")
+        if out.class_weights is not None and (
+            len(out.class_weights) != len(CLASS_NAMES) or not all(np.isfinite(w) and w > 0 for w in out.class_weights)
+        ):
+            raise ValueError(
+                f"{path}: class_weights must be {len(CLASS_NAMES)} positive numbers, got {out.class_weights}"
+            )
         if options is not None and out.options_sha256 and out.options_sha256 != options_sha256(options):
             logger.warning("%s was fitted for other re-registration settings: ignored, |r| is thresholded", path)
             return cls.thresholds()
@@ -113,14 +135,20 @@ def _table(x: np.ndarray, y: np.ndarray, increasing: bool = True) -> tuple[np.nd
     return knots, model.predict(knots)
 
 
-def fit_isotonic(magnitude: np.ndarray, error: np.ndarray, options_digest: str = "") -> ResidualCalibration:
-    """The calibration tables from voxel samples of |r| and the true misalignment |e| (mm)."""
+def fit_isotonic(
+    magnitude: np.ndarray, error: np.ndarray, options_digest: str = "", labels: np.ndarray | None = None
+) -> ResidualCalibration:
+    """The calibration tables from voxel samples of |r| and the true misalignment |e| (mm); with ``labels`` (the
+    true classes of the samples) also the mean-F1 class weights of its probabilities on them."""
     lo, hi = CLASS_THRESHOLDS_MM
     knots, p3 = _table(magnitude, (error >= lo).astype(float))
     p6 = np.interp(knots, *_table(magnitude, (error >= hi).astype(float)))
     expected = np.interp(knots, *_table(magnitude, error))
-    return ResidualCalibration(knots.tolist(), p3.tolist(), np.minimum(p6, p3).tolist(), expected.tolist(),
-                               options_digest)  # fmt: skip
+    out = ResidualCalibration(knots.tolist(), p3.tolist(), np.minimum(p6, p3).tolist(), expected.tolist(),
+                              options_digest)  # fmt: skip
+    if labels is not None:
+        out.class_weights = fit_class_weights(labels, out.predict(magnitude)[0].T)[0]
+    return out
 
 
 def true_classes(error: np.ndarray) -> np.ndarray:
@@ -219,12 +247,16 @@ def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, 
     labels = true_classes(error)
     x = np.log1p(magnitude)[:, None]
     results: dict[str, dict] = {}
+    weighted_labels = np.zeros(labels.size, dtype=int)  # isotonic + the mean-F1 decision fitted on the same folds
     for name in ("thresholds", "isotonic", "logistic", "gradient_boosting"):
         probs = np.zeros((labels.size, 3))
         expected = np.zeros(labels.size)
         for scan in np.unique(scans):
             test = scans == scan
             train = ~test
+            if name == "isotonic":
+                fitted = fit_isotonic(magnitude[train], error[train], labels=labels[train])
+                weighted_labels[test] = fitted.decide(fitted.predict(magnitude[test])[0])
             if name == "thresholds":
                 p, ex = ResidualCalibration.thresholds().predict(magnitude[test])
                 probs[test], expected[test] = p.T, ex
@@ -244,6 +276,7 @@ def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, 
         scores = probability_scores(labels, probs)
         scores["error_mae_mm"] = float(np.abs(expected - error).mean())
         results[name] = scores
+    results["isotonic, mean-F1 decision"] = class_scores(labels, weighted_labels)
     return results
 
 
@@ -302,7 +335,7 @@ def fit(
     options = ReregistrationOptions(**changes)
     magnitude, error, scans = _load(datalist, "training", per_pair, seed, options)
     comparison = compare_models(magnitude, error, scans, seed)
-    calibration = fit_isotonic(magnitude, error, options_sha256(options))
+    calibration = fit_isotonic(magnitude, error, options_sha256(options), labels=true_classes(error))
     counts = np.bincount(true_classes(error), minlength=3)
     extra = {
         "fitted_on": {"datalist": str(datalist), "scans": sorted(set(scans.tolist())), "voxels": int(error.size),
@@ -349,6 +382,8 @@ def report(
     from scipy.stats import spearmanr
 
     out["calibrated"]["error_spearman"] = float(spearmanr(expected, error).statistic)
+    out["calibrated, mean-F1 decision"] = {**class_scores(labels, calibration.decide(probs, axis=1)),
+                                           "class_weights": calibration.class_weights}  # fmt: skip
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     edges = np.linspace(0, 1, 11)
