@@ -132,7 +132,14 @@ def score(
         weighted = apply_class_weights(torch.from_numpy(network), class_weights).numpy()
         results["network (class-weighted)"] = {"class_weights": class_weights, **voxel_scores(labels, weighted)}
     if calibration is not None:
-        results["re-registration (calibrated)"] = voxel_scores(labels, calibration.predict(residual)[0].T)
+        calibrated = calibration.predict(residual)[0].T
+        results["re-registration (calibrated)"] = voxel_scores(labels, calibrated)
+        if calibration.class_weights is not None:  # the bundle's default decision (AUCs: of the reweighted p)
+            weighted = calibrated * np.asarray(calibration.class_weights, dtype=np.float32)
+            results["re-registration (calibrated, mean-F1 decision)"] = {
+                "class_weights": calibration.class_weights,
+                **voxel_scores(labels, weighted / weighted.sum(axis=1, keepdims=True).clip(1e-12)),
+            }
     summary = {k: (round(v["mean_f1"], 3), round(v["kappa"], 3)) for k, v in results.items() if isinstance(v, dict)}
     logger.info("mean F1, kappa: %s", summary)
     if output:
