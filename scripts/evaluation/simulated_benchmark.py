@@ -25,7 +25,9 @@ How to run (from the repository root, with ../shared beside it; 40 min on 2 CPU 
     python -m scripts.evaluation.simulated_benchmark --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
 
 Overrides for the config: ``--output_dir``, ``--work_dir``, ``--scan``, ``--seed``, ``--landmarks``, ``--setting``
-(e.g. ``affine,bspline500``), ``--threads``, ``--reuse`` (false: make the pair, register and predict again). The NCC
+(e.g. ``affine,bspline500``), ``--threads``, ``--reuse`` (false: make the pair, register and predict again),
+``--only "['name', ...]"`` (run only these methods) with ``--carry_from docs/benchmark/report.json`` (take the other
+rows from an earlier report of the same landmarks, marked "(carried)"). The NCC
 thresholds are fitted once, before the benchmark, with ``python -m scripts.evaluation.ncc_baseline fit`` (generated
 training
 pairs only).
