@@ -284,7 +284,12 @@ def test_rows_not_selected_are_carried_from_an_earlier_report_of_the_same_landma
     earlier = {
         "ground_truth": truth,
         "methods": {
-            "local NCC": {"status": "ran", "scores": {"total": {"mean_f1": 0.5}}, "seconds": {"affine": 9.0}},
+            "local NCC": {
+                "status": "ran",
+                "scores": {"total": {"mean_f1": 0.5}},
+                "seconds": {"affine": 9.0},
+                "csv": {"affine": "/elsewhere/affine_landmarks.csv"},
+            },
             "majority class": {"status": "ran", "scores": {"total": {"mean_f1": 0.2}}},
             "RegNet-t": {"status": "not run", "reason": "no weights"},
         },
@@ -299,6 +304,7 @@ def test_rows_not_selected_are_carried_from_an_earlier_report_of_the_same_landma
     now["majority class"] = {"status": "ran", "scores": {"total": {"mean_f1": 0.3}}}
     out = carry_rows(now, truth, report)
     assert out["local NCC"]["scores"] == {"total": {"mean_f1": 0.5}} and out["local NCC"]["carried_from"] == str(report)
+    assert "csv" not in out["local NCC"]  # the earlier run's prediction files are not this run's
     assert out["majority class"]["scores"]["total"]["mean_f1"] == 0.3 and "carried_from" not in out["majority class"]
     assert out["RegNet-t"]["status"] == "not run"  # it did not run then either
     row = {"f1_correct": 0.5, "f1_poor": 0.5, "f1_wrong": 0.5, "mean_f1": 0.5, "accuracy": 0.5, "kappa": 0.2}

@@ -601,7 +601,8 @@ def carry_rows(methods: dict[str, dict], ground_truth: dict, earlier_report: str
             and entry.get("reason", "").startswith(NOT_SELECTED)
             and (old.get("status") == "ran")
         ):
-            out[name] = {**old, "carried_from": str(path), "reused": False}
+            kept = {k: v for k, v in old.items() if k != "csv"}  # its prediction files belong to that run
+            out[name] = {**kept, "carried_from": str(path), "reused": False}
     return out
 
 
