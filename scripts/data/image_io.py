@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from scripts.transforms.ct_masks import body_mask_array
+from scripts.utils.class_decision import weighted_argmax
 from scripts.utils.constants import BACKGROUND_HU
 
 logger = logging.getLogger(__name__)
@@ -443,8 +444,7 @@ def to_fixed_grid(
     probs = np.stack(channels, axis=-1)
     total = probs.sum(axis=-1, keepdims=True)
     probs = np.where(mask_f[..., None] & (total > 0), probs / np.maximum(total, 1e-12), 0.0).astype(np.float32)
-    weights = np.ones(3, dtype=np.float32) if class_weights is None else np.asarray(class_weights, dtype=np.float32)
-    labels = np.where(mask_f, (probs * weights).argmax(axis=-1), 0).astype(np.uint8)
+    labels = np.where(mask_f, weighted_argmax(probs, class_weights, axis=-1), 0).astype(np.uint8)
     return probs, labels, mask_f
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from scripts.data.image_io import Grid, InputError
 from scripts.data.landmark_csv import LandmarkTable, read_landmarks, write_landmarks
+from scripts.utils.class_decision import weighted_argmax
 from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
 
 PROBABILITY_COLUMNS = tuple(f"p_{name}" for name in CLASS_NAMES)  # p_correct, p_poor, p_wrong
@@ -72,8 +73,7 @@ def with_predictions(
     ``pred`` is argmax(class_weights * p) when ``class_weights`` are given (the probabilities are written as they are).
     """
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(table), 3)
-    weights = np.ones(3) if class_weights is None else np.asarray(class_weights, dtype=np.float64)
-    pred = np.where(probabilities.sum(axis=1) > 0, (probabilities * weights).argmax(axis=1), 0)
+    pred = np.where(probabilities.sum(axis=1) > 0, weighted_argmax(probabilities, class_weights, axis=1), 0)
     out = table.with_column("pred", [str(int(p)) for p in pred])
     for j, name in enumerate(PROBABILITY_COLUMNS):
         out = out.with_column(name, probabilities[:, j])

@@ -23,6 +23,7 @@ from scripts.data.landmarks import read_landmarks_in_image, sample_nearest, writ
 from scripts.inferers.overlay import save_overlay
 from scripts.registration.reregistration import RegistrationError
 from scripts.utils.atomic_write import atomic_write_image
+from scripts.utils.class_decision import weighted_argmax
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +221,7 @@ class SaveOverlayd(_OutputWriter):
         d = dict(data)
         probabilities, _ = split_prediction(d[self.keys[0]])
         mask = _numpy(d["mask"])[0].astype(bool)
-        weights = decision_weights(d[self.keys[0]])
-        weights = np.ones(3) if weights is None else weights
-        labels = np.where(mask, (probabilities * weights[:, None, None, None]).argmax(axis=0), -1)
+        labels = np.where(mask, weighted_argmax(probabilities, decision_weights(d[self.keys[0]]), axis=0), -1)
         constant = bool(mask.any()) and float(probabilities[:, mask].std(axis=1).max()) < CONSTANT_MAP_STD
         if constant:
             logger.warning(CONSTANT_MAP_WARNING)

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
-from scripts.utils.class_decision import fit_class_weights
+from scripts.utils.class_decision import fit_class_weights, weighted_argmax
 from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,7 @@ class ResidualCalibration:
 
     def decide(self, probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
         """Labels of ``probabilities`` (classes along ``axis``): argmax(class_weights * p), or the plain argmax."""
-        weights = np.ones(len(CLASS_NAMES)) if self.class_weights is None else np.asarray(self.class_weights)
-        shape = [1] * np.ndim(probabilities)
-        shape[axis] = len(CLASS_NAMES)
-        return (np.asarray(probabilities) * weights.reshape(shape)).argmax(axis=axis)
+        return weighted_argmax(probabilities, self.class_weights, axis)
 
     def predict(self, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities ``[3, *magnitude.shape]`` (correct, poor, wrong) and expected error (mm) of ``|r|``."""
@@ -254,15 +251,14 @@ def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, 
         for scan in np.unique(scans):
             test = scans == scan
             train = ~test
-            if name == "isotonic":
-                fitted = fit_isotonic(magnitude[train], error[train], labels=labels[train])
-                weighted_labels[test] = fitted.decide(fitted.predict(magnitude[test])[0])
             if name == "thresholds":
                 p, ex = ResidualCalibration.thresholds().predict(magnitude[test])
                 probs[test], expected[test] = p.T, ex
             elif name == "isotonic":
-                p, ex = fit_isotonic(magnitude[train], error[train]).predict(magnitude[test])
+                fitted = fit_isotonic(magnitude[train], error[train], labels=labels[train])
+                p, ex = fitted.predict(magnitude[test])
                 probs[test], expected[test] = p.T, ex
+                weighted_labels[test] = fitted.decide(p)
             else:
                 if name == "logistic":
                     clf = LogisticRegression(max_iter=500).fit(x[train], labels[train])

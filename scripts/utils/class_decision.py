@@ -7,6 +7,17 @@ from __future__ import annotations
 
 import numpy as np
 
+
+def weighted_argmax(probabilities: np.ndarray, weights=None, axis: int = 0) -> np.ndarray:
+    """Labels argmax(w * p) of ``probabilities`` with the classes along ``axis``; ``weights`` None: the plain argmax."""
+    probabilities = np.asarray(probabilities)
+    if weights is None:
+        return probabilities.argmax(axis=axis)
+    shape = [1] * probabilities.ndim
+    shape[axis] = -1
+    return (probabilities * np.asarray(weights, dtype=probabilities.dtype).reshape(shape)).argmax(axis=axis)
+
+
 LOG_WEIGHT_GRID = np.round(np.arange(-2.0, 4.0001, 0.1), 6)  # natural-log weights of poor and wrong tried (correct: 0)
 
 
