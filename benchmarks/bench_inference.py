@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from scripts.data.image_io import load_pair, to_fixed_grid  # noqa: E402
 from scripts.data.synthetic_pair import true_deformation  # noqa: E402
 from scripts.inferers.misalignment_inferer import MisalignmentInferer, latent_size_for  # noqa: E402
-from scripts.networks.misalignment_net import MisalignmentNet, level_window  # noqa: E402
+from scripts.networks.misalignment_net import MisalignmentNet  # noqa: E402
 from scripts.transforms.ct_masks import ct_masks  # noqa: E402
+from scripts.utils.encoder_windows import level_window  # noqa: E402
 from scripts.utils.precision import native_bfloat16  # noqa: E402
 
 DEFAULT_SCAN = REPO_ROOT.parent / "shared" / "data" / "ct" / "thorax_popi_like_00.nii.gz"

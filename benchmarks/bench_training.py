@@ -1,15 +1,19 @@
 """Training-step throughput: samples/s, achieved GFLOP/s and its ratio to a plain conv3d peak measured in the same run.
 
-One step = forward + loss + backward + Adam update on 101^3 patches, exactly the path the training configs use
+One step = forward + loss + backward + Adam update on 101^3 patches (or the larger encoder windows of a larger output
+block, ``--output_sizes``), exactly the path the training configs use
 (``PatchTrainingNetwork`` / ``AutocastInferer`` / the losses). FLOPs of forward + backward come from
 ``torch.utils.flop_counter.FlopCounterMode``; the peak is a Conv3d(32 -> 32, 3^3) forward in fp32 and bf16, contiguous
 and channels-last, the fastest of which is the reference. Also labelled voxels per second (25^3 output voxels per
-sample of the misalignment network, 21^3 of RegNet). ``--residual_input lstm_prior --freeze_encoders true`` measures
-the residual-informed recipe (configs/train_residual.json). Prints medians; run from the repository root:
+sample of the misalignment network, or n^3 for ``--output_sizes "[n]"``; 21^3 of RegNet). ``--residual_input
+lstm_prior --freeze_encoders true`` measures the residual-informed recipe (configs/train_residual.json). Prints
+medians; run from the repository root:
 
     python -m benchmarks.bench_training --models "['regnet','misalignment']" --batches "[1]" --repeats 3
     python -m benchmarks.bench_training --models "['misalignment']" --batches "[4]" --precisions "['bf16']" \
         --channels_last true --residual_input lstm_prior --freeze_encoders true
+    python -m benchmarks.bench_training --models "['misalignment']" --batches "[2]" --precisions "['fp32']" \
+        --channels_last true --residual_input lstm_prior --freeze_encoders true --output_sizes "[25,41,57]"
 """
 
 import json
@@ -25,10 +29,11 @@ from scripts.engines.losses import HierarchicalCrossEntropyLoss, RegNetLoss
 from scripts.engines.trainer import AutocastInferer, PatchTrainingNetwork, as_bool
 from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.networks.regnet import RegNet
+from scripts.utils.encoder_windows import window_sizes
 from scripts.utils.precision import native_bfloat16
 
 PATCH = 101
-LABELLED_VOXELS = {"regnet": 21**3, "misalignment": 25**3}  # output voxels with a target, per sample
+REGNET_LABELLED_VOXELS = 21**3  # RegNet's output voxels with a target, per sample
 
 
 def _median_seconds(step: Callable[[], None], repeats: int, warmup: int) -> float:
@@ -67,13 +72,14 @@ def _training_step(
     channels_last: bool,
     residual_input: str = "none",
     freeze_encoders: bool = False,
+    output_size: int = 25,
 ) -> Callable[[], None]:
     torch.manual_seed(0)
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     inferer = AutocastInferer("bfloat16" if precision == "bf16" else None)
 
-    def patch() -> torch.Tensor:
-        return (torch.rand(batch, 2, PATCH, PATCH, PATCH) * 1500 - 1000).round().to(memory_format=layout)
+    def patch(size: int = PATCH) -> torch.Tensor:
+        return (torch.rand(batch, 2, size, size, size) * 1500 - 1000).round().to(memory_format=layout)
 
     if model == "regnet":
         network: torch.nn.Module = RegNet().to(memory_format=layout)
@@ -83,10 +89,11 @@ def _training_step(
     elif model == "misalignment":
         net = MisalignmentNet(decoder=decoder, residual_input=residual_input)
         network = PatchTrainingNetwork(net, freeze_encoders).to(memory_format=layout)
-        inputs = tuple(patch() for _ in range(3))
+        inputs = tuple(patch(size) for size in window_sizes(output_size, net.factors).values())
+        block = (batch, 1, output_size, output_size, output_size)
         if residual_input != "none":
-            inputs += (torch.randn(batch, 3, 25, 25, 25).to(memory_format=layout) * 3,)
-        target = torch.rand(batch, 1, 25, 25, 25) * 12
+            inputs += (torch.randn(batch, 3, *block[2:]).to(memory_format=layout) * 3,)
+        target = torch.rand(block) * 12
         loss_fn = HierarchicalCrossEntropyLoss.from_decoder(net.decoder)
     else:
         raise ValueError(f"unknown model {model!r}; use 'regnet' or 'misalignment'")
@@ -112,9 +119,10 @@ def training_throughput(
     repeats: int = 3,
     residual_input: str = "none",
     freeze_encoders: bool = False,
+    output_size: int = 25,
 ) -> Dict[str, float]:
     """Median seconds per step, samples/s, labelled voxels/s, GFLOP per step (forward + backward) and GFLOP/s."""
-    step = _training_step(model, batch, precision, decoder, channels_last, residual_input, freeze_encoders)
+    step = _training_step(model, batch, precision, decoder, channels_last, residual_input, freeze_encoders, output_size)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -123,7 +131,7 @@ def training_throughput(
     return {
         "seconds_per_step": seconds,
         "samples_per_s": batch / seconds,
-        "labelled_voxels_per_s": batch * LABELLED_VOXELS[model] / seconds,
+        "labelled_voxels_per_s": batch * (REGNET_LABELLED_VOXELS if model == "regnet" else output_size**3) / seconds,
         "gflop_per_step": flops / 1e9,
         "gflop_per_s": flops / seconds / 1e9,
     }
@@ -139,6 +147,7 @@ def run_benchmark(
     threads: int = 0,
     residual_input: str = "none",
     freeze_encoders: bool = False,
+    output_sizes: Sequence[int] = (25,),
 ) -> List[Dict[str, object]]:
     """Measure the conv3d peak, then every (model, batch, precision); print a table and one JSON line per row."""
     channels_last, freeze_encoders = as_bool(channels_last), as_bool(freeze_encoders)  # "true" from the command line
@@ -152,11 +161,19 @@ def run_benchmark(
     peak = peaks[peak_name]
     print(f"peak reference: {peak_name} = {peak:.1f} GFLOP/s")
     rows: List[Dict[str, object]] = []
-    for model in models:
+    for model, output_size in [(m, n) for m in models for n in (output_sizes if m != "regnet" else [21])]:
         for batch in batches:
             for precision in precisions:
                 result = training_throughput(
-                    model, batch, precision, decoder, channels_last, repeats, residual_input, freeze_encoders
+                    model,
+                    batch,
+                    precision,
+                    decoder,
+                    channels_last,
+                    repeats,
+                    residual_input,
+                    freeze_encoders,
+                    output_size,
                 )
                 name = model if model == "regnet" else f"misalignment-{decoder}"
                 if model != "regnet" and residual_input != "none":
@@ -164,6 +181,7 @@ def run_benchmark(
                 row: Dict[str, object] = {
                     "model": name,
                     "freeze_encoders": freeze_encoders and model != "regnet",
+                    "output_size": output_size,
                     "batch": batch,
                     "precision": precision,
                     "channels_last": channels_last,
@@ -173,7 +191,8 @@ def run_benchmark(
                 }
                 rows.append(row)
                 print(
-                    f"{row['model']:22s} batch {batch:2d} {precision}: {result['seconds_per_step']:7.2f} s/step "
+                    f"{row['model']:22s} {output_size}^3 batch {batch:2d} {precision}: "
+                    f"{result['seconds_per_step']:7.2f} s/step "
                     f"{result['samples_per_s']:6.3f} samples/s {result['labelled_voxels_per_s']:9.0f} voxels/s "
                     f"{result['gflop_per_step']:8.1f} GFLOP/step "
                     f"{result['gflop_per_s']:7.1f} GFLOP/s = {100 * row['ratio_to_peak']:.0f}% of peak"

@@ -123,3 +123,19 @@ def test_bending_energy_equals_monai():
         warnings.simplefilter("ignore")
         expected = BendingEnergyLoss()(dvf)
     assert bending_energy(dvf).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_class_weights_give_the_weighted_mean_over_voxels():
+    """One correct (0 mm) and one wrong (7 mm) voxel, uniform logits: weights 1 and 3 give (l0 + 3 l7) / 4; equal
+    weights give the plain mean; bad weights are refused."""
+    logits = torch.zeros(1, 3, 4, 1, 1, 2)
+    magnitude = torch.tensor([0.0, 7.0]).reshape(1, 1, 1, 1, 2)
+    small, large = -math.log(3 / 4) - math.log(1 / 2) - math.log(1 / 4), 3 * math.log(4)
+    decoder = HierarchicalLSTMDecoder(8, 4, "6-3-1")
+    weighted = HierarchicalCrossEntropyLoss.from_decoder(decoder, class_weights=[1.0, 2.0, 3.0])
+    assert weighted(logits, magnitude).item() == pytest.approx((small + 3 * large) / 4, rel=1e-6)
+    equal = HierarchicalCrossEntropyLoss.from_decoder(decoder, class_weights=[2.0, 2.0, 2.0])
+    assert equal(logits, magnitude).item() == pytest.approx(_lstm_loss()(logits, magnitude).item(), rel=1e-6)
+    for bad in ([1.0, 2.0], [1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="class_weights"):
+            HierarchicalCrossEntropyLoss.from_decoder(decoder, class_weights=bad)

@@ -7,9 +7,10 @@ import torch.nn as nn
 from scripts.networks.convlstm import ConvLSTM3dCell
 from scripts.networks.decoders import HierarchicalLSTMDecoder, MultiScaleCNNDecoder, SingleScaleCNNDecoder
 from scripts.networks.hierarchical_labels import SPLITS, num_fine_labels
-from scripts.networks.misalignment_net import DECODERS, MisalignmentNet, level_window
+from scripts.networks.misalignment_net import DECODERS, MisalignmentNet
 from scripts.networks.regnet import RegNet, RegNetEncoder, upsample_2n_plus_1
 from scripts.transforms.pyramid import num_level_samples, smooth_downsample
+from scripts.utils.encoder_windows import level_window
 
 
 def count(module: nn.Module) -> int:

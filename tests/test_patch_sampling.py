@@ -13,11 +13,13 @@ from scripts.data.patch_sampling import (
     crop_with_background,
     magnitude_at,
     magnitude_classes,
+    misalignment_sample,
     pair_pyramid,
 )
 from scripts.networks.hierarchical_labels import SPLITS, hierarchical_labels, step_edges
 from scripts.transforms.artificial_dvf import upsample_dvf
 from scripts.utils.constants import BACKGROUND_HU
+from scripts.utils.encoder_windows import check_output_size, window_sizes
 
 SHAPE = (72, 80, 88)  # 1 mm voxels (z, y, x)
 
@@ -109,3 +111,27 @@ def test_regnet_sample_targets(pair):
         np.testing.assert_allclose(sample["dvf"].numpy()[sel], expected[sel], atol=1e-4)
     with pytest.raises(ValueError):
         RegNetPatchd(3)
+
+
+def test_uniform_centres_follow_the_regions_own_class_mix():
+    centres = np.zeros((5, 3), dtype=np.int64)
+    sampler = BalancedCentreSampler(centres, np.array([1, 2, 7, 8, 9.0]), "uniform")
+    np.testing.assert_allclose(sampler.effective_probabilities, [0.4, 0, 0.6])
+    with pytest.raises(ValueError, match="uniform"):
+        BalancedCentreSampler(centres, np.array([1, 2, 7, 8, 9.0]), "balanced")
+
+
+def test_larger_output_blocks_cut_the_encoder_windows_of_the_tiled_inferer(pair):
+    """A 41^3 block reads the windows ``level_window`` gives the inferer's tiles; its centre 25^3 is the 25^3 sample."""
+    assert window_sizes(25) == {4: 101, 2: 101, 1: 101}
+    assert window_sizes(41) == {4: 101, 2: 101, 1: 117} and window_sizes(57) == {4: 101, 2: 105, 1: 133}
+    for bad in (24, 33.5, 30, 17):
+        with pytest.raises(ValueError, match="1 \\+ 8k"):
+            check_output_size(bad)
+    centre = [48, 48, 48]
+    small = misalignment_sample(pair["pyramid"], pair["dvf"], 2, centre)
+    large = misalignment_sample(pair["pyramid"], pair["dvf"], 2, centre, output_size=41)
+    assert large["image_1mm"].shape == (2, 117, 117, 117) and large["magnitude"].shape == (1, 41, 41, 41)
+    torch.testing.assert_close(large["image_1mm"][:, 8:-8, 8:-8, 8:-8], small["image_1mm"])
+    torch.testing.assert_close(large["image_4mm"], small["image_4mm"])
+    torch.testing.assert_close(large["magnitude"][:, 8:-8, 8:-8, 8:-8], small["magnitude"])

@@ -112,9 +112,15 @@ def test_registered_datalist_errors_name_the_pair(tmp_path):
         read_registered_datalist(tmp_path / "nowhere" / "datalist.json")
 
 
-def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"output_size": 41, "class_probabilities": "uniform", "loss_class_weights": [1.0, 2.0, 4.0]}],
+    ids=["paper_blocks", "large_blocks_uniform_weighted"],
+)
+def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path, overrides):
     """configs/train.json + configs/train_residual.json: widened image-only weights, frozen encoders, one iteration;
-    only the decoder changes and the residual weights leave zero."""
+    only the decoder changes and the residual weights leave zero. Also with 41^3 output blocks, centres uniform in
+    the lungs and class-weighted voxels (the options of issue 12's item 3)."""
     folder = registered_pairs_folder(tmp_path / "registered")
     torch.manual_seed(0)
     torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "image_only.pt")
@@ -134,9 +140,15 @@ def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path):
         max_epochs=1,
         val_interval=1,
         ckpt_interval=1,
+        **overrides,
     )
     workflow.initialize()
     net = workflow.parser.get_parsed_content("network_def")
+    size = overrides.get("output_size", 25)
+    first_sample = next(iter(workflow.parser.get_parsed_content("train#dataset")))
+    assert first_sample["magnitude"].shape == (1, size, size, size)
+    weights = workflow.parser.get_parsed_content("loss").class_weights
+    assert (weights is None) == ("loss_class_weights" not in overrides)
     encoders = {k: v.clone() for k, v in net.encoders.state_dict().items()}
     first = net.decoder.head[0].weight.detach().clone()
     losses = []
@@ -258,3 +270,17 @@ def test_committed_residual_weights_are_the_prior_variant():
     assert net.residual_gate.shape == (3,)
     with pytest.raises(ValueError, match="model_residual.pt"):
         load_network_weights(MisalignmentNet(), path)
+
+
+def test_registered_patches_in_larger_blocks_with_uniform_centres(tmp_path):
+    """output_size 41: the encoder windows of a 41^3 tile and the target and r on its 41^3 voxels."""
+    folder = registered_pairs_folder(tmp_path / "registered")
+    patches = RegisteredPatchDataset(
+        folder / "datalist.json", patches_per_pair=2, probabilities="uniform", output_size=41
+    )
+    for sample in patches:
+        assert [sample[f"image_{s}mm"].shape[1] for s in (4, 2, 1)] == [101, 101, 117]
+        assert sample["magnitude"].shape == (1, 41, 41, 41) and sample["residual"].shape == (3, 41, 41, 41)
+        torch.testing.assert_close(sample["magnitude"], torch.full((1, 41, 41, 41), 4.0))
+    with pytest.raises(ValueError, match="1 \\+ 8k"):
+        RegisteredPatchDataset(folder / "datalist.json", output_size=40)

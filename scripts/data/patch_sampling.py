@@ -26,6 +26,7 @@ from monai.transforms import MapTransform, Randomizable
 from scripts.transforms.artificial_dvf import dvf_from_sitk
 from scripts.transforms.pyramid import smooth_downsample
 from scripts.utils.constants import BACKGROUND_HU, CLASS_THRESHOLDS_MM, FIXED_CHANNEL, LATENT_SIZE, PATCH_SIZE
+from scripts.utils.encoder_windows import window_sizes
 
 LEVELS = (4, 2, 1)
 CENTRE_STEP = 4  # centres on multiples of 4 (1 mm voxels) are samples of every level
@@ -33,6 +34,7 @@ REGNET_OUTPUT_SIZE = 21  # RegNet's DVF output edge for a 101^3 input
 MISALIGNMENT_PROBABILITIES = (0.6, 0.2, 0.2)  # [0,3), [3,6), [6,inf) mm, paper section III-B1
 REGNET_PROBABILITIES = (1 / 3, 1 / 3, 1 / 3)  # RegNet pre-training: equal numbers per class (METHOD.md section 4)
 REGNET_MAX_DEFORMATION_MM = {4: 20.0, 2: 15.0, 1: 7.0}
+UNIFORM = "uniform"  # centre probabilities: every candidate alike (the region's own class mix)
 
 
 # --------------------------------------------------------------------------------------------------- DVF sampling
@@ -110,7 +112,8 @@ def magnitude_classes(magnitude: np.ndarray, thresholds=CLASS_THRESHOLDS_MM) -> 
 
 class BalancedCentreSampler:
     """Draws patch centres so that the |u| class of the centre follows ``probabilities``; a class without
-    candidates is dropped and the others renormalised (``effective_probabilities`` says what is used)."""
+    candidates is dropped and the others renormalised (``effective_probabilities`` says what is used).
+    ``probabilities="uniform"``: every candidate equally likely, i.e. the classes as often as the region holds them."""
 
     def __init__(
         self,
@@ -124,6 +127,10 @@ class BalancedCentreSampler:
         classes = magnitude_classes(magnitude, thresholds)
         self.centres = centres
         self.by_class = [np.flatnonzero(classes == k) for k in range(len(thresholds) + 1)]
+        if isinstance(probabilities, str):
+            if probabilities != UNIFORM:
+                raise ValueError(f"probabilities must be {UNIFORM!r} or one number per class, got {probabilities!r}")
+            probabilities = [len(c) for c in self.by_class]
         p = np.asarray(probabilities, dtype=float)
         if len(p) != len(self.by_class) or (p < 0).any() or p.sum() <= 0:
             raise ValueError(f"probabilities {probabilities} must be {len(self.by_class)} non-negative numbers")
@@ -165,13 +172,18 @@ def pair_pyramid(fixed: np.ndarray, deformed: np.ndarray, levels=LEVELS) -> dict
     return {s: smooth_downsample(pair[None], s)[0] for s in levels}
 
 
-def misalignment_sample(pyramid: dict[int, torch.Tensor], coarse_dvf: np.ndarray, factor: int, centre) -> dict:
-    """Inputs and target of the misalignment network at 1 mm voxel ``centre`` (multiples of 4)."""
+def misalignment_sample(
+    pyramid: dict[int, torch.Tensor], coarse_dvf: np.ndarray, factor: int, centre, output_size: int = LATENT_SIZE
+) -> dict:
+    """Inputs and target of the misalignment network at 1 mm voxel ``centre`` (multiples of 4): the encoder windows
+    of every level (101^3 for the paper's 25^3 output block; ``window_sizes`` for a larger ``output_size``) and
+    |u| on the ``output_size``^3 block."""
     centre = [int(c) for c in centre]
     if any(c % CENTRE_STEP for c in centre):
         raise ValueError(f"patch centre {centre} must be a multiple of {CENTRE_STEP} on every axis")
-    sample = {f"image_{s}mm": crop_with_background(pyramid[s], [c // s for c in centre]) for s in LEVELS}
-    sample["magnitude"] = torch.from_numpy(magnitude_patch(coarse_dvf, factor, centre))
+    sizes = window_sizes(output_size, LEVELS)
+    sample = {f"image_{s}mm": crop_with_background(pyramid[s], [c // s for c in centre], sizes[s]) for s in LEVELS}
+    sample["magnitude"] = torch.from_numpy(magnitude_patch(coarse_dvf, factor, centre, output_size))
     sample["centre"] = torch.tensor(centre)
     return sample
 

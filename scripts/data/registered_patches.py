@@ -2,9 +2,9 @@
 
 A pair holds F, the registered moving image D, the exact residual misalignment e (the target: |e| in mm) and the
 re-registration's estimate r of it (an input of the residual-informed network). Patch centres are balanced by the
-class of |e| inside the lungs, where the misalignment that matters is; the images, the pyramid and the 25^3 target
-follow ``scripts.data.patch_sampling``, and the residual patch ``[3, 25, 25, 25]`` (mm, x y z) covers the target's
-voxels. Thick-slice scans can be drawn less often (``scan_weights``).
+class of |e| inside the lungs, where the misalignment that matters is (or uniform there); the images, the pyramid
+and the target block (25^3, the paper's, or larger) follow ``scripts.data.patch_sampling``, and the residual patch
+``[3, n, n, n]`` (mm, x y z) covers the target's voxels. Thick-slice scans can be drawn less often (``scan_weights``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scripts.data.patch_sampling import (
     pair_pyramid,
 )
 from scripts.utils.constants import LATENT_SIZE
+from scripts.utils.encoder_windows import check_output_size
 
 PAIR_KEYS = ("fixed", "registered", "residual_true", "body_mask", "lung_mask")
 ESTIMATE_KEY = "residual_estimate"
@@ -92,15 +93,19 @@ def load_registered_pair(entry: dict) -> dict:
 
 
 class RegisteredPatchd(MapTransform):
-    """From a loaded registered pair with ``centre``: ``image_4mm``, ``image_2mm``, ``image_1mm`` [2,101^3],
-    ``magnitude`` [1,25^3] (|e|, mm) and ``residual`` [3,25^3] (r, mm) on the same 25^3 voxels."""
+    """From a loaded registered pair with ``centre``: ``image_4mm``, ``image_2mm``, ``image_1mm`` (the encoder
+    windows; [2,101^3] for the paper's 25^3 block), ``magnitude`` [1,n^3] (|e|, mm) and ``residual`` [3,n^3] (r, mm)
+    on the same ``n = output_size`` voxels."""
 
-    def __init__(self, keys: KeysCollection = "residual_true", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection = "residual_true", output_size: int = LATENT_SIZE, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.output_size = check_output_size(output_size)
 
     def __call__(self, data):
-        sample = misalignment_sample(data["pyramid"], data[self.first_key(data)], 1, data["centre"])
-        voxels = [centred_range(int(c), LATENT_SIZE) for c in data["centre"]]
+        sample = misalignment_sample(data["pyramid"], data[self.first_key(data)], 1, data["centre"], self.output_size)
+        voxels = [centred_range(int(c), self.output_size) for c in data["centre"]]
         sample["residual"] = torch.from_numpy(dvf_at_voxels(data["residual"], 1, *voxels))
         return sample
 
@@ -112,10 +117,14 @@ class RegisteredPatchDataset(MisalignmentPatchDataset):
         datalist: ``datalist.json`` of ``scripts.registration.registered_pairs``.
         split: "training" or "validation".
         patches_per_pair: patches drawn from a pair per pass (times its scan's weight, at least 1).
-        probabilities: class probabilities of the patch centres' |e| (default 60/20/20 %, the paper's).
+        probabilities: class probabilities of the patch centres' |e| (default 60/20/20 %, the paper's), or
+            "uniform" (centres uniform in the region: the pairs' own class mix).
         region: mask the centres lie in ("lung_mask" or "body_mask").
         scan_weights: ``{scan name: weight}``, e.g. 0.5 for the 5 and 8 mm scans; missing scans weigh 1.
         estimate_key: the datalist key of the estimate r to read (``registered_pairs estimate --suffix``).
+        output_size: edge of the labelled 1 mm block per sample (``1 + 8k``; 25 is the paper's 101^3 patch, 41 or
+            57 label 4.4 or 12 times more voxels per sample for 2.8 or 7.9 times the cost of one: 1.6 and 1.5 times the
+            labelled voxels per second of the residual recipe on 2 CPU cores; benchmarks/bench_training.py).
         seed, shuffle: as ``MisalignmentPatchDataset``.
     """
 
@@ -130,6 +139,7 @@ class RegisteredPatchDataset(MisalignmentPatchDataset):
         region: str = "lung_mask",
         scan_weights: dict | None = None,
         estimate_key: str = ESTIMATE_KEY,
+        output_size: int = LATENT_SIZE,
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
@@ -139,9 +149,12 @@ class RegisteredPatchDataset(MisalignmentPatchDataset):
         self.scan_weights = dict(scan_weights or {})
         self.epoch = 0
         self.centres = RandBalancedCentred(
-            keys="residual_true", region=region, probabilities=probabilities or MISALIGNMENT_PROBABILITIES
+            keys="residual_true",
+            region=region,
+            probabilities=probabilities or MISALIGNMENT_PROBABILITIES,
+            margin=check_output_size(output_size) // 2,
         )
-        self.patch = RegisteredPatchd()
+        self.patch = RegisteredPatchd(output_size=output_size)
 
     def load(self, entry: dict) -> dict:
         return load_registered_pair(entry)

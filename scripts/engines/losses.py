@@ -5,11 +5,13 @@ Both take network outputs and targets as produced by the training pipeline: misa
 displacements ``[B, 3, D, H, W]`` (mm) with the true DVF of the same shape; spatial axes in the patches' order.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from scripts.utils.constants import CLASS_THRESHOLDS_MM
 
 
 def step_labels(magnitude: torch.Tensor, edges: Sequence[float]) -> torch.Tensor:
@@ -31,12 +33,29 @@ class HierarchicalCrossEntropyLoss(nn.Module):
     Args:
         step_edges: per step, the thresholds (mm) that make its groups (``decoder.step_edges``).
         step_groupings: per step, a 0/1 ``[n_groups, n_fine]`` matrix (``decoder.step_grouping(k)``).
+        class_weights: optional weight of a voxel by its class (correct, poor, wrong: |e| against 3 and 6 mm), so
+            that large output blocks, mostly correct, still teach the rare classes; every step's loss is then the
+            weighted mean over voxels. None: the plain mean (the paper's).
     """
 
-    def __init__(self, step_edges: Sequence[Sequence[float]], step_groupings: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        step_edges: Sequence[Sequence[float]],
+        step_groupings: Sequence[torch.Tensor],
+        class_weights: Optional[Sequence[float]] = None,
+    ) -> None:
         super().__init__()
         if len(step_edges) != len(step_groupings):
             raise ValueError(f"{len(step_edges)} steps of edges but {len(step_groupings)} grouping matrices")
+        if class_weights is not None:
+            weights = torch.as_tensor([float(w) for w in class_weights])
+            if weights.shape != (len(CLASS_THRESHOLDS_MM) + 1,) or (weights <= 0).any():
+                raise ValueError(
+                    f"class_weights must be {len(CLASS_THRESHOLDS_MM) + 1} positive numbers, got {class_weights}"
+                )
+            self.register_buffer("class_weights", weights, persistent=False)
+        else:
+            self.class_weights = None
         self.step_edges = [tuple(float(e) for e in edges) for edges in step_edges]
         for k, (edges, matrix) in enumerate(zip(self.step_edges, step_groupings)):
             if matrix.ndim != 2 or matrix.shape[0] != len(edges) + 1:
@@ -48,9 +67,11 @@ class HierarchicalCrossEntropyLoss(nn.Module):
             self.register_buffer(f"log_membership{k}", torch.log(matrix.float()), persistent=False)
 
     @classmethod
-    def from_decoder(cls, decoder: nn.Module) -> "HierarchicalCrossEntropyLoss":
+    def from_decoder(
+        cls, decoder: nn.Module, class_weights: Optional[Sequence[float]] = None
+    ) -> "HierarchicalCrossEntropyLoss":
         """The loss matching a ``scripts.networks.decoders.MisalignmentDecoder`` (its steps, edges and groupings)."""
-        return cls(decoder.step_edges, [decoder.step_grouping(k) for k in range(decoder.num_steps)])
+        return cls(decoder.step_edges, [decoder.step_grouping(k) for k in range(decoder.num_steps)], class_weights)
 
     def step_losses(self, logits: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """Per-step mean NLL ``[steps]``; ``logits [B, steps, n_fine, D, H, W]``, ``magnitude [B, 1, D, H, W]`` mm."""
@@ -61,12 +82,20 @@ class HierarchicalCrossEntropyLoss(nn.Module):
         if magnitude.shape != logits.shape[:1] + logits.shape[3:]:
             raise ValueError(f"magnitude {tuple(magnitude.shape)} does not match logits {tuple(logits.shape)}")
         log_fine = F.log_softmax(logits.float(), dim=2)  # [B, S, F, D, H, W]
+        weights = None
+        if self.class_weights is not None:
+            weights = self.class_weights[step_labels(magnitude, CLASS_THRESHOLDS_MM)]
+            weights = weights / weights.sum()
         losses = []
         for k, edges in enumerate(self.step_edges):
             log_membership = self.get_buffer(f"log_membership{k}")  # [G, F]
             expanded = log_fine[:, k, None] + log_membership[None, :, :, None, None, None]  # [B, G, F, D, H, W]
             log_group = torch.logsumexp(expanded, dim=2)  # [B, G, D, H, W]
-            losses.append(F.nll_loss(log_group, step_labels(magnitude, edges)))
+            if weights is None:
+                losses.append(F.nll_loss(log_group, step_labels(magnitude, edges)))
+            else:
+                nll = F.nll_loss(log_group, step_labels(magnitude, edges), reduction="none")
+                losses.append((nll * weights).sum())
         return torch.stack(losses)
 
     def forward(self, logits: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GRID_ALIGN = 4  # tile starts on a 4 mm sample, so every level's window is centred on one of its samples
-TILE_STEP = 8  # latent tiles are 1 + 8k voxels (scripts.networks.misalignment_net.TILE_ALIGN)
+TILE_STEP = 8  # latent tiles are 1 + 8k voxels (scripts.utils.encoder_windows.TILE_ALIGN)
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:

@@ -21,26 +21,12 @@ from scripts.networks.decoders import (
 from scripts.networks.regnet import RegNetEncoder
 from scripts.transforms.pyramid import bspline_kernel_1d, smooth_downsample_with_kernel
 from scripts.utils.constants import BACKGROUND_HU, HU_OFFSET, HU_SCALE
+from scripts.utils.encoder_windows import TILE_ALIGN, level_window
 
 DECODERS = ("lstm", "multi_cnn", "single_cnn")
 RESIDUAL_INPUTS = ("none", "lstm", "lstm_prior")
 RESIDUAL_FEATURES = 6  # r / 10 mm (x, y, z), |r| / 3 mm and soft steps of |r| at 3 and 6 mm (see residual_features)
 RESIDUAL_SCALE_MM = 10.0
-TILE_ALIGN = 8  # 1 mm latent tiles are 1 + 8k voxels so that their centre is a sample of every level
-
-
-def level_window(center: int, latent_size: int, factor: int) -> Tuple[int, int]:
-    """Encoder input window ``(start, size)`` in level-``factor`` samples for a 1 mm latent tile.
-
-    The tile has ``latent_size`` (``1 + 8k``) 1 mm voxels centred on 1 mm voxel ``center`` (a multiple of 4). The
-    window is centred on the same point, holds the encoder's 38-sample context and is ``101 + 4j`` long.
-    """
-    m = (latent_size - 1) // factor + 1
-    extra = 0 if m % 4 == 1 else 1
-    while m + 76 + 2 * extra < 101:
-        extra += 2
-    half = (m - 1) // 2 + 38 + extra
-    return center // factor - half, 2 * half + 1
 
 
 def crop_with_padding(image: torch.Tensor, start: List[int], size: List[int], value: float) -> torch.Tensor:
