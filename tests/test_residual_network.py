@@ -284,3 +284,28 @@ def test_registered_patches_in_larger_blocks_with_uniform_centres(tmp_path):
         torch.testing.assert_close(sample["magnitude"], torch.full((1, 41, 41, 41), 4.0))
     with pytest.raises(ValueError, match="1 \\+ 8k"):
         RegisteredPatchDataset(folder / "datalist.json", output_size=40)
+
+
+def test_compare_scores_several_checkpoints_on_the_voxels_score_uses(tmp_path):
+    """``compare``: each checkpoint on the same voxels, the first one's argmax equal to ``score``'s with the same seed,
+    and an in-sample class-weight fit per checkpoint."""
+    from scripts.evaluation.registered_pair_scores import collect, compare, score
+
+    folder = registered_pairs_folder(tmp_path / "registered")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"w{seed}.pt"))
+        torch.save(MisalignmentNet(decoder="single_cnn", residual_input="lstm").state_dict(), paths[-1])
+    common = dict(residual_input="lstm", decoder="single_cnn", datalist=str(folder / "datalist.json"),
+                  patches_per_pair=2, calibration_file="", seed=3)  # fmt: skip
+    compared = compare(weights=paths, split="validation", output=str(tmp_path / "compare.json"), **common)
+    single = score(weights=paths[0], split="validation", **common)
+    assert compared[paths[0]]["argmax"] == single["network (argmax)"]
+    assert compared[paths[1]]["argmax"]["voxels"] == compared["voxels"] == single["network (argmax)"]["voxels"]
+    found = collect(paths, "lstm", "single_cnn", 16, str(folder / "datalist.json"), "validation", 2, 4, 3)
+    assert found["networks"].shape == (2, compared["voxels"], 3)
+    assert not np.allclose(found["networks"][0], found["networks"][1])  # two networks, not one twice
+    np.testing.assert_array_equal(found["network"], found["networks"][0])
+    assert len(compared[paths[0]]["class_weights_fitted_here"]) == 3
+    assert json.loads((tmp_path / "compare.json").read_text())["pairs"] == 1

@@ -11,6 +11,7 @@ network's class-weighted decision the same way on the TRAINING pairs::
         --datalist ../data/registered/datalist.json --output docs/training/registered_val.json
     python -m scripts.evaluation.registered_pair_scores fit_weights --weights W.pt --residual_input lstm \
         --output models/class_weights.json
+    python -m scripts.evaluation.registered_pair_scores compare --weights "['a.pt','b.pt']" --split training
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 import fire
 import numpy as np
@@ -35,6 +37,7 @@ from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.registration.calibration import ResidualCalibration
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
+from scripts.utils.class_decision import fit_class_weights
 from scripts.utils.constants import CLASS_THRESHOLDS_MM, LATENT_SIZE
 from scripts.utils.precision import AUTO, resolve_precision
 
@@ -54,7 +57,7 @@ def network_probabilities(prepared: torch.nn.Module, net: MisalignmentNet, batch
 
 
 def collect(
-    weights: str,
+    weights: str | Sequence[str],
     residual_input: str,
     decoder: str,
     hidden_channels: int,
@@ -65,30 +68,39 @@ def collect(
     seed: int,
 ) -> dict[str, np.ndarray]:
     """True classes, network probabilities ``[N, 3]`` and |r| of the lung voxels of uniformly drawn patches of the
-    ``split`` pairs of ``datalist`` (one path, or several separated by commas)."""
+    ``split`` pairs of ``datalist`` (one path, or several separated by commas). ``weights``: one checkpoint, or a
+    list of them (same architecture) scored on the same voxels, each pair loaded once: then ``networks`` holds
+    ``[len(weights), N, 3]`` and ``network`` the first."""
+    checkpoints = [weights] if isinstance(weights, str) else list(weights)
     entries = [e for name in str(datalist).split(",") if name for e in read_registered_datalist(name, split)]
-    net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
-    net = load_network_weights(net, weights).eval()
     precision = resolve_precision(AUTO)
-    prepared = inference_copy(net, precision)
+    nets = []
+    for checkpoint in checkpoints:
+        net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
+        net = load_network_weights(net, checkpoint).eval()
+        nets.append((net, inference_copy(net, precision)))
     patch = RegisteredPatchd()
     rng = np.random.RandomState(seed)
-    collected: dict[str, list] = {"labels": [], "network": [], "residual": []}
+    collected: dict[str, list] = {"labels": [], "residual": []}
+    per_network: list[list[np.ndarray]] = [[] for _ in nets]
     for index, entry in enumerate(entries):
         pair = load_registered_pair(entry)
         centres = candidate_centres(pair["lung_mask"], LATENT_SIZE // 2)
         chosen = centres[rng.choice(len(centres), size=min(patches_per_pair, len(centres)), replace=False)]
         for b in range(0, len(chosen), batch_size):
             batch = [patch({**pair, "centre": c}) for c in chosen[b : b + batch_size]]
-            probabilities = network_probabilities(prepared, net, batch, PRECISIONS[precision])
-            for k, (sample, centre) in enumerate(zip(batch, chosen[b : b + batch_size])):
-                voxels = np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])
-                lung = pair["lung_mask"][voxels]
+            lungs = [pair["lung_mask"][np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])]
+                     for centre in chosen[b : b + batch_size]]  # fmt: skip
+            for sample, lung in zip(batch, lungs):
                 collected["labels"].append(np.digitize(sample["magnitude"][0].numpy()[lung], CLASS_THRESHOLDS_MM))
-                collected["network"].append(probabilities[k].numpy()[:, lung].T)
                 collected["residual"].append(np.linalg.norm(sample["residual"].numpy(), axis=0)[lung])
+            for (net, prepared), found in zip(nets, per_network):
+                probabilities = network_probabilities(prepared, net, batch, PRECISIONS[precision])
+                found.extend(probabilities[k].numpy()[:, lung].T for k, lung in enumerate(lungs))
         logger.info("pair %d/%d (%s) predicted", index + 1, len(entries), entry.get("record", ""))
     out = {k: np.concatenate(v) for k, v in collected.items()}
+    out["networks"] = np.stack([np.concatenate(found) for found in per_network])
+    out["network"] = out["networks"][0]
     out["pairs"] = np.array(len(entries))
     return out
 
@@ -174,5 +186,57 @@ def fit_weights(
     return record
 
 
+def compare(
+    weights: Sequence[str] = ("models/model_residual.pt",),
+    residual_input: str = "lstm_prior",
+    decoder: str = "lstm",
+    hidden_channels: int = 16,
+    datalist: str = "../data/registered/datalist.json",
+    split: str = "training",
+    patches_per_pair: int = 4,
+    batch_size: int = 4,
+    calibration_file: str = "models/reregistration_calibration.json",
+    seed: int = 11,
+    output: str = "",
+) -> dict:
+    """Several checkpoints of one architecture on the same lung voxels (each pair loaded once: choosing among a run's
+    checkpoints on the TRAINING pairs costs one pass): per checkpoint its argmax scores and the mean F1 of a
+    class-weight decision fitted on these very voxels (in-sample), beside |r| thresholds and the calibration."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
+    if isinstance(weights, str):
+        weights = [w for w in weights.split(",") if w]
+    start = time.perf_counter()
+    found = collect(
+        weights, residual_input, decoder, hidden_channels, datalist, split, patches_per_pair, batch_size, seed
+    )
+    labels, residual = found["labels"], found["residual"]
+    thresholds = ResidualCalibration.thresholds().predict(residual)[0].T
+    results: dict = {
+        "datalist": str(datalist), "split": split, "pairs": int(found["pairs"]), "patches_per_pair": patches_per_pair,
+        "seed": seed, "residual_input": residual_input, "voxels": int(labels.size),
+        "class_mix": (np.bincount(labels, minlength=3) / max(labels.size, 1)).round(4).tolist(),
+        "re-registration (|r| thresholds)": voxel_scores(labels, thresholds),
+    }  # fmt: skip
+    if calibration_file:
+        calibration = ResidualCalibration.read(calibration_file, ReregistrationOptions())
+        results["re-registration (calibrated)"] = voxel_scores(labels, calibration.predict(residual)[0].T)
+    for checkpoint, probabilities in zip(weights, found["networks"]):
+        class_weights, fitted, _ = fit_class_weights(labels, probabilities)
+        results[checkpoint] = {
+            "argmax": voxel_scores(labels, probabilities),
+            "class_weights_fitted_here": class_weights,
+            "mean_f1_class_weighted_in_sample": fitted,
+        }
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    summary = {k: round(v["argmax"]["mean_f1"], 3) for k, v in results.items() if isinstance(v, dict) and "argmax" in v}
+    logger.info("mean F1 (argmax) per checkpoint: %s", summary)
+    if output:
+        atomic_write_text(Path(output), json.dumps(results, indent=1))
+    return results
+
+
 if __name__ == "__main__":
-    fire.Fire({"score": score, "fit_weights": fit_weights}, serialize=lambda results: json.dumps(results, indent=1))
+    fire.Fire(
+        {"score": score, "fit_weights": fit_weights, "compare": compare},
+        serialize=lambda results: json.dumps(results, indent=1),
+    )
