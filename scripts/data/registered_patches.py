@@ -123,8 +123,8 @@ class RegisteredPatchDataset(MisalignmentPatchDataset):
         scan_weights: ``{scan name: weight}``, e.g. 0.5 for the 5 and 8 mm scans; missing scans weigh 1.
         estimate_key: the datalist key of the estimate r to read (``registered_pairs estimate --suffix``).
         output_size: edge of the labelled 1 mm block per sample (``1 + 8k``; 25 is the paper's 101^3 patch, 41 or
-            57 label 4.4 or 12 times more voxels per sample for 2.8 or 7.9 times the cost of one: 1.6 and 1.5 times the
-            labelled voxels per second of the residual recipe on 2 CPU cores; benchmarks/bench_training.py).
+            57 label 4.4 or 12 times more voxels per sample for 3.0 or 7.3 times the cost of one: 1.45 and 1.6 times
+            the labelled voxels per second of the residual recipe on 2 CPU cores; benchmarks/bench_training.py).
         seed, shuffle: as ``MisalignmentPatchDataset``.
     """
 
