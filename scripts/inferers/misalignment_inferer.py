@@ -20,13 +20,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from scripts.inferers.class_decision import apply_class_weights
+from scripts.utils.encoder_windows import TILE_ALIGN  # latent tiles are 1 + 8k voxels
 from scripts.utils.precision import AUTO, resolve_precision
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GRID_ALIGN = 4  # tile starts on a 4 mm sample, so every level's window is centred on one of its samples
-TILE_STEP = 8  # latent tiles are 1 + 8k voxels (scripts.utils.encoder_windows.TILE_ALIGN)
 
 
 def fold_batch_norm(module: nn.Module) -> nn.Module:
@@ -163,7 +163,7 @@ def axis_blocks(lo: int, hi: int, block_max: int) -> Tuple[List[int], int]:
 
 def latent_size_for(block: int, halo: int) -> int:
     """Smallest latent tile ``1 + 8k`` holding a block and the decoder's halo on both sides."""
-    return 1 + TILE_STEP * math.ceil((block + 2 * halo - 1) / TILE_STEP)
+    return 1 + TILE_ALIGN * math.ceil((block + 2 * halo - 1) / TILE_ALIGN)
 
 
 class MisalignmentInferer(Inferer):
@@ -193,7 +193,7 @@ class MisalignmentInferer(Inferer):
         class_weights: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
-        if tile_size < 1 + TILE_STEP or (tile_size - 1) % TILE_STEP != 0:
+        if tile_size < 1 + TILE_ALIGN or (tile_size - 1) % TILE_ALIGN != 0:
             raise ValueError(f"tile_size must be 1 + 8k (e.g. 65, 97, 129), got {tile_size}")
         if precision != AUTO and precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)} or {AUTO!r}")
