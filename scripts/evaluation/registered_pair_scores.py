@@ -105,6 +105,25 @@ def collect(
     return out
 
 
+def reregistration_scores(
+    labels: np.ndarray, residual: np.ndarray, calibration: ResidualCalibration | None
+) -> dict[str, dict]:
+    """The re-registration's voxel scores on the collected voxels: |r| thresholds, and with a ``calibration`` its
+    argmax and, if it has class weights, the bundle's default mean-F1 decision (AUCs: of the reweighted p)."""
+    thresholds = ResidualCalibration.thresholds().predict(residual)[0].T
+    results = {"re-registration (|r| thresholds)": voxel_scores(labels, thresholds)}
+    if calibration is not None:
+        calibrated = calibration.predict(residual)[0].T
+        results["re-registration (calibrated)"] = voxel_scores(labels, calibrated)
+        if calibration.class_weights is not None:
+            weighted = calibrated * np.asarray(calibration.class_weights, dtype=np.float32)
+            results["re-registration (calibrated, mean-F1 decision)"] = {
+                "class_weights": calibration.class_weights,
+                **voxel_scores(labels, weighted / weighted.sum(axis=1, keepdims=True).clip(1e-12)),
+            }
+    return results
+
+
 def score(
     weights: str = "models/model.pt",
     residual_input: str = "none",
@@ -128,7 +147,6 @@ def score(
         weights, residual_input, decoder, hidden_channels, datalist, split, patches_per_pair, batch_size, seed
     )
     labels, network, residual = found["labels"], found["network"], found["residual"]
-    thresholds = ResidualCalibration.thresholds().predict(residual)[0].T
     results = {
         "datalist": str(datalist),
         "split": split,
@@ -138,20 +156,11 @@ def score(
         "residual_input": residual_input,
         "seconds": round(time.perf_counter() - start, 1),
         "network (argmax)": voxel_scores(labels, network),
-        "re-registration (|r| thresholds)": voxel_scores(labels, thresholds),
     }
     if class_weights is not None:
         weighted = apply_class_weights(torch.from_numpy(network), class_weights).numpy()
         results["network (class-weighted)"] = {"class_weights": class_weights, **voxel_scores(labels, weighted)}
-    if calibration is not None:
-        calibrated = calibration.predict(residual)[0].T
-        results["re-registration (calibrated)"] = voxel_scores(labels, calibrated)
-        if calibration.class_weights is not None:  # the bundle's default decision (AUCs: of the reweighted p)
-            weighted = calibrated * np.asarray(calibration.class_weights, dtype=np.float32)
-            results["re-registration (calibrated, mean-F1 decision)"] = {
-                "class_weights": calibration.class_weights,
-                **voxel_scores(labels, weighted / weighted.sum(axis=1, keepdims=True).clip(1e-12)),
-            }
+    results.update(reregistration_scores(labels, residual, calibration))
     summary = {k: (round(v["mean_f1"], 3), round(v["kappa"], 3)) for k, v in results.items() if isinstance(v, dict)}
     logger.info("mean F1, kappa: %s", summary)
     if output:
@@ -210,16 +219,13 @@ def compare(
         weights, residual_input, decoder, hidden_channels, datalist, split, patches_per_pair, batch_size, seed
     )
     labels, residual = found["labels"], found["residual"]
-    thresholds = ResidualCalibration.thresholds().predict(residual)[0].T
+    calibration = ResidualCalibration.read(calibration_file, ReregistrationOptions()) if calibration_file else None
     results: dict = {
         "datalist": str(datalist), "split": split, "pairs": int(found["pairs"]), "patches_per_pair": patches_per_pair,
         "seed": seed, "residual_input": residual_input, "voxels": int(labels.size),
         "class_mix": (np.bincount(labels, minlength=3) / max(labels.size, 1)).round(4).tolist(),
-        "re-registration (|r| thresholds)": voxel_scores(labels, thresholds),
+        **reregistration_scores(labels, residual, calibration),
     }  # fmt: skip
-    if calibration_file:
-        calibration = ResidualCalibration.read(calibration_file, ReregistrationOptions())
-        results["re-registration (calibrated)"] = voxel_scores(labels, calibration.predict(residual)[0].T)
     for checkpoint, probabilities in zip(weights, found["networks"]):
         class_weights, fitted, _ = fit_class_weights(labels, probabilities)
         results[checkpoint] = {
