@@ -6,8 +6,9 @@ block, ``--output_sizes``), exactly the path the training configs use
 ``torch.utils.flop_counter.FlopCounterMode``; the peak is a Conv3d(32 -> 32, 3^3) forward in fp32 and bf16, contiguous
 and channels-last, the fastest of which is the reference. Also labelled voxels per second (25^3 output voxels per
 sample of the misalignment network, or n^3 for ``--output_sizes "[n]"``; 21^3 of RegNet). ``--residual_input
-lstm_prior --freeze_encoders true`` measures the residual-informed recipe (configs/train_residual.json). Prints
-medians; run from the repository root:
+lstm_prior --freeze_encoders true`` measures the residual-informed recipe (configs/train_residual.json),
+``--residual_input encoders --freeze_encoders false`` its variant whose encoders read r and learn. Prints medians;
+run from the repository root:
 
     python -m benchmarks.bench_training --models "['regnet','misalignment']" --batches "[1]" --repeats 3
     python -m benchmarks.bench_training --models "['misalignment']" --batches "[4]" --precisions "['bf16']" \
@@ -78,8 +79,12 @@ def _training_step(
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     inferer = AutocastInferer("bfloat16" if precision == "bf16" else None)
 
-    def patch(size: int = PATCH) -> torch.Tensor:
-        return (torch.rand(batch, 2, size, size, size) * 1500 - 1000).round().to(memory_format=layout)
+    def patch(size: int = PATCH, channels: int = 2) -> torch.Tensor:
+        """A pair window in HU; with 5 channels r (mm, about +-6) follows, as the "encoders" variant reads it."""
+        pair = (torch.rand(batch, 2, size, size, size) * 1500 - 1000).round()
+        if channels > 2:
+            pair = torch.cat([pair, torch.randn(batch, channels - 2, size, size, size) * 3], dim=1)
+        return pair.to(memory_format=layout)
 
     if model == "regnet":
         network: torch.nn.Module = RegNet().to(memory_format=layout)
@@ -89,7 +94,7 @@ def _training_step(
     elif model == "misalignment":
         net = MisalignmentNet(decoder=decoder, residual_input=residual_input)
         network = PatchTrainingNetwork(net, freeze_encoders).to(memory_format=layout)
-        inputs = tuple(patch(size) for size in window_sizes(output_size, net.factors).values())
+        inputs = tuple(patch(n, net.encoder_channels) for n in window_sizes(output_size, net.factors).values())
         block = (batch, 1, output_size, output_size, output_size)
         if residual_input != "none":
             inputs += (torch.randn(batch, 3, *block[2:]).to(memory_format=layout) * 3,)

@@ -309,3 +309,83 @@ def test_compare_scores_several_checkpoints_on_the_voxels_score_uses(tmp_path):
     np.testing.assert_array_equal(found["network"], found["networks"][0])
     assert len(compared[paths[0]]["class_weights_fitted_here"]) == 3
     assert json.loads((tmp_path / "compare.json").read_text())["pairs"] == 1
+
+
+def test_encoders_variant_starts_as_its_prior_checkpoint_and_reads_r_in_every_encoder(tmp_path):
+    """``residual_input="encoders"`` from an "lstm_prior" checkpoint: zero first-layer weights for r, so the same
+    prediction whatever r adds; TorchScript compiles it; tiled inference equals the whole image (r windows zero-padded
+    like the images' background)."""
+    from scripts.inferers.misalignment_inferer import MisalignmentInferer
+
+    torch.manual_seed(0)
+    prior = MisalignmentNet(hidden_channels=4, residual_input="lstm_prior").eval()
+    with torch.no_grad():
+        prior.residual_gate.fill_(0.5)
+    torch.save(prior.state_dict(), tmp_path / "prior.pt")
+    net = load_network_weights(MisalignmentNet(hidden_channels=4, residual_input="encoders"), tmp_path / "prior.pt")
+    net = net.eval()
+    assert net.in_channels == 5 and [e.conv1[0].weight.shape[1] for e in net.encoders] == [5, 5, 5]
+    assert all(float(e.conv1[0].weight[:, 2:].abs().max()) == 0 for e in net.encoders)
+    inputs = torch.cat([torch.randn(1, 2, 20, 18, 12) * 300 - 600, torch.randn(1, 3, 20, 18, 12) * 4], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(inputs), prior(inputs), atol=1e-5, rtol=0)
+        for encoder in net.encoders:
+            encoder.conv1[0].weight[:, 2:].normal_(0, 0.1)
+        whole = net(inputs)
+        assert (whole - prior(inputs)).abs().max() > 1e-3  # the encoders now read r
+        torch.testing.assert_close(torch.jit.script(net)(inputs), whole, atol=1e-5, rtol=0)
+    tiled = MisalignmentInferer(tile_size=25, precision="float32", with_steps=False, progress=False)(inputs, net)
+    assert (tiled - whole).abs().max() < 1e-4
+
+
+def test_registered_patches_with_residual_windows(tmp_path):
+    """``residual_windows``: every encoder window gains r (mm) as channels 2-4, zero beyond the pair; at the centre
+    of the 1 mm window it is the residual patch's centre."""
+    from scripts.data.registered_patches import RegisteredPatchd, load_registered_pair
+
+    folder = registered_pairs_folder(tmp_path / "registered")
+    patches = RegisteredPatchDataset(folder / "datalist.json", patches_per_pair=2, residual_windows=True, seed=1)
+    for sample in patches:
+        assert [tuple(sample[f"image_{s}mm"].shape) for s in (4, 2, 1)] == [(5, 101, 101, 101)] * 3
+        torch.testing.assert_close(sample["image_1mm"][2:, 50, 50, 50], sample["residual"][:, 12, 12, 12])
+        assert float(sample["image_4mm"][2, 0, 0, 0]) == 0.0  # 200 mm from the centre: beyond the 72 mm pair
+    entry = read_registered_datalist(folder / "datalist.json")[0]
+    with pytest.raises(ValueError, match="residual_pyramid=True"):
+        RegisteredPatchd(residual_windows=True)({**load_registered_pair(entry), "centre": [36, 36, 36]})
+
+
+def test_train_residual_config_encoders_variant_trains_the_encoders(tmp_path):
+    """``--residual_input encoders --freeze_encoders false``: 5-channel windows, and training moves the encoders,
+    their r weights included (they start at zero; the first iteration only opens the decoder gate, from zero too)."""
+    folder = registered_pairs_folder(tmp_path / "registered")
+    torch.manual_seed(0)
+    torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "image_only.pt")
+    workflow = ConfigWorkflow(
+        config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "train_residual.json")],
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(folder),
+        init_weights=str(tmp_path / "image_only.pt"),
+        decoder="single_cnn",
+        residual_input="encoders",
+        freeze_encoders=False,
+        patches_per_pair=2,
+        val_patches_per_pair=1,
+        val_num_patches=1,
+        batch_size=1,
+        max_epochs=1,
+        val_interval=1,
+        ckpt_interval=1,
+    )
+    workflow.initialize()
+    net = workflow.parser.get_parsed_content("initialized_network")
+    assert net.residual_input == "encoders"
+    assert next(iter(workflow.parser.get_parsed_content("train#dataset")))["image_1mm"].shape[0] == 5
+    first = net.encoders[0].conv1[0].weight.detach().clone()
+    assert float(first[:, 2:].abs().max()) == 0
+    workflow.run()
+    workflow.finalize()
+    assert float(net.encoders[0].conv1[0].weight[:, 2:].abs().max()) > 0
+    assert (tmp_path / "models" / "model.pt").is_file()

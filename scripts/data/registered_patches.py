@@ -4,7 +4,8 @@ A pair holds F, the registered moving image D, the exact residual misalignment e
 re-registration's estimate r of it (an input of the residual-informed network). Patch centres are balanced by the
 class of |e| inside the lungs, where the misalignment that matters is (or uniform there); the images, the pyramid
 and the target block (25^3, the paper's, or larger) follow ``scripts.data.patch_sampling``, and the residual patch
-``[3, n, n, n]`` (mm, x y z) covers the target's voxels. Thick-slice scans can be drawn less often (``scan_weights``).
+``[3, n, n, n]`` (mm, x y z) covers the target's voxels; for a network whose encoders read r too, r's pyramid windows
+follow the images' as three more channels. Thick-slice scans can be drawn less often (``scan_weights``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from scripts.data.patch_sampling import (
+    LEVELS,
     MISALIGNMENT_PROBABILITIES,
     MisalignmentPatchDataset,
     RandBalancedCentred,
     centred_range,
+    crop_with_background,
     dvf_at_voxels,
     misalignment_sample,
     pair_pyramid,
 )
+from scripts.transforms.pyramid import smooth_downsample
 from scripts.utils.constants import LATENT_SIZE
-from scripts.utils.encoder_windows import check_output_size
+from scripts.utils.encoder_windows import check_output_size, window_sizes
 
 PAIR_KEYS = ("fixed", "registered", "residual_true", "body_mask", "lung_mask")
 ESTIMATE_KEY = "residual_estimate"
@@ -78,35 +82,58 @@ def read_vector(path: str) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(sitk.GetArrayFromImage(sitk.ReadImage(path)), -1, 0), dtype=np.float32)
 
 
-def load_registered_pair(entry: dict) -> dict:
+def load_registered_pair(entry: dict, residual_pyramid: bool = False) -> dict:
     """Pyramid of (F, D), the exact residual e (``residual_true``, the target field, factor 1), the estimate r
-    (``residual``) and the masks of one registered pair."""
+    (``residual``) and the masks of one registered pair; with ``residual_pyramid`` also r's levels
+    (``residual_pyramid``, the images' smoothing down-sampling) for encoders that read r."""
     fixed = sitk.GetArrayFromImage(sitk.ReadImage(entry["fixed"]))
-    return {
+    residual = read_vector(entry["residual"])
+    pair = {
         "pyramid": pair_pyramid(fixed, sitk.GetArrayFromImage(sitk.ReadImage(entry["registered"]))),
         "residual_true": read_vector(entry["residual_true"]),
-        "residual": read_vector(entry["residual"]),
+        "residual": residual,
         "factor": 1,
         "body_mask": sitk.GetArrayFromImage(sitk.ReadImage(entry["body_mask"])) > 0,
         "lung_mask": sitk.GetArrayFromImage(sitk.ReadImage(entry["lung_mask"])) > 0,
     }
+    if residual_pyramid:
+        field = torch.from_numpy(residual)[None]
+        pair["residual_pyramid"] = {s: smooth_downsample(field, s)[0] for s in LEVELS}
+    return pair
 
 
 class RegisteredPatchd(MapTransform):
     """From a loaded registered pair with ``centre``: ``image_4mm``, ``image_2mm``, ``image_1mm`` (the encoder
     windows; [2,101^3] for the paper's 25^3 block), ``magnitude`` [1,n^3] (|e|, mm) and ``residual`` [3,n^3] (r, mm)
-    on the same ``n = output_size`` voxels."""
+    on the same ``n = output_size`` voxels. With ``residual_windows`` the encoder windows have 5 channels: the pair,
+    then r (mm, zero outside the pair) cut from ``residual_pyramid`` (``load_registered_pair(residual_pyramid=True)``).
+    """
 
     def __init__(
-        self, keys: KeysCollection = "residual_true", output_size: int = LATENT_SIZE, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection = "residual_true",
+        output_size: int = LATENT_SIZE,
+        residual_windows: bool = False,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_size = check_output_size(output_size)
+        self.residual_windows = residual_windows
 
     def __call__(self, data):
-        sample = misalignment_sample(data["pyramid"], data[self.first_key(data)], 1, data["centre"], self.output_size)
-        voxels = [centred_range(int(c), self.output_size) for c in data["centre"]]
+        centre = [int(c) for c in data["centre"]]
+        sample = misalignment_sample(data["pyramid"], data[self.first_key(data)], 1, centre, self.output_size)
+        voxels = [centred_range(c, self.output_size) for c in centre]
         sample["residual"] = torch.from_numpy(dvf_at_voxels(data["residual"], 1, *voxels))
+        if self.residual_windows:
+            if "residual_pyramid" not in data:
+                raise ValueError(
+                    "residual windows need the pair loaded with load_registered_pair(residual_pyramid=True)"
+                )
+            sizes = window_sizes(self.output_size, LEVELS)
+            for s in LEVELS:
+                window = crop_with_background(data["residual_pyramid"][s], [c // s for c in centre], sizes[s], 0.0)
+                sample[f"image_{s}mm"] = torch.cat([sample[f"image_{s}mm"], window])
         return sample
 
 
@@ -122,6 +149,7 @@ class RegisteredPatchDataset(MisalignmentPatchDataset):
         region: mask the centres lie in ("lung_mask" or "body_mask").
         scan_weights: ``{scan name: weight}``, e.g. 0.5 for the 5 and 8 mm scans; missing scans weigh 1.
         estimate_key: the datalist key of the estimate r to read (``registered_pairs estimate --suffix``).
+        residual_windows: the encoder windows carry r as three more channels (``residual_input="encoders"``).
         output_size: edge of the labelled 1 mm block per sample (``1 + 8k``; 25 is the paper's 101^3 patch, 41 or
             57 label 4.4 or 12 times more voxels per sample for 3.0 or 7.3 times the cost of one: 1.45 and 1.6 times
             the labelled voxels per second of the residual recipe on 2 CPU cores; benchmarks/bench_training.py).
@@ -140,6 +168,7 @@ class RegisteredPatchDataset(MisalignmentPatchDataset):
         scan_weights: dict | None = None,
         estimate_key: str = ESTIMATE_KEY,
         output_size: int = LATENT_SIZE,
+        residual_windows: bool = False,
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
@@ -154,10 +183,10 @@ class RegisteredPatchDataset(MisalignmentPatchDataset):
             probabilities=probabilities or MISALIGNMENT_PROBABILITIES,
             margin=check_output_size(output_size) // 2,
         )
-        self.patch = RegisteredPatchd(output_size=output_size)
+        self.patch = RegisteredPatchd(output_size=output_size, residual_windows=residual_windows)
 
     def load(self, entry: dict) -> dict:
-        return load_registered_pair(entry)
+        return load_registered_pair(entry, residual_pyramid=self.patch.residual_windows)
 
     def patch_count(self, entry: dict) -> int:
         weight = float(self.scan_weights.get(entry.get("scan", ""), 1.0))

@@ -22,6 +22,7 @@ from scripts.utils.atomic_write import atomic_output
 logger = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoder."  # RegNet.encoder's keys inside a RegNet state_dict
+FIRST_LAYER = "conv1.0.weight"  # the RegNet encoder's first convolution, which an encoder reading r widens
 _ITERATION = re.compile(r"iteration=(\d+)")
 
 
@@ -85,16 +86,26 @@ def load_regnet_encoders(net: nn.Module, checkpoint_pattern: str) -> nn.Module:
             continue
         state = load_state_dict_file(path)
         encoder_state = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        first = encoder_state.get(FIRST_LAYER)
+        if first is not None and first.shape[1] < encoder.in_channels:  # pair-only RegNet, encoder that reads r too
+            encoder_state[FIRST_LAYER] = zero_extend_channels(first, encoder.in_channels)
         check_state_dict(encoder_state, encoder, path, f"the {factor} mm RegNet encoder")
         encoder.load_state_dict(encoder_state)
         logger.info(f"{factor} mm encoder initialised from {path}")
     return net
 
 
+def zero_extend_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A convolution ``weight [out, c, ...]`` with zero weights appended for ``in_channels - c`` more inputs."""
+    zeros = weight.new_zeros((weight.shape[0], in_channels - weight.shape[1]) + tuple(weight.shape[2:]))
+    return torch.cat([weight, zeros], dim=1)
+
+
 def widen_for_residual(state: Mapping[str, torch.Tensor], net: nn.Module) -> Dict[str, torch.Tensor]:
     """A 2-channel (``residual_input="none"``) MisalignmentNet state_dict fitted to ``net``'s residual-informed decoder:
-    zero weights for the residual features after each 112-channel latent map, so ``net`` starts with the old
-    network's output. Tensors that already fit are kept. Returns the new dict."""
+    zero weights for the residual features after each 112-channel latent map, and for r in the encoders' first layer
+    (``residual_input="encoders"``), so ``net`` starts with the old network's output. Tensors that already fit are
+    kept. Returns the new dict."""
     features = RESIDUAL_FEATURES
     blocks = 3 if getattr(net, "decoder_name", "lstm") == "multi_cnn" else 1
     expected = net.state_dict()
@@ -102,6 +113,9 @@ def widen_for_residual(state: Mapping[str, torch.Tensor], net: nn.Module) -> Dic
     for key, value in state.items():
         target = expected.get(key)
         if not isinstance(value, torch.Tensor) or target is None or value.ndim != 5:
+            continue
+        if key.endswith(FIRST_LAYER) and target.shape[1] > value.shape[1]:  # r into an encoder
+            out[key] = zero_extend_channels(value, target.shape[1])
             continue
         if target.shape[1] != value.shape[1] + features * blocks or target.shape[0] != value.shape[0]:
             continue
@@ -126,7 +140,7 @@ def load_network_weights(net: nn.Module, path: Union[str, Path] = "") -> nn.Modu
     if getattr(net, "residual_input", "none") != "none":
         widened = widen_for_residual(state, net)
         if any(widened[k] is not state[k] for k in state):
-            logger.info(f"{path}: image-only weights; the residual inputs of the decoder start at zero")
+            logger.info(f"{path}: weights without some residual inputs; those start at zero")
         state = widened
     check_state_dict(state, net, path, type(net).__name__)
     net.load_state_dict(state)

@@ -79,12 +79,12 @@ def collect(
         net = MisalignmentNet(decoder=decoder, hidden_channels=hidden_channels, residual_input=residual_input)
         net = load_network_weights(net, checkpoint).eval()
         nets.append((net, inference_copy(net, precision)))
-    patch = RegisteredPatchd()
+    patch = RegisteredPatchd(residual_windows=residual_input == "encoders")
     rng = np.random.RandomState(seed)
     collected: dict[str, list] = {"labels": [], "residual": []}
     per_network: list[list[np.ndarray]] = [[] for _ in nets]
     for index, entry in enumerate(entries):
-        pair = load_registered_pair(entry)
+        pair = load_registered_pair(entry, residual_pyramid=patch.residual_windows)
         centres = candidate_centres(pair["lung_mask"], LATENT_SIZE // 2)
         chosen = centres[rng.choice(len(centres), size=min(patches_per_pair, len(centres)), replace=False)]
         for b in range(0, len(chosen), batch_size):

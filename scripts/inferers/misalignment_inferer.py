@@ -252,7 +252,7 @@ class MisalignmentInferer(Inferer):
             prepared = inference_copy(net, precision, self.channels_last)
             dtype = PRECISIONS[precision]
             for b in range(batch):
-                levels = net.pyramid(inputs[b : b + 1, :2].float())
+                levels = net.pyramid(inputs[b : b + 1].float())  # the pair, and r if the encoders read it
                 residual = inputs[b : b + 1, 2:].float() if channels > 2 else None
                 starts, block = self.plan(masks[b], net.halo)
                 latent = [latent_size_for(n, net.halo) for n in block]

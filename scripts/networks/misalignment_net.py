@@ -1,7 +1,7 @@
 """The misalignment network: three RegNet encoders (4, 2, 1 mm) and a decoder, on one 1 mm grid.
 
 ``MisalignmentNet.forward`` is the bundle's ``network_def`` contract: one 1 mm tensor ``image`` (fixed, moving; HU;
-with ``residual_input="lstm"`` three more channels: the re-registration's residual displacement r in mm, x y z) in,
+with a ``residual_input`` three more channels: the re-registration's residual displacement r in mm, x y z) in,
 per-voxel probabilities of correct/poor/wrong out, same spatial size, background beyond the image. ``forward_tile``
 is the shared core: the training patches and the whole-image tiled inferer both call it.
 """
@@ -24,7 +24,7 @@ from scripts.utils.constants import BACKGROUND_HU, HU_OFFSET, HU_SCALE
 from scripts.utils.encoder_windows import TILE_ALIGN, level_window
 
 DECODERS = ("lstm", "multi_cnn", "single_cnn")
-RESIDUAL_INPUTS = ("none", "lstm", "lstm_prior")
+RESIDUAL_INPUTS = ("none", "lstm", "lstm_prior", "encoders")
 RESIDUAL_FEATURES = 6  # r / 10 mm (x, y, z), |r| / 3 mm and soft steps of |r| at 3 and 6 mm (see residual_features)
 RESIDUAL_SCALE_MM = 10.0
 
@@ -59,7 +59,10 @@ class MisalignmentNet(nn.Module):
             encoders add what it missed. "lstm_prior" also starts every step's fine-label logits from the log of soft
             |r| thresholds (the re-registration's own answer) and adds the decoder's logits scaled by a learnt per-step
             gate that starts at zero: the network begins as the estimator and learns corrections from the images.
-            ``scripts.engines.checkpoints.load_network_weights`` extends a "none" checkpoint with zeros.
+            "encoders" is "lstm_prior" with r also read by every encoder (3 more input channels, r / 10 mm, down-sampled
+            with the images' pyramid), so the trainable encoders can compare r with the images.
+            ``scripts.engines.checkpoints.load_network_weights`` extends a "none" (or "lstm_prior") checkpoint with
+            zeros for the new inputs.
     """
 
     def __init__(
@@ -80,7 +83,8 @@ class MisalignmentNet(nn.Module):
         self.in_channels = 2 if residual_input == "none" else 5
         latent_channels = 112 + (RESIDUAL_FEATURES if residual_input != "none" else 0)
         self.factors: List[int] = [1] if decoder == "single_cnn" else [4, 2, 1]
-        self.encoders = nn.ModuleList([RegNetEncoder() for _ in self.factors])
+        self.encoder_channels = 5 if residual_input == "encoders" else 2  # channels of the pyramid and windows
+        self.encoders = nn.ModuleList([RegNetEncoder(self.encoder_channels) for _ in self.factors])
         self.decoder: MisalignmentDecoder
         if decoder == "lstm":
             self.decoder = HierarchicalLSTMDecoder(latent_channels, hidden_channels, split)
@@ -88,7 +92,7 @@ class MisalignmentNet(nn.Module):
             self.decoder = MultiScaleCNNDecoder(latent_channels, 3, tuple(cnn_widths))
         else:
             self.decoder = SingleScaleCNNDecoder(latent_channels, tuple(cnn_widths))
-        self.residual_prior = residual_input == "lstm_prior"
+        self.residual_prior = residual_input in ("lstm_prior", "encoders")
         if self.residual_prior:  # no such key in the state_dict of the other variants
             self.residual_gate = nn.Parameter(torch.zeros(self.decoder.num_steps))
         else:
@@ -105,8 +109,10 @@ class MisalignmentNet(nn.Module):
         self.residual_scale_mm = RESIDUAL_SCALE_MM
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
-        """HU to network input units: (HU + 1000) / 1000."""
-        return (image + self.hu_offset) / self.hu_scale
+        """HU to network input units: (HU + 1000) / 1000; channels after the pair (r, mm) to r / 10 mm."""
+        if image.shape[1] == 2:
+            return (image + self.hu_offset) / self.hu_scale
+        return torch.cat([(image[:, :2] + self.hu_offset) / self.hu_scale, image[:, 2:] / self.residual_scale_mm], 1)
 
     def residual_features(self, residual: torch.Tensor) -> torch.Tensor:
         """``[B, 6, ...]`` decoder features of the residual field ``[B, 3, ...]`` (mm): r / 10 mm, |r| / 3 mm and
@@ -128,11 +134,12 @@ class MisalignmentNet(nn.Module):
         """Logits ``[B, steps, n_fine, n, n, n]`` for one 1 mm latent tile from its encoder windows (HU).
 
         ``level_inputs`` are the windows of ``level_window`` for the factors in ``self.factors`` (coarse to fine),
-        all centred on one 1 mm point; the tile size ``n`` is the 1 mm window's size minus 76. ``residual``: the
-        residual field r ``[B, 3, n, n, n]`` (mm) on the tile, required with ``residual_input="lstm"``.
+        all centred on one 1 mm point, with ``self.encoder_channels`` channels (the pair in HU, then r in mm); the
+        tile size ``n`` is the 1 mm window's size minus 76. ``residual``: the residual field r ``[B, 3, n, n, n]``
+        (mm) on the tile, required with any ``residual_input`` but "none".
         """
         if residual is None and self.residual_input != "none":
-            raise ValueError("residual_input='lstm' needs the residual field r on the tile (the re-registration's)")
+            raise ValueError("a residual-informed network needs the residual field r on the tile (the re-registration's)")
         if residual is not None and self.residual_input == "none":
             raise ValueError("residual_input='none': this network takes no residual field")
         fine = level_inputs[-1]
@@ -191,7 +198,8 @@ class MisalignmentNet(nn.Module):
         return torch.einsum("gf,bf...->bg...", self.decoder.class_grouping, fine)
 
     def tile_inputs(self, levels: List[torch.Tensor], center: List[int], latent_size: List[int]) -> List[torch.Tensor]:
-        """Encoder windows of one tile cut from the pyramid ``levels`` (HU, padded with background HU)."""
+        """Encoder windows of one tile cut from the pyramid ``levels`` (the pair padded with background HU, r with
+        zeros)."""
         inputs: List[torch.Tensor] = []
         for k, factor in enumerate(self.factors):
             start: List[int] = []
@@ -200,11 +208,16 @@ class MisalignmentNet(nn.Module):
                 s, n = level_window(center[a], latent_size[a], factor)
                 start.append(s)
                 size.append(n)
-            inputs.append(crop_with_padding(levels[k], start, size, self.background_hu))
+            window = crop_with_padding(levels[k][:, :2], start, size, self.background_hu)
+            if levels[k].shape[1] > 2:
+                window = torch.cat([window, crop_with_padding(levels[k][:, 2:], start, size, 0.0)], dim=1)
+            inputs.append(window)
         return inputs
 
     def pyramid(self, image: torch.Tensor) -> List[torch.Tensor]:
-        """The levels this network reads (HU), coarse to fine, each down-sampled once from the 1 mm image."""
+        """The levels this network reads, coarse to fine, each down-sampled once from the 1 mm ``image`` (its first
+        ``self.encoder_channels`` channels: the pair in HU, and r in mm for ``residual_input="encoders"``)."""
+        image = image[:, : self.encoder_channels]
         out: List[torch.Tensor] = []
         for factor in self.factors:
             if factor == 4:
@@ -230,7 +243,6 @@ class MisalignmentNet(nn.Module):
         if image.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {image.shape[1]}")
         residual = image[:, 2:] if self.residual_input != "none" else None
-        image = image[:, :2]
         levels = self.pyramid(image)
         center: List[int] = []
         latent_size: List[int] = []
