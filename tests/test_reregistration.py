@@ -19,6 +19,7 @@ from scripts.inferers.io_transforms import BadInputExit
 from scripts.inferers.reregistration_inferer import ReregistrationInferer, select_inferer
 from scripts.registration.calibration import (
     ResidualCalibration,
+    adapt_priors,
     expected_calibration_error,
     fit_isotonic,
     options_sha256,
@@ -184,6 +185,22 @@ def test_mean_f1_decision_of_the_calibration_keeps_its_probabilities(tmp_path, m
     np.testing.assert_allclose(weighted["probabilities"][0].numpy(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="unknown decision 'vote'"):
         ReregistrationInferer(decision="vote")
+
+
+def test_prior_adaptation_recovers_a_shifted_class_mix():
+    """``adapt_priors`` (EM): exact posteriors of three Gaussian classes under equal priors, on voxels drawn 80/15/5,
+    move to about 80/15/5, and their argmax gains accuracy; posteriors fitted under the true mix stay where they are."""
+    rng = np.random.default_rng(0)
+    truth = np.array([0.8, 0.15, 0.05])
+    labels = rng.choice(3, size=40000, p=truth)
+    x = rng.normal(np.array([0.0, 1.5, 3.0])[labels], 1.0)
+    likelihood = np.exp(-0.5 * (x[:, None] - np.array([0.0, 1.5, 3.0])[None]) ** 2)
+    equal = likelihood / likelihood.sum(axis=1, keepdims=True)
+    adapted, priors = adapt_priors(equal, np.full(3, 1 / 3))
+    np.testing.assert_allclose(priors, truth, atol=0.02)
+    assert (adapted.argmax(axis=1) == labels).mean() > (equal.argmax(axis=1) == labels).mean() + 0.05
+    fitted = likelihood * truth / (likelihood * truth).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(adapt_priors(fitted, truth)[1], truth, atol=0.02)
 
 
 def test_calibration_file_errors_and_settings_check(tmp_path, caplog):

@@ -15,7 +15,8 @@ Both are stored as piecewise-linear tables in ``models/reregistration_calibratio
 they were fitted for (and their sha256); applied with ``numpy.interp``, so inference needs neither scikit-learn
 nor a pickle. ``python -m scripts.registration.calibration fit`` compares it with logistic regression and gradient
 boosting (leave-one-scan-out) and writes the file; ``... report`` draws the reliability diagram and the expected
-calibration error on registered pairs of the validation scan.
+calibration error on registered pairs of the validation scan; ``... compare_priors`` asks whether adapting the
+decision to each pair's class mix would help (leave-one-scan-out on the training pairs).
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def probability_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
 def _load(
     datalist: str | Path, split: str, per_pair: int, seed: int, options: ReregistrationOptions
 ) -> tuple[np.ndarray, ...]:
-    """|r|, |e| and the scan name of voxel samples of the ``split`` pairs, whose estimates must be of ``options``;
+    """|r|, |e|, the scan name and the pair index of voxel samples of the ``split`` pairs, whose estimates must be of
+    ``options``;
     ``datalist``: one path, or several separated by commas (their pairs are pooled)."""
     names = [d for d in str(datalist).split(",") if d]
     records = [r for name in names for r in json.loads(Path(name).read_text()).get(split, [])]
@@ -218,8 +220,8 @@ def _load(
             "python -m scripts.registration.registered_pairs estimate with the same settings"
         )
     rng = np.random.default_rng(seed)
-    r, e, scans = [], [], []
-    for record in records:
+    r, e, scans, pairs = [], [], [], []
+    for index, record in enumerate(records):
         estimate = record.get("residual_estimate", {}).get("path", "")
         for key, path in (("residual_estimate", estimate), ("residual_true", record["residual_true"]),
                           ("lung_mask", record["lung_mask"])):  # fmt: skip
@@ -232,7 +234,8 @@ def _load(
         r.append(a)
         e.append(b)
         scans += [record["scan"]] * a.size
-    return np.concatenate(r), np.concatenate(e), np.array(scans)
+        pairs += [index] * a.size
+    return np.concatenate(r), np.concatenate(e), np.array(scans), np.array(pairs)
 
 
 def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, seed: int = 0) -> dict:
@@ -319,6 +322,68 @@ def compare_settings(
     return out
 
 
+def adapt_priors(
+    probabilities: np.ndarray, fitted_priors: np.ndarray, iterations: int = 100, tolerance: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posteriors ``[N, 3]`` fitted under class priors ``fitted_priors`` moved to the class priors of these very
+    voxels, estimated from them by EM (Saerens, Latinne and Decaestecker, Neural Computation 2002; a few lines, no
+    library offers it). Returns the adapted posteriors and the estimated priors."""
+    fitted_priors = np.asarray(fitted_priors, dtype=np.float64).clip(1e-9)
+    priors = fitted_priors.copy()
+    adapted = probabilities
+    for _ in range(iterations):
+        adapted = probabilities * (priors / fitted_priors)
+        adapted = adapted / adapted.sum(axis=1, keepdims=True).clip(1e-12)
+        estimate = adapted.mean(axis=0)
+        converged = np.abs(estimate - priors).max() < tolerance
+        priors = estimate
+        if converged:
+            break
+    return adapted, priors
+
+
+def compare_priors(
+    datalist: str = "../data/registered/datalist.json", per_pair: int = 20000, seed: int = 0, output: str = ""
+) -> dict:
+    """Is a pair's class mix what the calibrated decision gets wrong? Leave-one-scan-out on the TRAINING pairs: on each
+    held-out pair the calibrated argmax and mean-F1 decision, the argmax after EM prior adaptation to the pair
+    (``adapt_priors``), and after its TRUE class mix (an oracle no user has), beside |r| thresholds; mean F1 and kappa
+    pooled over the held-out voxels of each scan, then averaged over the scans."""
+    options = ReregistrationOptions()
+    magnitude, error, scans, pair_of = _load(datalist, "training", per_pair, seed, options)
+    labels = true_classes(error)
+    names = ("thresholds", "calibrated argmax", "calibrated, mean-F1 decision", "EM-adapted priors, argmax",
+             "true class mix (oracle), argmax")  # fmt: skip
+    per_scan: dict[str, list[dict]] = {n: [] for n in names}
+    for scan in np.unique(scans):
+        test = scans == scan
+        fitted = fit_isotonic(magnitude[~test], error[~test], labels=labels[~test])
+        fitted_priors = np.bincount(labels[~test], minlength=3) / (~test).sum()
+        predicted: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for pair in np.unique(pair_of[test]):
+            voxels = test & (pair_of == pair)
+            p = fitted.predict(magnitude[voxels])[0].T
+            true_mix = np.bincount(labels[voxels], minlength=3) / voxels.sum()
+            oracle = p * (true_mix / fitted_priors)
+            predicted["thresholds"].append(true_classes(magnitude[voxels]))
+            predicted["calibrated argmax"].append(p.argmax(axis=1))
+            predicted["calibrated, mean-F1 decision"].append(fitted.decide(p, axis=1))
+            predicted["EM-adapted priors, argmax"].append(adapt_priors(p, fitted_priors)[0].argmax(axis=1))
+            predicted["true class mix (oracle), argmax"].append(oracle.argmax(axis=1))
+        for name in names:
+            per_scan[name].append(class_scores(labels[test], np.concatenate(predicted[name])))
+    out = {
+        "datalist": str(datalist), "voxels_per_pair": per_pair, "pairs": int(np.unique(pair_of).size),
+        "scans": sorted(set(scans.tolist())),
+        **{n: {k: round(float(np.mean([s[k] for s in v])), 4) for k in ("mean_f1", "kappa", "accuracy")}
+           for n, v in per_scan.items()},
+    }  # fmt: skip
+    if output:
+        atomic_write_text(Path(output), json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def fit(
     datalist: str = "../data/registered/datalist.json",
     output: str = "models/reregistration_calibration.json",
@@ -329,7 +394,7 @@ def fit(
     """Fit the isotonic tables on the training pairs of ``datalist`` (estimates of the default settings, or of
     ``changes`` to them), compare models leave-one-scan-out, write ``output`` (with the comparison); returns it."""
     options = ReregistrationOptions(**changes)
-    magnitude, error, scans = _load(datalist, "training", per_pair, seed, options)
+    magnitude, error, scans, _ = _load(datalist, "training", per_pair, seed, options)
     comparison = compare_models(magnitude, error, scans, seed)
     calibration = fit_isotonic(magnitude, error, options_sha256(options), labels=true_classes(error))
     counts = np.bincount(true_classes(error), minlength=3)
@@ -359,7 +424,7 @@ def report(
     import matplotlib.pyplot as plt
 
     options = ReregistrationOptions()
-    magnitude, error, _ = _load(datalist, "validation", per_pair, seed, options)
+    magnitude, error, _, _ = _load(datalist, "validation", per_pair, seed, options)
     labels = true_classes(error)
     calibration = ResidualCalibration.read(calibration_file, options)
     probs, expected = calibration.predict(magnitude)
@@ -422,4 +487,4 @@ def report(
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"fit": fit, "report": report, "compare": compare_settings})
+    fire.Fire({"fit": fit, "report": report, "compare": compare_settings, "compare_priors": compare_priors})
