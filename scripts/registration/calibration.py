@@ -348,13 +348,14 @@ def compare_priors(
     """Is a pair's class mix what the calibrated decision gets wrong? Leave-one-scan-out on the TRAINING pairs: on each
     held-out pair the calibrated argmax and mean-F1 decision, the argmax after EM prior adaptation to the pair
     (``adapt_priors``), and after its TRUE class mix (an oracle no user has), beside |r| thresholds; mean F1 and kappa
-    pooled over the held-out voxels of each scan, then averaged over the scans."""
+    over all held-out voxels pooled (as ``fit`` reports them), and per scan averaged over the scans."""
     options = ReregistrationOptions()
     magnitude, error, scans, pair_of = _load(datalist, "training", per_pair, seed, options)
     labels = true_classes(error)
     names = ("thresholds", "calibrated argmax", "calibrated, mean-F1 decision", "EM-adapted priors, argmax",
              "true class mix (oracle), argmax")  # fmt: skip
     per_scan: dict[str, list[dict]] = {n: [] for n in names}
+    pooled: dict[str, np.ndarray] = {n: np.zeros(labels.size, dtype=int) for n in names}
     for scan in np.unique(scans):
         test = scans == scan
         fitted = fit_isotonic(magnitude[~test], error[~test], labels=labels[~test])
@@ -371,12 +372,14 @@ def compare_priors(
             predicted["EM-adapted priors, argmax"].append(adapt_priors(p, fitted_priors)[0].argmax(axis=1))
             predicted["true class mix (oracle), argmax"].append(oracle.argmax(axis=1))
         for name in names:
-            per_scan[name].append(class_scores(labels[test], np.concatenate(predicted[name])))
+            pooled[name][test] = np.concatenate(predicted[name])  # _load orders voxels by pair, as here
+            per_scan[name].append(class_scores(labels[test], pooled[name][test]))
     out = {
         "datalist": str(datalist), "voxels_per_pair": per_pair, "pairs": int(np.unique(pair_of).size),
         "scans": sorted(set(scans.tolist())),
-        **{n: {k: round(float(np.mean([s[k] for s in v])), 4) for k in ("mean_f1", "kappa", "accuracy")}
-           for n, v in per_scan.items()},
+        **{n: {"pooled": {k: round(v, 4) for k, v in class_scores(labels, pooled[n]).items()},
+               "mean_over_scans": {k: round(float(np.mean([s[k] for s in per_scan[n]])), 4) for k in per_scan[n][0]}}
+           for n in names},
     }  # fmt: skip
     if output:
         atomic_write_text(Path(output), json.dumps(out, indent=1))
