@@ -183,14 +183,16 @@ def test_tiled_inferer_with_the_residual_equals_the_whole_image_network():
         inferer(image, net)
 
 
-def test_inference_config_runs_the_residual_network(tmp_path):
-    """``--method network --residual_input lstm``: the pair is re-registered, the network reads r, and the outputs
-    gain the re-registration's expected error."""
+@pytest.mark.parametrize("residual_input", ["lstm", "encoders"])
+def test_inference_config_runs_the_residual_network(tmp_path, residual_input):
+    """``--method network --residual_input lstm`` (or "encoders"): the pair is re-registered, the network reads r,
+    and the outputs gain the re-registration's expected error."""
     from tests.synthetic_pair import write_pair
 
     paths = write_pair(tmp_path / "data")
     torch.manual_seed(0)
-    torch.save(MisalignmentNet(hidden_channels=4, residual_input="lstm").state_dict(), tmp_path / "model.pt")
+    net = MisalignmentNet(hidden_channels=4, residual_input=residual_input)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
     workflow = ConfigWorkflow(
         config_file=str(REPO_ROOT / "configs" / "inference.json"),
         meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
@@ -198,7 +200,7 @@ def test_inference_config_runs_the_residual_network(tmp_path):
         workflow_type="infer",
         bundle_root=str(REPO_ROOT),
         method="network",
-        residual_input="lstm",
+        residual_input=residual_input,
         output_dir=str(tmp_path / "out"),
         checkpoint=str(tmp_path / "model.pt"),
         class_weights_file="",
