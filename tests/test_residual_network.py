@@ -274,6 +274,18 @@ def test_committed_residual_weights_are_the_prior_variant():
         load_network_weights(MisalignmentNet(), path)
 
 
+def test_committed_encoders_weights_read_r_in_their_encoders():
+    """models/model_residual_encoders.pt (Session 9's run of the "encoders" variant, to continue with --init_weights)
+    loads into that architecture only, and training moved its encoders' r weights off zero."""
+    path = REPO_ROOT / "models" / "model_residual_encoders.pt"
+    if not path.is_file():
+        pytest.skip("no encoders-variant weights committed")
+    net = load_network_weights(MisalignmentNet(residual_input="encoders"), path)
+    assert all(float(e.conv1[0].weight[:, 2:].abs().max()) > 0 for e in net.encoders)
+    with pytest.raises(ValueError, match="model_residual_encoders.pt"):
+        load_network_weights(MisalignmentNet(residual_input="lstm_prior"), path)
+
+
 def test_registered_patches_in_larger_blocks_with_uniform_centres(tmp_path):
     """output_size 41: the encoder windows of a 41^3 tile and the target and r on its 41^3 voxels."""
     folder = registered_pairs_folder(tmp_path / "registered")
