@@ -139,7 +139,9 @@ class MisalignmentNet(nn.Module):
         (mm) on the tile, required with any ``residual_input`` but "none".
         """
         if residual is None and self.residual_input != "none":
-            raise ValueError("a residual-informed network needs the residual field r on the tile (the re-registration's)")
+            raise ValueError(
+                "a residual-informed network needs the residual field r on the tile (the re-registration's)"
+            )
         if residual is not None and self.residual_input == "none":
             raise ValueError("residual_input='none': this network takes no residual field")
         fine = level_inputs[-1]
