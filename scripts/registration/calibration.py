@@ -206,8 +206,7 @@ def _load(
     datalist: str | Path, split: str, per_pair: int, seed: int, options: ReregistrationOptions
 ) -> tuple[np.ndarray, ...]:
     """|r|, |e|, the scan name and the pair index of voxel samples of the ``split`` pairs, whose estimates must be of
-    ``options``;
-    ``datalist``: one path, or several separated by commas (their pairs are pooled)."""
+    ``options``; ``datalist``: one path, or several separated by commas (their pairs are pooled)."""
     names = [d for d in str(datalist).split(",") if d]
     records = [r for name in names for r in json.loads(Path(name).read_text()).get(split, [])]
     if not records:
