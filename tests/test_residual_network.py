@@ -56,6 +56,27 @@ def registered_pairs_folder(root: Path, with_estimate: bool = True) -> Path:
     return root
 
 
+def train_residual_workflow(tmp_path: Path, **overrides) -> ConfigWorkflow:
+    """configs/train.json + configs/train_residual.json on a tiny registered-pair folder, from image-only single-CNN
+    weights, one epoch of one patch per pair unless ``overrides`` say otherwise."""
+    folder = registered_pairs_folder(tmp_path / "registered")
+    torch.manual_seed(0)
+    torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "image_only.pt")
+    settings = dict(patches_per_pair=1, val_patches_per_pair=1, val_num_patches=1, batch_size=1, max_epochs=1,
+                    val_interval=1, ckpt_interval=1)  # fmt: skip
+    return ConfigWorkflow(
+        config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "train_residual.json")],
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(folder),
+        init_weights=str(tmp_path / "image_only.pt"),
+        decoder="single_cnn",
+        **{**settings, **overrides},
+    )
+
+
 def test_forward_takes_the_residual_channels_and_checks_them():
     net = MisalignmentNet(decoder="single_cnn", residual_input="lstm").eval()
     assert net.in_channels == 5 and MisalignmentNet().in_channels == 2
@@ -121,27 +142,7 @@ def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path, o
     """configs/train.json + configs/train_residual.json: widened image-only weights, frozen encoders, one iteration;
     only the decoder changes and the residual weights leave zero. Also with 41^3 output blocks, centres uniform in
     the lungs and class-weighted voxels (the options of issue 12's item 3)."""
-    folder = registered_pairs_folder(tmp_path / "registered")
-    torch.manual_seed(0)
-    torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "image_only.pt")
-    workflow = ConfigWorkflow(
-        config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "train_residual.json")],
-        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
-        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(folder),
-        init_weights=str(tmp_path / "image_only.pt"),
-        decoder="single_cnn",
-        patches_per_pair=1,
-        val_patches_per_pair=1,
-        val_num_patches=1,
-        batch_size=1,
-        max_epochs=1,
-        val_interval=1,
-        ckpt_interval=1,
-        **overrides,
-    )
+    workflow = train_residual_workflow(tmp_path, **overrides)
     workflow.initialize()
     net = workflow.parser.get_parsed_content("network_def")
     size = overrides.get("output_size", 25)
@@ -371,28 +372,7 @@ def test_registered_patches_with_residual_windows(tmp_path):
 def test_train_residual_config_encoders_variant_trains_the_encoders(tmp_path):
     """``--residual_input encoders --freeze_encoders false``: 5-channel windows, and training moves the encoders,
     their r weights included (they start at zero; the first iteration only opens the decoder gate, from zero too)."""
-    folder = registered_pairs_folder(tmp_path / "registered")
-    torch.manual_seed(0)
-    torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "image_only.pt")
-    workflow = ConfigWorkflow(
-        config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "train_residual.json")],
-        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
-        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(folder),
-        init_weights=str(tmp_path / "image_only.pt"),
-        decoder="single_cnn",
-        residual_input="encoders",
-        freeze_encoders=False,
-        patches_per_pair=2,
-        val_patches_per_pair=1,
-        val_num_patches=1,
-        batch_size=1,
-        max_epochs=1,
-        val_interval=1,
-        ckpt_interval=1,
-    )
+    workflow = train_residual_workflow(tmp_path, residual_input="encoders", freeze_encoders=False, patches_per_pair=2)
     workflow.initialize()
     net = workflow.parser.get_parsed_content("initialized_network")
     assert net.residual_input == "encoders"
