@@ -175,6 +175,12 @@ DEFAULT_METHODS = (MethodSpec(
         ["--method", "network", "--residual_input", "lstm_prior", "--class_weights_file", ""],
     ),
     MethodSpec(
+        "LSTM 6-3-1 + r in encoders (residual-informed)",
+        "bundle",
+        "models/model_residual_encoders.pt",
+        ["--method", "network", "--residual_input", "encoders", "--class_weights_file", ""],
+    ),
+    MethodSpec(
         "LSTM 6-3-1 + r prior, class-weighted",
         "derived",
         source=RESIDUAL_NETWORK,
