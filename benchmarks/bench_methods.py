@@ -58,8 +58,8 @@ def main(repeats: int = 1, methods: str | list[str] | tuple[str, ...] = tuple(ME
         "methods": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench_methods_") as tmp:
-        for name in names:
-            out = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("'", "").replace("(", "").replace(")", "")
+        for index, name in enumerate(names):
+            out = Path(tmp) / f"method_{index}"
             runs = [run_bundle(fixed, moving, str(out), landmarks, METHODS[name]) for _ in range(repeats)]
             row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             row.update(landmark_accuracy(out / "moving_landmarks.csv"))
