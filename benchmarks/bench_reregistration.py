@@ -1,21 +1,20 @@
-"""Speed and memory of ``--method reregistration``: the sample pair and a 256 mm chest cube at 1 mm, registered on
-the pair's own 1 mm grid (the default) and on a 2 mm working grid (the faster reference, measured in the same run;
-the shipped calibration is fitted for the default, so the 2 mm run thresholds |r|).
+"""Speed and memory of the default method (``--method reregistration``) against elastix's own affine + B-spline
+registration of the same pair on the same grid, measured in the same run.
 
-Each run is the bundle's own command in a fresh subprocess (``python -m monai.bundle run ... --method
-reregistration``), so wall time includes reading, resampling, the registration, the calibration and writing every
-output, and the peak RSS (``os.wait4``) is the run's own. Prints medians over ``--repeats`` runs, the ratio of the
-native run to the 2 mm run, and what the working grid changes in accuracy: on the sample pair the landmark mean F1
-and the MAE of ``error_mm`` against the true TRE; on the cube (moving = fixed warped by a known deformation) the MAE
-of ``error_mm`` against the true misalignment in the lungs and the fraction of voxels whose class agrees. Run from
-the repository root (pause any training first; 2 cores are easily shared)::
+Cases: the sample pair (2 mm, 60 landmarks) and a one-lung crop as users cut them for registration (115 x 157 x 129
+voxels of 1.37 x 1.37 x 2.5 mm through the lungs of a shared training scan; moving = fixed warped by a known smooth
+deformation). Each run is a fresh subprocess: the bundle's own command (``python -m monai.bundle run ...``: reading,
+the region, the registration, the calibration and every output), and the reference, elastix's default "affine" and
+"bspline" parameter maps (``itk.ParameterObject.GetDefaultParameterMap``) on the two files as they are, registration
+only. Prints the medians over ``--repeats`` runs of wall time and peak RSS (``os.wait4``), the ratio bundle /
+elastix, and the bundle's accuracy (landmark mean F1 and kappa on the sample pair; on the crop the MAE of ``error_mm``
+against the true misalignment in the lungs). Run from the repository root with nothing else running::
 
     python benchmarks/bench_reregistration.py --repeats 3
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import statistics
@@ -31,32 +30,23 @@ import SimpleITK as sitk
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_inference import DEFAULT_SCAN, make_cube_pair  # noqa: E402
-
+from scripts.data.landmark_csv import read_landmarks  # noqa: E402
+from scripts.data.landmarks import assessed_rows  # noqa: E402
 from scripts.data.synthetic_pair import true_deformation  # noqa: E402
 from scripts.evaluation.landmark_metrics import classification_scores  # noqa: E402
 from scripts.transforms.ct_masks import ct_masks  # noqa: E402
 from scripts.utils.constants import CLASS_THRESHOLDS_MM  # noqa: E402
 
-GRIDS = {"2 mm working grid (reference)": 2.0, "native 1 mm (default)": 0.0}
+DEFAULT_SCAN = REPO_ROOT.parent / "shared" / "data" / "ct" / "thorax_lidc_idri_0002.nii.gz"  # a training scan
+CROP_SPACING_MM = (1.37, 1.37, 2.5)
+CROP_SIZE = (115, 157, 129)  # x, y, z voxels: one lung, cut through it on every side but the top
 
 
-def run_once(fixed: str, moving: str, output_dir: str, working_spacing_mm: float, landmarks: str = "") -> dict:
-    """One re-registration run of the bundle in a subprocess: wall seconds and peak RSS (GB) of that process."""
-    overrides = ["--method", "reregistration", "--working_spacing_mm", str(working_spacing_mm)]
-    return run_bundle(fixed, moving, output_dir, landmarks, overrides)
-
-
-def run_bundle(fixed: str, moving: str, output_dir: str, landmarks: str, overrides: list[str]) -> dict:
-    """``python -m monai.bundle run`` of the inference config with ``overrides`` in a subprocess: wall seconds and
-    peak RSS (GB) of that process."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-               "--fixed_image", fixed, "--moving_image", moving, "--landmarks", landmarks, "--output_dir", output_dir,
-               "--progress", "false", *overrides]  # fmt: skip
+def measure(command: list[str], cwd: Path = REPO_ROOT) -> dict:
+    """Run ``command`` in a subprocess (from the repository root): wall seconds and peak RSS (GB) of that process."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
@@ -65,20 +55,77 @@ def run_bundle(fixed: str, moving: str, output_dir: str, landmarks: str, overrid
     return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 1024**2}
 
 
+def run_bundle(fixed: str, moving: str, output_dir: str, landmarks: str, overrides: list[str] = ()) -> dict:
+    """``python -m monai.bundle run`` of the inference config with ``overrides``: wall seconds and peak RSS (GB)."""
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+               "--fixed_image", fixed, "--moving_image", moving, "--landmarks", landmarks, "--output_dir", output_dir,
+               "--progress", "false", *overrides]  # fmt: skip
+    return measure(command)
+
+
+def elastix_defaults(fixed: str, moving: str, threads: int = 2) -> None:
+    """elastix's default affine and B-spline parameter maps on the two files as they are (the reference run)."""
+    import itk
+
+    parameters = itk.ParameterObject.New()
+    for transform in ("affine", "bspline"):
+        parameters.AddParameterMap(parameters.GetDefaultParameterMap(transform))
+    parameters.SetParameter("WriteResultImage", "false")
+    images = [itk.imread(path, itk.F) for path in (fixed, moving)]
+    itk.elastix_registration_method(*images, parameter_object=parameters, number_of_threads=threads,
+                                    log_to_console=False)  # fmt: skip
+
+
+def run_elastix(fixed: str, moving: str) -> dict:
+    """``elastix_defaults`` in a subprocess: wall seconds and peak RSS (GB)."""
+    code = "import sys; from bench_reregistration import elastix_defaults; elastix_defaults(*sys.argv[1:])"
+    return measure([sys.executable, "-c", code, fixed, moving], cwd=Path(__file__).resolve().parent)
+
+
 def landmark_accuracy(csv_path: Path) -> dict:
-    """Mean F1 and kappa of ``pred`` and MAE of ``error_mm`` against the ``tre`` column (nan where the method writes no
-    ``error_mm``: the image-only network)."""
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    tre = np.array([float(r["tre"]) for r in rows])
-    scores = classification_scores(np.digitize(tre, CLASS_THRESHOLDS_MM), np.array([int(r["pred"]) for r in rows]))
-    error = np.array([float(r.get("error_mm", "nan")) for r in rows])
-    return {"mean_f1": scores["mean_f1"], "kappa": scores["kappa"], "error_mae_mm": float(np.abs(error - tre).mean())}
+    """Mean F1 and kappa of ``pred`` against the ``tre`` column over the assessed landmarks, and how many were not
+    assessed; MAE of ``error_mm`` (nan where the method writes none: the image-only network)."""
+    table = read_landmarks(csv_path)
+    keep = assessed_rows(table)
+    table = table.rows(keep)
+    tre = table.float_columns(["tre"])[:, 0]
+    pred = table.float_columns(["pred"])[:, 0].astype(int)
+    scores = classification_scores(np.digitize(tre, CLASS_THRESHOLDS_MM), pred)
+    error = table.float_columns(["error_mm"])[:, 0] if "error_mm" in table.values else np.full_like(tre, np.nan)
+    return {"mean_f1": scores["mean_f1"], "kappa": scores["kappa"], "error_mae_mm": float(np.abs(error - tre).mean()),
+            "unassessed": int((~keep).sum())}  # fmt: skip
 
 
-def cube_truth(fixed_path: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The true misalignment magnitude (mm) of the cube pair at every voxel and its lung mask."""
-    fixed = sitk.ReadImage(fixed_path)
+def make_crop_pair(scan_path: str, folder: str, seed: int = 0) -> dict[str, str]:
+    """A one-lung crop of ``scan_path`` at 1.37 x 1.37 x 2.5 mm, cut through the lung, and it warped by a known smooth
+    deformation (``true_deformation``); int16 NIfTI in ``folder``."""
+    scan = sitk.ReadImage(str(scan_path), sitk.sitkFloat32)
+    _, lung = ct_masks(scan, str(scan_path))
+    size = [int(round(n * s / t)) for n, s, t in zip(scan.GetSize(), scan.GetSpacing(), CROP_SPACING_MM)]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing(CROP_SPACING_MM)
+    grid.SetOrigin(scan.GetOrigin())
+    grid.SetDirection(scan.GetDirection())
+    image = sitk.Resample(scan, grid, sitk.Transform(), sitk.sitkLinear, -1024.0)
+    lung = sitk.Resample(lung, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    found = np.argwhere(sitk.GetArrayViewFromImage(lung) > 0)  # (z, y, x)
+    z1 = int(found[:, 0].max())
+    right = found[found[:, 2] < np.median(found[:, 2])]  # the lung on the image's left half: the patient's right
+    centre_x, centre_y = (int(np.median(right[:, k])) for k in (2, 1))
+    start = [max(0, centre_x - CROP_SIZE[0] // 2), max(0, centre_y - CROP_SIZE[1] // 2), max(0, z1 + 3 - CROP_SIZE[2])]
+    box = [slice(s, s + n) for s, n in zip(start, CROP_SIZE)]
+    fixed, lung = (im[box[0], box[1], box[2]] for im in (image, lung))
+    body, lung = ct_masks(fixed, "crop")
+    moving = sitk.Resample(fixed, fixed, true_deformation(fixed, body, lung, seed), sitk.sitkBSpline, -1024.0)
+    paths = {"fixed": os.path.join(folder, "fixed.nii.gz"), "moving": os.path.join(folder, "moving.nii.gz")}
+    for image, path in ((fixed, paths["fixed"]), (moving, paths["moving"])):
+        sitk.WriteImage(sitk.Cast(sitk.Clamp(image, sitk.sitkFloat32, -1024, 3071), sitk.sitkInt16), path)
+    return paths
+
+
+def crop_truth(fixed_path: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The true misalignment magnitude (mm) of the crop pair at every voxel and its lung mask."""
+    fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     body, lung = ct_masks(fixed, fixed_path)
     transform = true_deformation(fixed, body, lung, seed)
     field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
@@ -86,52 +133,43 @@ def cube_truth(fixed_path: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.norm(sitk.GetArrayFromImage(field), axis=-1), sitk.GetArrayFromImage(lung) > 0
 
 
-def main(repeats: int = 3, scan: str = str(DEFAULT_SCAN), cube: bool = True) -> dict:
-    """Run every case and grid ``repeats`` times; print and return the medians."""
+def main(repeats: int = 3, scan: str = str(DEFAULT_SCAN)) -> dict:
+    """Run every case ``repeats`` times with the bundle and with elastix's defaults; print and return the medians."""
     results: dict = {"load_average_at_start": [round(v, 2) for v in os.getloadavg()], "cases": {}}
     with tempfile.TemporaryDirectory(prefix="bench_rereg_") as tmp:
         cases = {
-            "sample pair": {
+            "sample pair (151 x 109 x 154, 2 mm)": {
                 "fixed": str(REPO_ROOT / "sample_data" / "fixed.nii.gz"),
                 "moving": str(REPO_ROOT / "sample_data" / "moving.nii.gz"),
                 "landmarks": str(REPO_ROOT / "sample_data" / "landmarks.csv"),
             }
         }
-        if cube and Path(scan).is_file():
-            cases["256 mm cube at 1 mm"] = {**make_cube_pair(scan, tmp), "landmarks": ""}
-        for case, paths in cases.items():
-            rows = {}
-            labels = {}
-            for grid, spacing in GRIDS.items():
-                out = Path(tmp) / f"{case}_{spacing}".replace(" ", "_")
-                runs = [run_once(paths["fixed"], paths["moving"], str(out), spacing, paths["landmarks"])
-                        for _ in range(repeats)]  # fmt: skip
-                row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                stem = Path(paths["moving"]).name.split(".")[0]
-                if paths["landmarks"]:
-                    row.update(landmark_accuracy(out / f"{stem}_landmarks.csv"))
-                else:
-                    truth, lung = cube_truth(paths["fixed"])
-                    error = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stem}_error_mm.nii.gz")))
-                    row["lung_error_mae_mm"] = float(np.abs(error[lung] - truth[lung]).mean())
-                    labels[grid] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stem}_misalignment.nii.gz")))
-                    row["lung_mean_f1"] = classification_scores(
-                        np.digitize(truth[lung], CLASS_THRESHOLDS_MM), labels[grid][lung].astype(int)
-                    )["mean_f1"]
-                rows[grid] = row
-            fast, reference = (rows[g] for g in GRIDS)
-            summary = {"grids": rows, "native_over_2mm_wall": reference["wall_s"] / fast["wall_s"]}
-            if labels:
-                a, b = labels.values()
-                summary["label_agreement_2mm_vs_native"] = float((a == b).mean())
-            results["cases"][case] = summary
+        if Path(scan).is_file():
+            crop = {**make_crop_pair(scan, tmp), "landmarks": ""}
+            cases["one-lung crop (115 x 157 x 129, 1.37 x 1.37 x 2.5 mm)"] = crop
+        for index, (case, paths) in enumerate(cases.items()):
+            out = Path(tmp) / f"case_{index}"
+            runs = {"bundle (default method)": [], "elastix default affine + B-spline": []}
+            for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits both
+                runs["bundle (default method)"].append(
+                    run_bundle(paths["fixed"], paths["moving"], str(out), paths["landmarks"])
+                )
+                runs["elastix default affine + B-spline"].append(run_elastix(paths["fixed"], paths["moving"]))
+            rows = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+            bundle, reference = rows.values()
+            stem = Path(paths["moving"]).name.split(".")[0]
+            if paths["landmarks"]:
+                bundle.update(landmark_accuracy(out / f"{stem}_landmarks.csv"))
+            else:
+                truth, lung = crop_truth(paths["fixed"])
+                error = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stem}_error_mm.nii.gz")))
+                bundle["lung_error_mae_mm"] = float(np.nanmean(np.abs(error[lung] - truth[lung])))
+            results["cases"][case] = {"runs": rows, "bundle_over_elastix_wall": bundle["wall_s"] / reference["wall_s"]}
     for case, summary in results["cases"].items():
         print(f"\n{case} (medians of {repeats} runs; load average at start {results['load_average_at_start']})")
-        for grid, row in summary["grids"].items():
-            print(f"  {grid:26s} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-        print(f"  native / 2 mm wall time: {summary['native_over_2mm_wall']:.2f}")
-        if "label_agreement_2mm_vs_native" in summary:
-            print(f"  voxel labels equal (2 mm vs native): {summary['label_agreement_2mm_vs_native']:.3f}")
+        for name, row in summary["runs"].items():
+            print(f"  {name:34s} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        print(f"  bundle / elastix wall time: {summary['bundle_over_elastix_wall']:.2f}")
     print(json.dumps(results))
     return results
 

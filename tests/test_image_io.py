@@ -20,7 +20,7 @@ from scripts.data.image_io import (
     to_fixed_grid,
 )
 from scripts.utils.atomic_write import atomic_output
-from scripts.utils.constants import BACKGROUND_HU
+from scripts.utils.constants import BACKGROUND_HU, UNASSESSED_LABEL
 from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
 
 
@@ -122,7 +122,7 @@ def test_to_fixed_grid_gives_normalised_probabilities_and_labels(tmp_path):
     probs, labels, mask = to_fixed_grid(probabilities, pair.mask, pair.grid, pair.fixed_grid)
     assert probs.shape == (24, 24, 24, 3) and labels.dtype == np.uint8
     np.testing.assert_allclose(probs[mask].sum(axis=-1), 1.0, atol=1e-5)
-    assert (probs[~mask] == 0).all() and (labels[~mask] == 0).all()
+    assert (probs[~mask] == 0).all() and (labels[~mask] == UNASSESSED_LABEL).all()  # outside: never "correct"
     assert np.array_equal(labels[mask], probs[mask].argmax(axis=-1))
     weights = [1.0, 1.0, 3.0]  # a decision that favours "wrong": the probabilities stay, the labels move
     probs_w, labels_w, _ = to_fixed_grid(probabilities, pair.mask, pair.grid, pair.fixed_grid, weights)

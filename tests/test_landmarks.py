@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from scripts.data.image_io import Grid, InputError
 from scripts.data.landmark_csv import read_landmarks
 from scripts.data.landmarks import (
+    assessed_rows,
     read_landmarks_in_image,
     sample_nearest,
     true_classes,
@@ -38,12 +39,15 @@ def test_csv_without_xyz_names_the_file(pair, tmp_path):
         read_landmarks_in_image(path, grid, "fixed.nii.gz")
 
 
-def test_points_outside_the_fixed_image_name_file_row_and_id(pair, tmp_path):
+def test_a_table_wholly_outside_the_fixed_image_names_file_row_and_id(pair, tmp_path):
     paths, grid = pair
     path = tmp_path / "outside.csv"
-    path.write_text(paths["landmarks"].read_text() + "7,-20.0,10.0,400.0,2.0\n")
-    with pytest.raises(InputError, match="outside.csv: row 7 \\(id 7\\): point .* outside the fixed image fixed.nii"):
+    path.write_text("id,x,y,z,tre\n7,-20.0,10.0,400.0,2.0\n8,-20.0,10.0,500.0,2.0\n")
+    with pytest.raises(InputError, match="outside.csv: row 2 \\(id 7\\): point .* outside the fixed image fixed.nii"):
         read_landmarks_in_image(path, grid, "fixed.nii.gz")
+    partly = tmp_path / "partly.csv"  # some points outside a cropped image: kept, they are marked unassessed later
+    partly.write_text(paths["landmarks"].read_text() + "7,-20.0,10.0,400.0,2.0\n")
+    assert len(read_landmarks_in_image(partly, grid, "fixed.nii.gz")) == 6
     table = read_landmarks_in_image(paths["landmarks"], grid, "fixed.nii.gz")
     assert len(table) == 5 and true_classes(table).tolist() == [0, 1, 2, 0, 1]
 
@@ -57,14 +61,23 @@ def test_predictions_are_added_and_written_atomically(pair, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["m_landmarks.csv"]
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["id", "x", "y", "z", "tre", "pred", "p_correct", "p_poor", "p_wrong", "step1", "step2"]
-    assert [int(r["pred"]) for r in rows] == [0, 1, 0, 2, 0]  # all-zero row (outside the mask) -> 0
+    columns = ["id", "x", "y", "z", "tre", "inside", "pred", "p_correct", "p_poor", "p_wrong", "step1", "step2"]
+    assert list(rows[0]) == columns
+    assert [r["pred"] for r in rows] == ["0", "1", "", "2", "0"]  # all-zero row (outside the mask): not assessed
+    assert [r["inside"] for r in rows] == ["1", "1", "0", "1", "1"]
+    assert all(rows[2][c] == "" for c in columns[6:])  # never read as "correct"
     assert rows[3]["step2"] == "2" and rows[1]["p_poor"] == "0.6000" and rows[0]["tre"] == "1.0"
     cnn = with_predictions(table, probabilities, None)  # CNN decoders have no earlier steps
     assert "step1" not in cnn.columns and cnn.columns[-1] == "p_wrong"
     weighted = with_predictions(table, probabilities, None, class_weights=[1.0, 2.0, 1.0])  # the mean-F1 decision
-    assert weighted.values["pred"] == ["0", "1", "0", "2", "1"]  # 0.4 * 2 > 0.5: the last row turns poor
-    np.testing.assert_allclose(weighted.float_columns(["p_correct", "p_poor", "p_wrong"]), probabilities)
+    assert weighted.values["pred"] == ["0", "1", "", "2", "1"]  # 0.4 * 2 > 0.5: the last row turns poor
+    assessed = assessed_rows(weighted)
+    assert assessed.tolist() == [True, True, False, True, True]
+    np.testing.assert_allclose(
+        weighted.rows(assessed).float_columns(["p_correct", "p_poor", "p_wrong"]), probabilities[assessed]
+    )
+    explicit = with_predictions(table, probabilities, None, inside=np.array([1, 0, 1, 1, 1], bool))
+    assert explicit.values["inside"] == ["1", "0", "1", "1", "1"] and explicit.values["pred"][1] == ""
 
 
 def test_sample_nearest_reads_the_voxel_under_each_point():

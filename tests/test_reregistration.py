@@ -304,8 +304,8 @@ def test_method_reregistration_writes_the_contract_files(tmp_path):
     np.testing.assert_allclose(error.GetSpacing(), fixed.GetSpacing())
     with open(out / "moving_landmarks.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    columns = ["id", "x", "y", "z", "tre", "pred", "p_correct", "p_poor", "p_wrong", "error_mm", "residual_mm"]
-    assert list(rows[0]) == columns
+    columns = ["id", "x", "y", "z", "tre", "inside", "pred", "p_correct", "p_poor", "p_wrong", "error_mm"]
+    assert list(rows[0]) == columns + ["residual_mm"] and all(r["inside"] == "1" for r in rows)
     assert all(float(r["error_mm"]) == float(r["residual_mm"]) for r in rows)  # uncalibrated: E[e] = |r|
     # uncalibrated: |r| thresholded; the 4 mm shift is found within 0.5 mm at these textured landmarks -> poor
     found = [float(r["error_mm"]) for r in rows]

@@ -99,7 +99,7 @@ class MisalignmentBundleOperator(MonaiBundleInferenceOperator):
 
 class MapWriterOperator(Operator):
     """Write ``<moving stem>_misalignment.nii.gz`` (uint8 0 correct, 1 poor, 2 wrong) and ``_probabilities.nii.gz``
-    on the fixed image's grid, 0 outside the predicted region, atomically."""
+    on the fixed image's grid, 255 (not assessed) outside the predicted region, atomically."""
 
     def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs) -> None:
         self.output_folder = Path(output_folder)

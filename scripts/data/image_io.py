@@ -1,9 +1,9 @@
 """Reading, checking, resampling and atomically writing the CT images of a misalignment run (SimpleITK).
 
-Images stay SimpleITK images (physical LPS mm) until the network grid is built: both images re-oriented to LPS and
-resampled to 1 mm on the fixed image's extent. Arrays taken from them are in SimpleITK's numpy order (z, y, x).
-Every check raises ``InputError`` (a ``ValueError``) or ``MissingInputError`` (a ``FileNotFoundError``) whose
-message names the file and the problem.
+Images stay SimpleITK images (physical LPS mm) until the working grid is built: both images re-oriented to LPS on the
+fixed image's extent, at 1 mm for the network or on the fixed image's own voxels for the re-registration. Arrays
+taken from them are in SimpleITK's numpy order (z, y, x). Every check raises ``InputError`` (a ``ValueError``) or
+``MissingInputError`` (a ``FileNotFoundError``) whose message names the file and the problem.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Optional, Sequence, Tuple
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
-from scripts.transforms.ct_masks import body_mask_array
+from scripts.transforms.ct_masks import LUNG_THRESHOLD_HU, body_mask_array
 from scripts.utils.class_decision import weighted_argmax
-from scripts.utils.constants import BACKGROUND_HU
+from scripts.utils.constants import BACKGROUND_HU, UNASSESSED_ERROR_MM, UNASSESSED_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 GRID_TOLERANCE = 1e-3  # relative to the voxel size / unit direction: grids closer than this are the same grid
 MIN_SIZE_VOXELS = 4  # fewer voxels than this along an axis is a 2-D image stored as 3-D
 MIN_DIRECTION_DETERMINANT = 1e-6  # |det| of the direction matrix below this: a singular (degenerate) orientation
+MIN_WORKING_SPACING_MM = 1.0  # the re-registration's grid is the fixed image's own, no finer than this per axis
 GZIP_MAGIC = b"\x1f\x8b"
 STREAM_CHUNK_BYTES = 1 << 22  # compressed streams are verified in 4 MiB chunks
 METAIMAGE_ELEMENT_BYTES = {
@@ -345,11 +347,30 @@ def check_overlap(
     return fraction
 
 
-def isotropic_grid(image: sitk.Image, spacing: float = 1.0) -> Grid:
-    """The grid of ``image`` re-oriented to LPS, resampled to ``spacing`` mm with the same origin and extent."""
+def isotropic_grid(image: sitk.Image, spacing: float | None = 1.0) -> Grid:
+    """The grid of ``image`` re-oriented to LPS, resampled to ``spacing`` mm with the same origin and extent (None:
+    the image's own voxel size, so an LPS-stored image keeps its grid exactly)."""
     oriented = Grid.of(sitk.DICOMOrient(image, "LPS")) if image.GetDimension() == 3 else Grid.of(image)
-    size = tuple(int(np.floor((n - 1) * s / spacing + 1e-6)) + 1 for n, s in zip(oriented.size, oriented.spacing))
-    return Grid(size, oriented.origin, (spacing,) * 3, oriented.direction)
+    if not spacing:
+        return oriented
+    return _resized(oriented, (float(spacing),) * 3)
+
+
+def working_grid(image: sitk.Image, spacing: float | None = 1.0, min_spacing: float = MIN_WORKING_SPACING_MM) -> Grid:
+    """The grid a pair is loaded on: ``image``'s extent re-oriented to LPS, at ``spacing`` mm isotropic (the
+    network's 1 mm), or with ``spacing=None`` at the image's own voxel size, each axis no finer than ``min_spacing``
+    (thick slices stay thick, sub-millimetre voxels are coarsened: the re-registration's grid)."""
+    if spacing:
+        return isotropic_grid(image, spacing)
+    oriented = isotropic_grid(image, None)
+    coarse = tuple(max(float(s), float(min_spacing)) for s in oriented.spacing)
+    return oriented if np.allclose(coarse, oriented.spacing) else _resized(oriented, coarse)
+
+
+def _resized(grid: Grid, spacing: Tuple[float, float, float]) -> Grid:
+    """``grid``'s origin, direction and extent at another voxel size."""
+    size = tuple(int(np.floor((n - 1) * s / t + 1e-6)) + 1 for n, s, t in zip(grid.size, grid.spacing, spacing))
+    return Grid(size, grid.origin, tuple(spacing), grid.direction)
 
 
 def resample(image: sitk.Image, grid: Grid, interpolator: int = sitk.sitkBSpline, default: float = BACKGROUND_HU,
@@ -358,35 +379,69 @@ def resample(image: sitk.Image, grid: Grid, interpolator: int = sitk.sitkBSpline
     return grid.resampler(interpolator, default, output_type).Execute(image)
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
+def hu_on_grid(image: sitk.Image, grid: Grid) -> np.ndarray:
+    """The ``(z, y, x)`` HU array of ``image`` on ``grid``: its own voxels when it already lies on that grid (no
+    interpolation, no smoothing), cubic B-spline otherwise (``BACKGROUND_HU`` outside its field of view)."""
+    if Grid.of(image).same_as(grid):
+        return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    return sitk.GetArrayFromImage(resample(image, grid))
+
+
+def field_of_view(image: sitk.Image, grid: Grid) -> np.ndarray:
+    """Which voxels of ``grid`` lie inside ``image``'s field of view (bool ``(z, y, x)``)."""
+    if Grid.of(image).same_as(grid):
+        return np.ones(tuple(grid.size[::-1]), dtype=bool)
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return sitk.GetArrayFromImage(resample(ones, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+
+
+def body_mask(hu: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """Body mask of a ``(z, y, x)`` HU array (bool), from ``scripts.transforms.ct_masks`` (threshold, largest part,
-    holes)."""
-    return body_mask_array(hu)
+    holes, lungs cut open by the field of view)."""
+    return body_mask_array(hu, spacing_zyx)
+
+
+MIN_LUNG_ML = 100.0  # less air than this inside the region: the crop shows no lung
+MIN_MOVING_COVERAGE = 0.5  # the moving image covers less of the fixed image's region than this: a warning
 
 
 @dataclass
 class PairOnGrid:
-    """A fixed/moving pair on the network's 1 mm LPS grid: ``image [2, z, y, x]`` HU (fixed, moving), ``mask
-    [z, y, x]`` bool (where to predict), the 1 mm ``grid`` and the fixed image's original ``fixed_grid``."""
+    """A fixed/moving pair on the working grid (1 mm LPS for the network, the fixed image's own grid for the
+    re-registration): ``image [2, z, y, x]`` HU (fixed, moving), ``mask [z, y, x]`` bool (where to predict),
+    ``region [z, y, x]`` bool (the fixed image's body and lungs inside the moving image's field of view), the
+    working ``grid``, the fixed image's original ``fixed_grid`` and ``lung_ml`` (air inside the region)."""
 
     image: np.ndarray
     mask: np.ndarray
     grid: Grid
     fixed_grid: Grid
+    region: Optional[np.ndarray] = None
+    lung_ml: float = 0.0
 
 
 def load_pair(
     fixed_path: str | os.PathLike,
     moving_path: str | os.PathLike,
     mask_path: Optional[str | os.PathLike] = None,
-    spacing: float = 1.0,
+    spacing: float | None = 1.0,
     mask_background: bool = True,
+    require_lung: bool = False,
 ) -> PairOnGrid:
-    """Read, check and resample a pair onto the fixed image's ``spacing`` mm LPS grid (cubic B-spline).
+    """Read, check and put a pair on the fixed image's LPS working grid (``working_grid``): ``spacing`` mm isotropic
+    (cubic B-spline), or with ``spacing=None`` the fixed image's own voxels, no finer than 1 mm per axis.
 
-    The moving image is resampled from its own physical space, so a moving image on another grid is handled (and
-    logged). The prediction mask is the fixed image's body mask, or ``mask_path`` (nearest neighbour) when given.
-    With ``mask_background`` each image is set to the background HU outside its own body mask (as in training).
+    The moving image is resampled from its own physical space, so a moving image on another grid or with a smaller
+    field of view is handled (and logged). The region is the fixed image's body and lungs (``body_mask_array``,
+    lungs cut open by a crop included) inside the moving image's field of view; the prediction mask is the region,
+    or ``mask_path`` (nearest neighbour) inside the moving image's field of view. With ``mask_background`` the images
+    are set to the background HU outside their body and lungs (the network's input, as in training; the moving image
+    keeps the fixed image's region as well, so its lungs are not blanked where its own mask misses them); without it
+    both keep their own HU (the re-registration's input).
+
+    A crop with no lung in it is refused with ``require_lung`` (the network was trained on lungs), else logged; a
+    moving image covering less than half of the fixed image's region is logged with the fraction it covers.
     """
     fixed = read_image(fixed_path, "fixed image")
     moving = read_image(moving_path, "moving image")
@@ -398,26 +453,47 @@ def load_pair(
             moving_path, moving.GetSize(), fixed.GetSize(), np.round(moving.GetSpacing(), 3).tolist(),
             np.round(fixed.GetSpacing(), 3).tolist(), 100 * fraction,
         )  # fmt: skip
-    grid = isotropic_grid(fixed, spacing)
-    arrays, bodies = [], []
-    for image in (fixed, moving):
-        hu = sitk.GetArrayFromImage(resample(image, grid))
-        body = body_mask(hu)
-        if mask_background:
-            hu[~body] = BACKGROUND_HU
-        arrays.append(hu)
-        bodies.append(body)
+    grid = working_grid(fixed, spacing)
+    spacing_zyx = tuple(grid.spacing[::-1])
+    in_view = field_of_view(moving, grid)
+    arrays = [hu_on_grid(image, grid) for image in (fixed, moving)]
+    bodies = [body_mask(hu, spacing_zyx) for hu in arrays]
+    bodies[1] &= in_view
+    body = bodies[0]
+    if not body.any():
+        raise InputError(f"fixed image {fixed_path}: no body found (no tissue above -500 HU); is it a CT in HU?")
+    region = body & in_view
+    covered = float(region.sum()) / float(body.sum())
+    if covered < MIN_MOVING_COVERAGE:
+        logger.warning(
+            "moving image %s covers only %.0f%% of the fixed image's body and lungs: the rest is not assessed",
+            moving_path, 100 * covered,
+        )  # fmt: skip
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    lung_ml = float(((arrays[0] < LUNG_THRESHOLD_HU) & ndimage.binary_erosion(region, iterations=2)).sum()) * voxel_ml
+    if lung_ml < MIN_LUNG_ML:
+        problem = (
+            f"fixed image {fixed_path}: no lung in view: {lung_ml:.0f} ml of air inside the body where the moving "
+            f"image overlaps it (need {MIN_LUNG_ML:.0f} ml)"
+        )
+        if require_lung:
+            raise InputError(problem + "; the network was trained on chest CT with the lungs in view")
+        logger.warning("%s; the re-registration runs, but its calibration was fitted on lungs", problem)
+    if mask_background:  # the moving image keeps the fixed image's region too: its lungs are never blanked
+        arrays[0][~body] = BACKGROUND_HU
+        arrays[1][~(bodies[1] | region)] = BACKGROUND_HU
     if mask_path:
         mask_image = read_image(mask_path, "mask")
         check_overlap(fixed, mask_image, str(fixed_path), str(mask_path), "mask")
         mask = sitk.GetArrayFromImage(resample(mask_image, grid, sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)) > 0
         if not mask.any():
             raise InputError(f"mask {mask_path}: no voxel of the mask lies inside the fixed image {fixed_path}")
-    else:
-        mask = bodies[0]
+        mask &= in_view
         if not mask.any():
-            raise InputError(f"fixed image {fixed_path}: no body found (no tissue above -500 HU); is it a CT in HU?")
-    return PairOnGrid(np.stack(arrays).astype(np.float32), mask, grid, Grid.of(fixed))
+            raise InputError(f"mask {mask_path}: no voxel of the mask lies inside the moving image {moving_path}")
+    else:
+        mask = region
+    return PairOnGrid(np.stack(arrays).astype(np.float32), mask, grid, Grid.of(fixed), region, lung_ml)
 
 
 def mask_to_fixed_grid(mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> np.ndarray:
@@ -433,9 +509,10 @@ def to_fixed_grid(
     fixed_grid: Grid,
     class_weights: Optional[Sequence[float]] = None,
 ) -> Tuple[np.ndarray, ...]:
-    """Probabilities ``[3, z, y, x]`` and mask on the 1 mm ``grid`` -> (probabilities ``[z, y, x, 3]``, labels
+    """Probabilities ``[3, z, y, x]`` and mask on the working ``grid`` -> (probabilities ``[z, y, x, 3]``, labels
     uint8, mask) on ``fixed_grid``: linear interpolation, renormalised to sum 1 inside the nearest-neighbour mask;
-    labels = argmax(probabilities), or argmax(class_weights * probabilities) (the mean-F1 decision)."""
+    labels = argmax(probabilities), or argmax(class_weights * probabilities) (the mean-F1 decision), and
+    ``UNASSESSED_LABEL`` outside the mask (never 0, "correct")."""
     mask_f = mask_to_fixed_grid(mask, grid, fixed_grid)
     channels = [
         sitk.GetArrayFromImage(resample(grid.image(p.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
@@ -444,12 +521,13 @@ def to_fixed_grid(
     probs = np.stack(channels, axis=-1)
     total = probs.sum(axis=-1, keepdims=True)
     probs = np.where(mask_f[..., None] & (total > 0), probs / np.maximum(total, 1e-12), 0.0).astype(np.float32)
-    labels = np.where(mask_f, weighted_argmax(probs, class_weights, axis=-1), 0).astype(np.uint8)
+    labels = np.where(mask_f, weighted_argmax(probs, class_weights, axis=-1), UNASSESSED_LABEL).astype(np.uint8)
     return probs, labels, mask_f
 
 
 def error_to_fixed_grid(error_mm: np.ndarray, grid: Grid, fixed_grid: Grid, mask_on_fixed: np.ndarray) -> np.ndarray:
-    """An error map ``[z, y, x]`` (mm) on the 1 mm ``grid`` -> float32 on ``fixed_grid`` (linear), 0 outside
-    ``mask_on_fixed`` (the mask already on the fixed grid, as ``to_fixed_grid`` returns it)."""
+    """An error map ``[z, y, x]`` (mm) on the working ``grid`` -> float32 on ``fixed_grid`` (linear),
+    ``UNASSESSED_ERROR_MM`` outside ``mask_on_fixed`` (the mask already on the fixed grid, as ``to_fixed_grid``
+    returns it): no estimate there, and a value no reader takes for 0 mm (ITK reads a NIfTI NaN as 0)."""
     values = sitk.GetArrayFromImage(resample(grid.image(error_mm.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
-    return np.where(mask_on_fixed, values, 0.0).astype(np.float32)
+    return np.where(mask_on_fixed, values, UNASSESSED_ERROR_MM).astype(np.float32)

@@ -44,6 +44,13 @@ class LandmarkTable:
                     raise ValueError(f"{self.source}: row {i + 2}, column {name!r}: {text!r} is not a number") from None
         return out
 
+    def rows(self, keep: np.ndarray) -> "LandmarkTable":
+        """A copy with only the rows where ``keep`` (bool ``[N]``) is true."""
+        index = np.flatnonzero(np.asarray(keep, dtype=bool))
+        return LandmarkTable(
+            list(self.columns), {k: [v[i] for i in index] for k, v in self.values.items()}, self.source
+        )
+
     def with_column(self, name: str, column: list | np.ndarray, fmt: str = "{:.4f}") -> "LandmarkTable":
         """A copy with column ``name`` added (or replaced); numbers are written with ``fmt``."""
         if len(column) != len(self):

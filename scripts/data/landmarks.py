@@ -19,18 +19,19 @@ from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
 
 PROBABILITY_COLUMNS = tuple(f"p_{name}" for name in CLASS_NAMES)  # p_correct, p_poor, p_wrong
 TRE_COLUMN = "tre"
+INSIDE_COLUMN = "inside"  # 1: the landmark was assessed; 0: outside the region or either image (pred left empty)
 
 
 def read_landmarks_in_image(path: str | os.PathLike, fixed_grid: Grid, fixed_path: str = "") -> LandmarkTable:
     """Read a landmark CSV (errors from ``scripts.data.landmark_csv`` for a missing file, missing x/y/z, non-numbers)
-    and
-    check that every point lies inside the fixed image; the error names the file, the row and the point."""
+    and check that its points lie in the fixed image: an error names the file, the first row and point outside when
+    none lies inside (a table in other coordinates); points outside a partly covered image are only not assessed."""
     table = read_landmarks(path)
     if len(table) == 0:
         raise InputError(f"landmarks {path}: the table has a header but no rows")
     points = table.points()
     inside = fixed_grid.contains(points)
-    if not inside.all():
+    if not inside.any():
         bad = np.flatnonzero(~inside)
         first = int(bad[0])
         lower, upper = fixed_grid.bounds()
@@ -65,25 +66,46 @@ def with_predictions(
     step_classes: Optional[np.ndarray] = None,
     extra_columns: Optional[Mapping[str, np.ndarray]] = None,
     class_weights: Optional[Sequence[float]] = None,
+    inside: Optional[np.ndarray] = None,
 ) -> LandmarkTable:
-    """``table`` plus ``pred`` (0/1/2; 0 with all probabilities 0 outside the mask), ``p_correct, p_poor, p_wrong``
-    (``probabilities [N, 3]``) and ``step1, step2, ...`` (``step_classes [N, S]``, the coarse group index of each
-    earlier LSTM step; no step column when S is 0 or ``step_classes`` is None, e.g. for the CNN decoders) and
-    ``extra_columns`` (name -> ``[N]`` floats, e.g. ``error_mm`` of methods that estimate the misalignment);
-    ``pred`` is argmax(class_weights * p) when ``class_weights`` are given (the probabilities are written as they are).
+    """``table`` plus ``inside`` (1: assessed; 0: outside the region or either image), ``pred`` (0/1/2),
+    ``p_correct, p_poor, p_wrong`` (``probabilities [N, 3]``), ``step1, step2, ...`` (``step_classes [N, S]``, the
+    coarse group index of each earlier LSTM step; no step column when S is 0 or ``step_classes`` is None, e.g. for the
+    CNN decoders) and ``extra_columns`` (name -> ``[N]`` floats, e.g. ``error_mm``); every predicted column is empty
+    where ``inside`` is 0 (default: where the probabilities are all 0). ``pred`` is argmax(class_weights * p) when
+    ``class_weights`` are given (the probabilities are written as they are).
     """
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(table), 3)
-    pred = np.where(probabilities.sum(axis=1) > 0, weighted_argmax(probabilities, class_weights, axis=1), 0)
-    out = table.with_column("pred", [str(int(p)) for p in pred])
+    inside = probabilities.sum(axis=1) > 0 if inside is None else np.asarray(inside, dtype=bool).reshape(len(table))
+
+    def masked(values: np.ndarray, fmt: str = "{:.4f}") -> list[str]:
+        return [fmt.format(v) if ok else "" for v, ok in zip(values, inside)]
+
+    pred = weighted_argmax(probabilities, class_weights, axis=1)
+    out = table.with_column(INSIDE_COLUMN, [str(int(v)) for v in inside])
+    out = out.with_column("pred", masked(pred, "{:d}"))
     for j, name in enumerate(PROBABILITY_COLUMNS):
-        out = out.with_column(name, probabilities[:, j])
+        out = out.with_column(name, masked(probabilities[:, j]))
     if step_classes is not None:
-        steps = np.asarray(step_classes).reshape(len(table), -1)
+        steps = np.asarray(step_classes).reshape(len(table), -1).astype(int)
         for k, name in enumerate(step_columns(steps.shape[1])):
-            out = out.with_column(name, [str(int(s)) for s in steps[:, k]])
+            out = out.with_column(name, masked(steps[:, k], "{:d}"))
     for name, values in (extra_columns or {}).items():
-        out = out.with_column(name, np.asarray(values, dtype=np.float64).reshape(len(table)))
+        out = out.with_column(name, masked(np.asarray(values, dtype=np.float64).reshape(len(table))))
     return out
+
+
+def assessed_rows(table: LandmarkTable) -> np.ndarray:
+    """Which rows of a prediction table were assessed (bool ``[N]``): ``inside`` 1 and a ``pred``; every row of a
+    table written before the ``inside`` column existed."""
+    inside = table.values.get(INSIDE_COLUMN)
+    pred = table.values.get("pred")
+    keep = np.ones(len(table), dtype=bool)
+    if inside is not None:
+        keep &= np.array([v.strip() == "1" for v in inside], dtype=bool)
+    if pred is not None:
+        keep &= np.array([v.strip() != "" for v in pred], dtype=bool)
+    return keep
 
 
 def write_landmark_predictions(
@@ -93,9 +115,12 @@ def write_landmark_predictions(
     step_classes: Optional[np.ndarray] = None,
     extra_columns: Optional[Mapping[str, np.ndarray]] = None,
     class_weights: Optional[Sequence[float]] = None,
+    inside: Optional[np.ndarray] = None,
 ) -> Path:
     """Write ``with_predictions(table, ...)`` to ``path`` atomically."""
-    return write_landmarks(with_predictions(table, probabilities, step_classes, extra_columns, class_weights), path)
+    return write_landmarks(
+        with_predictions(table, probabilities, step_classes, extra_columns, class_weights, inside), path
+    )
 
 
 def sample_nearest(volume: np.ndarray, grid: Grid, points: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ import torch
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
 
 from scripts.data.landmark_csv import read_landmarks
+from scripts.data.landmarks import assessed_rows
 from scripts.networks.hierarchical_labels import hierarchical_labels, misalignment_classes, step_edges
 from scripts.registration.elastix import MAPPED_COLUMNS, SETTINGS, TRE_COLUMN
 from scripts.utils.atomic_write import atomic_write_text
@@ -53,6 +54,7 @@ class LandmarkPredictions:
     tre: np.ndarray  # [N] true registration error in mm
     pred: np.ndarray  # [N] predicted class 0/1/2
     steps: dict[int, np.ndarray] = field(default_factory=dict)  # step number -> [N] predicted group index
+    unassessed: int = 0  # rows skipped: outside the assessed region or either image (``inside`` 0, empty ``pred``)
 
 
 def setting_from_name(path: str | Path) -> str | None:
@@ -81,6 +83,8 @@ def load_predictions(
     true error from ``tre`` or from x/y/z_moving and the true ``moving_landmarks`` (x,y,z, same row order)."""
     table = read_landmarks(path, required=())
     source = table.source
+    assessed = assessed_rows(table)
+    table = table.rows(assessed)
     missing = [PRED_COLUMN] if PRED_COLUMN not in table.values else []
     if TRE_COLUMN not in table.values:
         lacking = [c for c in MAPPED_COLUMNS if c not in table.values]
@@ -111,7 +115,7 @@ def load_predictions(
             setting = table.values[SETTING_COLUMN][0]
         else:
             setting = setting_from_name(path) or "unknown"
-    return LandmarkPredictions(source, setting, tre, pred, steps)
+    return LandmarkPredictions(source, setting, tre, pred, steps, int((~assessed).sum()))
 
 
 def classification_scores(true: np.ndarray, pred: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES) -> dict:
@@ -169,6 +173,7 @@ def _score_group(items: list[LandmarkPredictions], split: str) -> dict:
         steps = {k: np.concatenate([p.steps[k] for p in items]) for k in step_numbers}
         scores["steps"] = step_scores(tre, steps, split)
     scores["sources"] = [p.source for p in items]
+    scores["unassessed"] = int(sum(p.unassessed for p in items))
     return scores
 
 

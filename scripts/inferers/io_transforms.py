@@ -1,8 +1,9 @@
 """MONAI dictionary transforms that make configs/inference.json read like a recipe: load and check a pair, then
 write the misalignment map, the probabilities, the landmark table and the overlay after inference.
 
-Arrays in the data dictionaries are channel-first ``[C, z, y, x]`` on the 1 mm LPS grid of the fixed image
-(SimpleITK's numpy order), the order ``scripts.networks.misalignment_net.MisalignmentNet`` reads.
+Arrays in the data dictionaries are channel-first ``[C, z, y, x]`` on the working LPS grid of the fixed image (1 mm
+for the network, the fixed image's own voxels for the re-registration; SimpleITK's numpy order), the order
+``scripts.networks.misalignment_net.MisalignmentNet`` reads.
 """
 
 from __future__ import annotations
@@ -47,10 +48,21 @@ def _path(value: Any) -> str:
 
 class LoadMisalignmentPaird(MapTransform):
     """Read and check the fixed and moving images (+ optional mask file and landmark table) and put the pair on the
-    fixed image's 1 mm LPS grid: ``image [2, z, y, x]`` HU (fixed, moving), ``mask [1, z, y, x]`` (where to
-    predict), ``grid`` and ``fixed_grid`` (geometry arrays used to write the results back on the fixed grid).
+    fixed image's LPS working grid: ``image [2, z, y, x]`` HU (fixed, moving), ``mask [1, z, y, x]`` (where to
+    predict), ``region [1, z, y, x]`` (the fixed image's body and lungs inside the moving image's field of view),
+    ``spacing [3]`` (x, y, z mm of the working grid), ``grid`` and ``fixed_grid`` (geometry arrays used to write the
+    results back on the fixed grid).
 
     Every check happens here, before inference, so a bad input stops the run before any output is written.
+
+    Args:
+        keys: the data keys of the fixed and the moving image paths.
+        mask_path_key: key of an optional prediction mask file ("" for none).
+        landmarks_key: key of an optional landmark CSV ("" for none).
+        spacing: isotropic working grid in mm (the network's 1 mm); None: the fixed image's own voxels, no finer
+            than 1 mm per axis (the re-registration's grid).
+        mask_background: set each image to the background HU outside its own body and lungs (the network's input).
+        require_lung: refuse a pair whose region holds no lung (the network was trained on lungs).
     """
 
     def __init__(
@@ -58,8 +70,9 @@ class LoadMisalignmentPaird(MapTransform):
         keys: KeysCollection = ("fixed", "moving"),
         mask_path_key: str = "mask_path",
         landmarks_key: str = "landmarks",
-        spacing: float = 1.0,
+        spacing: float | None = 1.0,
         mask_background: bool = True,
+        require_lung: bool = False,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != 2:
@@ -68,21 +81,27 @@ class LoadMisalignmentPaird(MapTransform):
         self.landmarks_key = landmarks_key
         self.spacing = spacing
         self.mask_background = mask_background
+        self.require_lung = require_lung
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
         fixed_path, moving_path = (_path(d[k]) for k in self.keys)
         mask_path = _path(d.get(self.mask_path_key))
         landmarks_path = _path(d.get(self.landmarks_key))
-        pair = load_pair(fixed_path, moving_path, mask_path or None, self.spacing, self.mask_background)
+        pair = load_pair(
+            fixed_path, moving_path, mask_path or None, self.spacing, self.mask_background, self.require_lung
+        )
         if landmarks_path:
             read_landmarks_in_image(landmarks_path, pair.fixed_grid, fixed_path)  # fails here, before any output
         logger.info(
-            "pair on a %s voxel %.1f mm grid (fixed %s, moving %s), %d voxels to predict",
-            list(pair.grid.size), self.spacing, fixed_path, moving_path, int(pair.mask.sum()),
+            "pair on a %s voxel %s mm grid (fixed %s, moving %s), %d voxels to predict",
+            list(pair.grid.size), np.round(pair.grid.spacing, 2).tolist(), fixed_path, moving_path,
+            int(pair.mask.sum()),
         )  # fmt: skip
         d["image"] = torch.from_numpy(pair.image)
         d["mask"] = torch.from_numpy(pair.mask[None])
+        d["region"] = torch.from_numpy(pair.region[None])
+        d["spacing"] = torch.tensor(pair.grid.spacing, dtype=torch.float64)
         d["grid"] = pair.grid.as_arrays()
         d["fixed_grid"] = pair.fixed_grid.as_arrays()
         d[self.mask_path_key] = mask_path
@@ -126,6 +145,15 @@ def landmark_columns(pred: Any, grid: Grid, points: np.ndarray) -> Dict[str, np.
         magnitude = np.linalg.norm(residual.reshape(residual.shape[-4:]), axis=0)
         columns["residual_mm"] = sample_nearest(magnitude[None], grid, points)[:, 0]
     return columns
+
+
+def assessed_landmarks(data: Mapping[Hashable, Any], points: np.ndarray) -> np.ndarray:
+    """Which landmarks ``[N, 3]`` were assessed (bool ``[N]``): inside the fixed image, the working grid and the
+    prediction mask (the region: body and lungs inside the moving image's field of view)."""
+    grid = Grid.from_arrays(data["grid"])
+    inside = Grid.from_arrays(data["fixed_grid"]).contains(points) & grid.contains(points)
+    mask = _numpy(data["mask"]).reshape((1,) + tuple(grid.size[::-1]))
+    return inside & (sample_nearest(mask, grid, points)[:, 0] > 0)
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -173,8 +201,9 @@ class SaveMisalignmentMapsd(_OutputWriter):
 
 
 class SaveLandmarkPredictionsd(_OutputWriter):
-    """With a landmark table: write ``<stem>_landmarks.csv`` (its columns + pred, p_correct, p_poor, p_wrong and
-    step1, step2 of the LSTM), read at the 1 mm voxel nearest to each landmark."""
+    """With a landmark table: write ``<stem>_landmarks.csv`` (its columns + inside, pred, p_correct, p_poor, p_wrong
+    and step1, step2 of the LSTM), read at the working-grid voxel nearest to each landmark; a landmark outside the
+    assessed region gets ``inside`` 0 and empty predictions, and one warning counts them."""
 
     def __init__(self, output_dir: str | os.PathLike, keys: KeysCollection = "pred", landmarks_key: str = "landmarks"):
         super().__init__(output_dir, keys)
@@ -189,6 +218,13 @@ class SaveLandmarkPredictionsd(_OutputWriter):
         grid = Grid.from_arrays(d["grid"])
         table = read_landmarks(landmarks_path)
         step_values = None if steps is None else sample_nearest(steps, grid, table.points())
+        inside = assessed_landmarks(d, table.points())
+        if not inside.all():
+            logger.warning(
+                "%d of %d landmarks of %s lie outside the assessed region (the fixed image's body and lungs inside "
+                "the moving image's field of view): not assessed, 'inside' 0 and an empty 'pred' in the table",
+                int((~inside).sum()), len(inside), landmarks_path,
+            )  # fmt: skip
         path = write_landmark_predictions(
             self.output_path(d, "landmarks.csv"),
             table,
@@ -196,6 +232,7 @@ class SaveLandmarkPredictionsd(_OutputWriter):
             step_values,
             landmark_columns(d[self.keys[0]], grid, table.points()),
             decision_weights(d[self.keys[0]]),
+            inside,
         )
         logger.info("wrote %s", path)
         return d
@@ -233,6 +270,7 @@ class SaveOverlayd(_OutputWriter):
             labels,
             Grid.from_arrays(d["grid"]),
             table,
+            assessed=None if table is None else assessed_landmarks(d, table.points()),
             title=f"{image_stem(_path(d[self.moving_key]))}",
             trained=self.trained,
             note=CONSTANT_MAP_NOTE if constant and self.trained else "",

@@ -24,6 +24,7 @@ from scripts.utils.atomic_write import atomic_output
 from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
 
 CLASS_COLOURS = ("#1fb41f", "#ffd21f", "#e8221f")  # correct green, poor yellow, wrong red
+UNASSESSED_COLOUR = "#9a9a9a"  # landmarks outside the assessed region: gray, never a class colour
 CLASS_LABELS = ("correct [0,3) mm", "poor [3,6) mm", "wrong [6,inf) mm")
 HU_WINDOW = (-1100.0, 300.0)  # lung-and-soft-tissue window
 SLAB_MM = 3.0  # landmarks within this distance of a slice are drawn on it
@@ -72,6 +73,7 @@ def overlay_figure(
     trained: bool = True,
     note: str = "",
     error_mm: Optional[np.ndarray] = None,
+    assessed: Optional[np.ndarray] = None,
 ) -> Figure:
     """The overlay figure: fixed, deformed moving, the class map (and the error in mm) per slice, legend, title.
 
@@ -84,6 +86,7 @@ def overlay_figure(
         note: a warning shown under the title (e.g. that the map is constant).
         error_mm: ``(z, y, x)`` expected misalignment in mm (methods that estimate it): adds a panel per slice
             with a colour bar in mm, the class limits marked on it.
+        assessed: bool ``[N]``, which landmarks were assessed; the others are drawn gray (``UNASSESSED_COLOUR``).
     """
     index = None if landmarks is None else grid.continuous_index(landmarks.points())
     true_classes = None if landmarks is None else landmark_classes(landmarks)
@@ -125,6 +128,8 @@ def overlay_figure(
                 level = z if name == "axial" else y
                 near = np.abs(depth - level) <= slab
                 colours = ["white"] * len(index) if true_classes is None else [CLASS_COLOURS[c] for c in true_classes]
+                if assessed is not None:
+                    colours = [c if ok else UNASSESSED_COLOUR for c, ok in zip(colours, assessed)]
                 r = index[near, row_axis] - (rows.start or 0)
                 c = index[near, col_axis] - (cols.start or 0)
                 ax.scatter(c, r, s=46, c=[colours[i] for i in np.flatnonzero(near)], edgecolors="black",
@@ -138,8 +143,10 @@ def overlay_figure(
         for limit in CLASS_THRESHOLDS_MM:
             bar.ax.axhline(limit, color="white", linewidth=1.2)
     handles = [Patch(color=c, label=t) for c, t in zip(CLASS_COLOURS, CLASS_LABELS)]
+    if assessed is not None and not np.all(assessed):
+        handles.append(Patch(color=UNASSESSED_COLOUR, label=f"landmark not assessed ({int(np.sum(~assessed))})"))
     legend_title = "map (and landmark true class)" if true_classes is not None else "map"
-    fig.legend(handles=handles, loc="outside lower center", ncol=3, title=legend_title, fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), title=legend_title, fontsize=10)
     text, colour = overlay_title(title, trained, note)
     bold = not trained or bool(note)
     fig.suptitle(text, fontsize=14 if bold else 13, color=colour, fontweight="bold" if bold else "normal")

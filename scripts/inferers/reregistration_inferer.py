@@ -24,7 +24,8 @@ class ReregistrationInferer(Inferer):
     """Re-register the moving channel onto the fixed channel with elastix and calibrate the residual |r|.
 
     Returns ``{"probabilities": [B, 3, z, y, x], "error_mm": [B, 1, z, y, x], "residual_mm": [B, 3, z, y, x]}``,
-    zero outside ``mask`` (elastix samples the fixed image's body, not ``mask``), and with the "weighted" decision
+    zero outside ``mask`` (elastix samples ``region``, the fixed image's body and lungs inside the moving image's
+    field of view, whatever the prediction mask), and with the "weighted" decision
     ``"class_weights": [B, 3]`` (the writers label argmax(w * p); the probabilities stay calibrated); the
     evaluator's ``network`` is not used.
 
@@ -32,12 +33,17 @@ class ReregistrationInferer(Inferer):
         calibration_file: JSON tables of ``scripts.registration.calibration``; "" thresholds |r| at 3 and 6 mm.
         decision: "weighted": labels = argmax(w * p) with the calibration file's mean-F1 class weights (the plain
             argmax if it has none); "argmax": the most probable class.
-        spacing_mm: voxel size of the loaded pair (LoadMisalignmentPaird's ``spacing``).
+        spacing_mm: voxel size of the loaded pair when the batch does not give its ``spacing`` (x, y, z mm).
         working_spacing_mm: register on this isotropic grid (None or 0: the loaded pair's own grid).
         bspline_iterations: iterations per resolution of the B-spline stage.
         grid_spacing_mm: final B-spline control-point spacing.
         metric: elastix metric, "AdvancedMattesMutualInformation" or "AdvancedNormalizedCorrelation".
         threads: elastix threads.
+        input_spacing_mm: the grid LoadMisalignmentPaird put the pair on (None: the fixed image's own voxels).
+        mask_background: whether LoadMisalignmentPaird set the background outside the bodies (the calibration file
+            must have been fitted on pairs loaded the same way: its settings hash says so).
+        elastix_options: further ``ReregistrationOptions`` fields (e.g. ``{"number_of_spatial_samples": 1000}``);
+            any change makes a calibration file fitted for other settings fall back to thresholds.
     """
 
     def __init__(
@@ -50,18 +56,24 @@ class ReregistrationInferer(Inferer):
         metric: str = ReregistrationOptions.metric,
         threads: int = 2,
         decision: str = "weighted",
+        input_spacing_mm: float | None = ReregistrationOptions.input_spacing_mm,
+        mask_background: bool = ReregistrationOptions.mask_background,
+        elastix_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if decision not in DECISIONS:
             raise ValueError(f"unknown decision {decision!r}; choose one of {DECISIONS}")
         self.decision = decision
-        self.options = ReregistrationOptions(
+        settings = dict(
             working_spacing_mm=working_spacing_mm or None,
             bspline_iterations=int(bspline_iterations),
             grid_spacing_mm=float(grid_spacing_mm),
             metric=str(metric),
             threads=int(threads),
+            input_spacing_mm=None if not input_spacing_mm else float(input_spacing_mm),
+            mask_background=bool(mask_background),
         )
+        self.options = ReregistrationOptions(**{**settings, **dict(elastix_options or {})})
         self.spacing_mm = float(spacing_mm)
         self.calibration_file = str(calibration_file or "")
         self._calibration: ResidualCalibration | None = None
@@ -79,26 +91,34 @@ class ReregistrationInferer(Inferer):
         return self._calibration
 
     def __call__(
-        self, inputs: torch.Tensor, network: Any = None, mask: torch.Tensor | None = None, name: Any = None
+        self,
+        inputs: torch.Tensor,
+        network: Any = None,
+        mask: torch.Tensor | None = None,
+        name: Any = None,
+        region: torch.Tensor | None = None,
+        spacing: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``inputs [B, 2, z, y, x]`` (fixed, moving HU); ``name``: the pair's moving file(s), for error messages."""
+        """``inputs [B, 2, z, y, x]`` (fixed, moving HU); ``mask`` where to predict, ``region`` where elastix
+        samples (default: the fixed image's body and lungs), both ``[B, 1, z, y, x]``; ``spacing [B, 3]`` (x, y, z mm);
+        ``name``: the pair's moving file(s), for error messages."""
         names = [name] if isinstance(name, str) else list(name or [])
         calibration = self.calibration  # a bad calibration file stops the run before the registration
         image = inputs.detach().cpu().float().numpy()
-        region = (
-            np.ones((image.shape[0],) + image.shape[2:], dtype=bool)
-            if mask is None
-            else mask.detach().cpu().numpy()[:, 0] > 0
+        batch = image.shape[0]
+        predict = np.ones((batch,) + image.shape[2:], dtype=bool) if mask is None else _bool(mask)
+        spacings = (
+            np.full((batch, 3), self.spacing_mm) if spacing is None else np.asarray(spacing, dtype=float).reshape(-1, 3)
         )
         probabilities, errors, residuals = [], [], []
-        for b in range(image.shape[0]):
+        for b in range(batch):
             pair = f"pair with moving image {names[b]}" if b < len(names) else "the pair"
-            body = body_mask_array(image[b, 0])  # elastix samples the body, whatever the prediction mask
-            residual = residual_field_on_pair(image[b], body, self.spacing_mm, self.options, name=pair)
+            sampled = body_mask_array(image[b, 0], spacings[b][::-1]) if region is None else _bool(region)[b]
+            residual = residual_field_on_pair(image[b], sampled, tuple(spacings[b]), self.options, name=pair)
             p, expected = calibration.predict(np.linalg.norm(residual, axis=0))
-            probabilities.append(p * region[b])
-            errors.append((expected * region[b])[None])
-            residuals.append(residual * region[b])
+            probabilities.append(p * predict[b])
+            errors.append((expected * predict[b])[None])
+            residuals.append(residual * predict[b])
         device = inputs.device
         out = {
             "probabilities": torch.from_numpy(np.stack(probabilities)).to(device),
@@ -107,8 +127,14 @@ class ReregistrationInferer(Inferer):
         }
         if self.decision == "weighted" and calibration.class_weights is not None:
             weights = torch.tensor(calibration.class_weights, dtype=torch.float32, device=device)
-            out["class_weights"] = weights.expand(image.shape[0], -1).clone()
+            out["class_weights"] = weights.expand(batch, -1).clone()
         return out
+
+
+def _bool(mask: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A ``[B, 1, z, y, x]`` mask as bool ``[B, z, y, x]``."""
+    values = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    return values[:, 0] > 0
 
 
 class ResidualNetworkInferer(Inferer):
@@ -129,10 +155,17 @@ class ResidualNetworkInferer(Inferer):
         self.network_inferer = network_inferer
 
     def __call__(
-        self, inputs: torch.Tensor, network: Any, mask: torch.Tensor | None = None, name: Any = None
+        self,
+        inputs: torch.Tensor,
+        network: Any,
+        mask: torch.Tensor | None = None,
+        name: Any = None,
+        region: torch.Tensor | None = None,
+        spacing: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``inputs [B, 2, z, y, x]`` (fixed, moving HU) -> the dict above."""
-        found = self.reregistration(inputs, None, None, name)  # r on the whole grid: the tiles' halos need it
+        """``inputs [B, 2, z, y, x]`` (fixed, moving HU) -> the dict above (``region``, ``spacing``: as for
+        ``ReregistrationInferer``)."""
+        found = self.reregistration(inputs, None, None, name, region, spacing)  # r everywhere: the tiles' halos need it
         with_residual = torch.cat([inputs.float(), found["residual_mm"].to(inputs.device, torch.float32)], dim=1)
         out = self.network_inferer(with_residual, network, mask)
         out = dict(out) if isinstance(out, dict) else {"probabilities": out}

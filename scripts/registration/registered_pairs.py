@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from scripts.data.image_io import load_pair
+from scripts.data.image_io import Grid, load_pair
 from scripts.data.prepare_data import DEFAULT_VALIDATION_SCANS, find_scans, pair_seed, prepare_scan, scan_name
 from scripts.registration.calibration import options_sha256
 from scripts.registration.elastix import (
@@ -45,7 +45,6 @@ from scripts.registration.elastix import (
 from scripts.registration.reregistration import ReregistrationOptions, residual_field_on_pair
 from scripts.transforms.artificial_dvf import RandArtificialDVFd, dvf_settings
 from scripts.transforms.artificial_intensity import deform_image as deform_artificially
-from scripts.transforms.ct_masks import body_mask_array
 from scripts.transforms.evaluation_deformation import deform_scan, draw_deformation
 from scripts.utils.atomic_write import atomic_write_image, atomic_write_text
 
@@ -194,17 +193,20 @@ def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str,
 
 def estimate_pair(record: dict, options: ReregistrationOptions, suffix: str = "residual_estimate") -> dict:
     """Add the re-registration estimate r of one pair (``<stem>_<suffix>.nii.gz``) for ``options``; the pair is
-    loaded as the bundle's inference loads it and elastix samples its body. Returns the updated record."""
+    loaded as the bundle's inference loads it (``options.input_spacing_mm``, ``options.mask_background``) and elastix
+    samples its region. Returns the updated record."""
     digest = options_sha256(options)
     done = record.get(suffix) if isinstance(record.get(suffix), dict) else {}
     if done.get("options_sha256") == digest and Path(done.get("path", "")).is_file():
         return record
     t0 = time.perf_counter()
-    pair = load_pair(record["fixed"], record["registered"], None, 1.0, True)
+    pair = load_pair(record["fixed"], record["registered"], None, options.input_spacing_mm, options.mask_background)
     name = f"registered pair {record['fixed']}"
-    estimate = residual_field_on_pair(pair.image, body_mask_array(pair.image[0]), 1.0, options, name=name)
+    estimate = residual_field_on_pair(pair.image, pair.region, pair.grid.spacing, options, name=name)
     seconds = time.perf_counter() - t0
     reference = sitk.ReadImage(record["fixed"])
+    if not pair.grid.same_as(Grid.of(reference)):
+        raise ValueError(f"{name}: estimates are stored on the fixed image's grid; load it on its own grid")
     path = write_vector(
         estimate, reference, Path(record["registered"].replace("_registered.nii.gz", f"_{suffix}.nii.gz"))
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,12 +44,18 @@ class ReregistrationOptions(RegistrationOptions):
         use_mask: restrict elastix's samples to the mask given with the pair (the body).
         working_spacing_mm: register on this isotropic grid (None: the pair's own grid); r is always returned on
             the pair's grid.
+        input_spacing_mm: the grid the pair is loaded on (``scripts.data.image_io.load_pair``): None, the fixed
+            image's own voxels, no finer than 1 mm per axis; a number, that isotropic grid (1.0: the network's).
+        mask_background: whether the pair's HU were set to the background outside each image's body and lungs
+            (the network's input) or read as they are.
     """
 
     linear: str = "affine"
     bspline_iterations: int = 500
     use_mask: bool = True
     working_spacing_mm: float | None = None  # native: beats 2 mm on training pairs (docs/reregistration.md)
+    input_spacing_mm: float | None = None
+    mask_background: bool = False
 
 
 def field_on_grid(maps: list, pair: ElastixPair, fixed: sitk.Image) -> sitk.Image:
@@ -99,14 +106,16 @@ def residual_field(
 def residual_field_on_pair(
     image: np.ndarray,
     mask: np.ndarray,
-    spacing_mm: float = 1.0,
+    spacing_mm: float | Sequence[float] = 1.0,
     options: ReregistrationOptions | None = None,
     name: str = "pair",
 ) -> np.ndarray:
-    """The estimator on a loaded pair (``image [2, z, y, x]`` HU on an axis-aligned ``spacing_mm`` grid, ``mask``
-    where to sample): ``r [3, z, y, x]`` mm. The bundle's inferer and the registered-pair maker call it the same way."""
+    """The estimator on a loaded pair (``image [2, z, y, x]`` HU on an axis-aligned grid of ``spacing_mm``, one
+    value or (x, y, z) mm; ``mask`` where to sample): ``r [3, z, y, x]`` mm along the grid's axes. The bundle's
+    inferer and the registered-pair maker call it the same way."""
+    spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)))
     fixed, moving = (sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32)) for a in image[:2])
     fixed_mask = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
     for im in (fixed, moving, fixed_mask):
-        im.SetSpacing((float(spacing_mm),) * 3)
+        im.SetSpacing(spacing)
     return residual_field(fixed, moving, options, fixed_mask, name)

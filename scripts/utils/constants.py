@@ -10,6 +10,8 @@ HU_SCALE = 1000.0
 
 CLASS_NAMES = ("correct", "poor", "wrong")
 CLASS_THRESHOLDS_MM = (3.0, 6.0)  # correct [0,3), poor [3,6), wrong [6,inf)
+UNASSESSED_LABEL = 255  # misalignment map outside the assessed region (outside the body and lungs or either image)
+UNASSESSED_ERROR_MM = -1.0  # error map there: no estimate (NaN would read as 0 mm through ITK's NIfTI reader)
 
 LEVEL_SPACINGS_MM = (4, 2, 1)  # LSTM time steps read the pyramid coarse to fine
 PATCH_SIZE = 101  # encoder input edge (voxels) of a training patch at every level

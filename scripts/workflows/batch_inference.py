@@ -45,7 +45,14 @@ MAP_SUFFIXES = ("misalignment.nii.gz", "probabilities.nii.gz")  # every method w
 SUMMARY_COLUMNS = (
     ["index", "name", "status", "method", "fixed", "moving", "landmarks", "voxels_in_mask"]
     + [f"fraction_{name}" for name in CLASS_NAMES]
-    + ["mean_error_mm", "landmarks_n", "landmark_mean_f1", "landmark_kappa", "landmark_accuracy"]
+    + [
+        "mean_error_mm",
+        "landmarks_n",
+        "landmarks_unassessed",
+        "landmark_mean_f1",
+        "landmark_kappa",
+        "landmark_accuracy",
+    ]
     + ["landmark_error_mae_mm", "rank", "output_dir", "message"]
 )
 
@@ -152,7 +159,7 @@ def summarise_outputs(folder: Path, stem: str, landmarks: str) -> Dict[str, Any]
     error_path = folder / f"{stem}_error_mm.nii.gz"
     if error_path.is_file():
         error = sitk.GetArrayFromImage(sitk.ReadImage(str(error_path)))
-        summary["mean_error_mm"] = float(error[mask].mean()) if count else float("nan")
+        summary["mean_error_mm"] = float(np.nanmean(error[mask])) if count else float("nan")
     table_path = folder / f"{stem}_landmarks.csv"
     if landmarks and table_path.is_file():
         with table_path.open(newline="") as f:
@@ -162,13 +169,14 @@ def summarise_outputs(folder: Path, stem: str, landmarks: str) -> Dict[str, Any]
             scores = classification_scores(true_classes(predictions.tre), predictions.pred)
             summary.update(
                 landmarks_n=scores["n"],
+                landmarks_unassessed=predictions.unassessed,
                 landmark_mean_f1=scores["mean_f1"],
                 landmark_kappa=scores["kappa"],
                 landmark_accuracy=scores["accuracy"],
             )
             if "error_mm" in header:
                 with table_path.open(newline="") as f:
-                    estimated = np.array([float(row["error_mm"]) for row in csv.DictReader(f)])
+                    estimated = np.array([float(row["error_mm"]) for row in csv.DictReader(f) if row["error_mm"]])
                 summary["landmark_error_mae_mm"] = float(np.abs(estimated - predictions.tre).mean())
     return summary
 
