@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from scripts.data.landmark_csv import table_from_points, write_landmarks
+from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.evaluation.landmark_metrics import (
     classification_scores,
     evaluate,
+    format_scores,
     load_predictions,
     main,
     setting_from_name,
@@ -79,6 +80,23 @@ def test_settings_and_total(tmp_path):
     assert scores["total"]["n"] == 20
     assert scores["total"]["accuracy"] == pytest.approx(17 / 20)
     assert scores["total"]["steps"]["step1"]["n"] == 20
+
+
+def test_unassessed_landmarks_are_skipped_and_counted(tmp_path):
+    path = _write_predictions(tmp_path / "scan_affine_landmarks.csv")
+    table = read_landmarks(path)
+    inside = ["1"] * len(TRE)
+    inside[2] = inside[5] = "0"  # outside the region: written with an empty pred
+    table = table.with_column("inside", inside).with_column(
+        "pred", ["" if flag == "0" else v for flag, v in zip(inside, table.values["pred"])]
+    )
+    write_landmarks(table, path)
+    predictions = load_predictions(path)
+    assert predictions.unassessed == 2 and len(predictions.tre) == len(TRE) - 2
+    np.testing.assert_array_equal(predictions.pred, np.delete(PRED, [2, 5]))
+    scores = evaluate([predictions])
+    assert scores["total"]["n"] == len(TRE) - 2 and scores["total"]["unassessed"] == 2
+    assert "2 landmark(s) not assessed" in format_scores(scores)
 
 
 def test_setting_from_name_is_token_exact():

@@ -6,7 +6,7 @@ For each variant the region covers the lungs (the network's 1 mm input too, with
 re-registration, run end to end through configs/inference.json, finds the residual |r| of the whole pair at the lung
 voxels: within 0.5 mm (median; 1 mm after resampling to other slices), and with the same label at most of the voxels
 whose |r| on the whole pair lies more than 0.5 mm from a class limit (the sample pair's lungs sit near 3 mm, where a
-0.2 mm change flips a label): 95 % for the same voxels stored another way, 85 % inside a crop (a crop is another
+0.2 mm change flips a label): 95 % for the same voxels stored another way, 75 % inside a crop (a crop is another
 registration problem), 60 % after resampling. The re-registration runs with fewer iterations and samples than the
 default to keep the suite short, which adds noise: these tests check the handling of the inputs, not the
 registration's accuracy; docs/real_inputs.md has the agreement with the default settings."""
@@ -31,7 +31,7 @@ SAMPLE_DIR = REPO_ROOT / "sample_data"
 FAST_ELASTIX = {"affine_iterations": 150, "bspline_iterations": 60, "number_of_spatial_samples": 1500}
 DECISIVE_MARGIN_MM = 0.5  # lung voxels whose |r| on the whole pair lies this far from 3 and 6 mm are compared
 LABEL_AGREEMENT = 0.95  # of those voxels, the fraction with the same label: the same voxels stored another way
-CROP_LABEL_AGREEMENT = 0.85  # a crop is another registration problem (less context, another affine stage)
+CROP_LABEL_AGREEMENT = 0.75  # a crop is another registration problem (less context, another affine stage)
 RESAMPLED_LABEL_AGREEMENT = 0.6  # other slice thickness: the images themselves differ
 RESIDUAL_TOLERANCE_MM = 0.5  # median | |r| - |r| on the whole pair | at the lung voxels
 RESAMPLED_TOLERANCE_MM = 1.0  # other slice thickness: the images themselves differ, so does the registration

@@ -209,6 +209,7 @@ def test_inference_config_runs_the_residual_network(tmp_path, residual_input):
         tile_size=49,
         precision="float32",
         progress=False,
+        require_lung=False,  # the phantom's lungs hold a few millilitres
         fixed_image=str(paths["fixed"]),
         moving_image=str(paths["moving"]),
         landmarks=str(paths["landmarks"]),

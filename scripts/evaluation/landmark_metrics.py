@@ -197,6 +197,9 @@ def format_scores(scores: dict[str, dict]) -> str:
             f"{name:<12}{100 * s['f1_correct']:7.1f}{100 * s['f1_poor']:7.1f}{100 * s['f1_wrong']:7.1f}"
             f"{100 * s['mean_f1']:7.1f}{100 * s['accuracy']:7.1f}{s['kappa']:7.2f}{s['cw']:5d}{s['n']:7d}"
         )
+    skipped = scores.get(TOTAL, {}).get("unassessed", 0)
+    if skipped:
+        lines.append(f"{skipped} landmark(s) not assessed (outside the region or either image) are not scored")
     return "\n".join(lines)
 
 

@@ -347,6 +347,39 @@ def make_pair(scan: Path, work_dir: Path, seed: int, landmarks: int, min_spacing
     }
 
 
+CROPS = ("", "one_lung")
+
+
+def crop_pair(pair: dict, work_dir: Path, crop: str) -> dict:
+    """The simulated pair cut as users crop scans for registration: ``"one_lung"`` keeps one lung of the fixed scan
+    (x from 15 voxels inside the lungs' box to its middle, y 20/10 voxels inside it, every slice), cut through the lung
+    on three sides; the moving image on the same box, the landmarks whose fixed point and true partner lie inside.
+    Returns the pair's record with the cropped files."""
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}; choose one of {CROPS}")
+    if not crop:
+        return pair
+    fixed = read_image(pair["fixed"], "scan")
+    _, lung = ct_masks(fixed, str(pair["fixed"]))
+    found = np.argwhere(sitk.GetArrayViewFromImage(lung) > 0)  # (z, y, x)
+    (y0, x0), (y1, x1) = found[:, 1:].min(axis=0), found[:, 1:].max(axis=0) + 1
+    box = (slice(int(x0) + 15, (int(x0) + int(x1)) // 2), slice(int(y0) + 20, int(y1) - 10), slice(None))
+    stem = f"{_stem(Path(pair['fixed']))}_{crop}"
+    images = {}
+    for role in ("fixed", "moving"):
+        image = fixed if role == "fixed" else read_image(pair["moving"], "moving")
+        images[role] = image[box]
+        atomic_write_image(images[role], work_dir / f"{stem}_{role}.nii.gz")
+    points = read_landmarks(pair["fixed_landmarks"]).points()
+    partners = read_landmarks(pair["moving_landmarks"]).points()
+    inside = np.array([_inside(images["fixed"], p) and _inside(images["moving"], q) for p, q in zip(points, partners)])
+    fixed_csv = write_landmarks(table_from_points(points[inside]), work_dir / f"{stem}_fixed_landmarks.csv")
+    moving_csv = write_landmarks(table_from_points(partners[inside]), work_dir / f"{stem}_moving_landmarks.csv")
+    return {**pair, "fixed": str(work_dir / f"{stem}_fixed.nii.gz"), "moving": str(work_dir / f"{stem}_moving.nii.gz"),
+            "fixed_landmarks": fixed_csv, "moving_landmarks": moving_csv, "landmarks": int(inside.sum()),
+            "crop": {"name": crop, "size": list(images["fixed"].GetSize())}}  # fmt: skip
+
+
 def _reusable(record: Path, inputs: dict) -> dict | None:
     """What ``record`` (a JSON file of an earlier run) holds under "outputs" when it was written for the same
     ``inputs`` and every file it names still exists; else None (the stage runs again)."""
@@ -630,6 +663,7 @@ def run_benchmark(
     methods: tuple[MethodSpec, ...] = DEFAULT_METHODS,
     only: str | list[str] | tuple[str, ...] = "",
     carry_from: str = "",
+    crop: str = "",
 ) -> dict:
     """Run the whole benchmark and write the report into ``output_dir``; returns the report dictionary. Slice
     figures of the scan (Fig. 4 style) go to ``work_dir`` unless ``slices_in_report`` (mind the scan's licence).
@@ -638,7 +672,8 @@ def run_benchmark(
     also the method's weights or thresholds and the prediction code) are the same; their timings are the ones
     measured then and the report says which stages were reused. New weights thus re-run only their own method.
     ``only``: names of the methods to run (comma-separated or a list); the others are listed as not run, or, with
-    ``carry_from`` (an earlier report.json of the same landmarks), taken from it and marked as carried."""
+    ``carry_from`` (an earlier report.json of the same landmarks), taken from it and marked as carried. ``crop``
+    ("one_lung"): register and predict on the pair cut through the lungs as users crop scans (``crop_pair``)."""
     total_start = time.perf_counter()
     load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
     scan_path = Path(scan)
@@ -662,11 +697,12 @@ def run_benchmark(
         "landmarks": landmarks,
         "min_spacing_mm": min_spacing_mm,
         "code_sha256": {m: file_sha256(BUNDLE_ROOT / "scripts" / m) for m in PAIR_MODULES},
+        "crop": crop,
     }
     reused = []
     pair = _reusable(work / "pair.json", pair_inputs) if reuse else None
     if pair is None:
-        pair = make_pair(scan_path, work, seed, landmarks, min_spacing_mm)
+        pair = crop_pair(make_pair(scan_path, work, seed, landmarks, min_spacing_mm), work, crop)
         _record(work / "pair.json", pair_inputs, pair)
     else:
         reused.append("make pair")
@@ -691,10 +727,11 @@ def run_benchmark(
     else:
         reused.append("registration")
     registration_s = registration["total_s"]
-    mask = landmark_mask(scan_path, Path(pair["fixed_landmarks"]), work / f"{_stem(scan_path)}_landmark_mask.nii.gz")
+    fixed_path = Path(pair["fixed"])  # the scan, or its crop
+    mask = landmark_mask(fixed_path, Path(pair["fixed_landmarks"]), work / f"{_stem(fixed_path)}_landmark_mask.nii.gz")
     start = time.perf_counter()
     method_results = run_methods(
-        registration, scan_path, work, methods, mask, stage_inputs=registration_inputs if reuse else None
+        registration, fixed_path, work, methods, mask, stage_inputs=registration_inputs if reuse else None
     )
     if carry_from:
         method_results = carry_rows(method_results, _ground_truth(registration), carry_from)
@@ -702,7 +739,7 @@ def run_benchmark(
     reused += [f"{name} predictions" for name in reused_methods]
     methods_s = time.perf_counter() - start
     # slice images of the scan go into the report only on request: the default scan is CC BY-NC (see README there)
-    figure = _landmark_figure(registration, settings[-1], scan_path, report_dir if slices_in_report else work)
+    figure = _landmark_figure(registration, settings[-1], fixed_path, report_dir if slices_in_report else work)
 
     timing = {"make pair (masks, deformation, landmarks)": pair["seconds"]}
     timing.update(
@@ -727,9 +764,11 @@ def run_benchmark(
             f"deformation (respiratory + local motion, seed {seed}) and intensity changes; {pair['landmarks']} "
             "Förstner landmarks in the lungs; elastix registration on a "
             f"{working_spacing_mm:g} mm working grid; true TRE from the known deformation."
+            + (f" Both images cut to one lung ({pair['crop']['size']} voxels, through the lung)." if crop else "")
         ),
         "setup": {
             "scan": str(scan_path),
+            "crop": pair.get("crop", "none"),
             "seed": seed,
             "landmarks": pair["landmarks"],
             "landmark_displacement_mm": pair["landmark_displacement_mm"],
