@@ -28,7 +28,13 @@ from tests.chest_phantom import chest_phantom_arrays, to_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "sample_data"
-FAST_ELASTIX = {"affine_iterations": 150, "bspline_iterations": 60, "number_of_spatial_samples": 1500}
+FAST_ELASTIX = {
+    "number_of_resolutions": 3,
+    "affine_iterations": 150,
+    "bspline_iterations": 60,
+    "number_of_spatial_samples": 1500,
+    "asgd_estimation": "DisplacementDistribution",
+}
 DECISIVE_MARGIN_MM = 0.5  # lung voxels whose |r| on the whole pair lies this far from 3 and 6 mm are compared
 LABEL_AGREEMENT = 0.95  # of those voxels, the fraction with the same label: the same voxels stored another way
 CROP_LABEL_AGREEMENT = 0.75  # a crop is another registration problem (less context, another affine stage)

@@ -50,8 +50,15 @@ class ReregistrationOptions(RegistrationOptions):
             (the network's input) or read as they are.
     """
 
+    # the strength of elastix's default affine and B-spline maps (4 resolutions, 256 iterations each, 2,048 samples,
+    # the original ASGD step estimate): above the former 3 x 500 iterations on the training pairs
+    # (docs/reregistration.md)
+    number_of_resolutions: int = 4
+    affine_iterations: int = 256
+    number_of_spatial_samples: int = 2048
+    asgd_estimation: str = "Original"
     linear: str = "affine"
-    bspline_iterations: int = 500
+    bspline_iterations: int = 256
     use_mask: bool = True
     working_spacing_mm: float | None = None  # native: beats 2 mm on training pairs (docs/reregistration.md)
     input_spacing_mm: float | None = None

@@ -24,10 +24,11 @@ MIN_SIZE_VOXELS = 8  # every axis must have at least this many voxels to be a 3-
 MIN_DIRECTION_DETERMINANT = 1e-6  # |det| of the direction matrix below this: a singular (degenerate) orientation
 # Lung that a crop takes out of the body mask (it touches an image face, as outside air does): lung parenchyma
 # smoothed over 2 mm stays above -960 HU (0.1st percentile of the lung voxels of every shared scan) and outside air
-# sits at -1000 (noise averages out at 2 mm), so a thick region outside the body mask between -975 and -500 HU after
+# sits at -1000 (noise averages out at 2 mm), so a thick region outside the body mask between -975 and -300 HU after
 # smoothing is lung and belongs to the body.
 CUT_LUNG_SMOOTHING_MM = 2.0
 CUT_LUNG_MIN_HU = -975.0
+CUT_LUNG_MAX_HU = -300.0  # dense lung (ground glass, atelectasis) smooths to -650..-300; fat and muscle lie above
 MIN_CUT_LUNG_ML = 5.0  # smaller border regions (partial-volume rims, blankets) stay outside
 CUT_LUNG_GRID_MM = 1.5  # the thickness test of cut lungs runs on a grid about this coarse
 
@@ -85,20 +86,22 @@ def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
 
 def cut_lung_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """Lung that a crop takes out of the body mask: voxels outside ``body`` that look like lung after smoothing
-    (between ``CUT_LUNG_MIN_HU`` and ``BODY_THRESHOLD_HU``: parenchyma with its small vessels) and lie within
+    (between ``CUT_LUNG_MIN_HU`` and ``CUT_LUNG_MAX_HU``: parenchyma with its small vessels) and lie within
     ``LUNG_CORE_MM`` of a part thicker than ``LUNG_CORE_MM`` (an opening), at least ``MIN_CUT_LUNG_ML`` in all. In-plane
     hole filling cannot keep such lung where it touches an image face, as outside air does, or where the crop cut its
     tissue ring off the body's largest part (a lung apex). The opening drops the thin bands that smoothing or thick
     slices' partial volume lift into the lung range along the skin and between the back and a table."""
     cross = ndimage.generate_binary_structure(3, 1)
     smooth = ndimage.gaussian_filter(hu.astype(np.float32), [CUT_LUNG_SMOOTHING_MM / float(s) for s in spacing_zyx])
-    lung_like = ~body & (smooth > CUT_LUNG_MIN_HU) & (smooth <= BODY_THRESHOLD_HU)
+    in_lung_range = (smooth > CUT_LUNG_MIN_HU) & (smooth <= CUT_LUNG_MAX_HU)
+    lung_like = ~body & in_lung_range
     if not lung_like.any():
         return lung_like
-    # the opening on a grid coarsened to about 1.5 mm where the voxels are finer: a fraction of the cost, same decision
+    # the opening of every lung-like voxel, inside the body too (a thin slab the body misses next to lung it keeps),
+    # on a grid coarsened to about 1.5 mm where the voxels are finer: a fraction of the cost, same decision
     step = tuple(max(1, int(CUT_LUNG_GRID_MM // float(s))) for s in spacing_zyx)
     coarse_spacing = [float(s) * k for s, k in zip(spacing_zyx, step)]
-    coarse = lung_like[:: step[0], :: step[1], :: step[2]]
+    coarse = in_lung_range[:: step[0], :: step[1], :: step[2]]
     core = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing) > LUNG_CORE_MM
     if not core.any():
         return np.zeros_like(body)
