@@ -61,7 +61,7 @@ def test_label_map_glue_on_a_synthetic_pair(tmp_path):
     """The glue alone (no server): the network (untrained, tiny) on the synthetic pair; 0 stays outside the region."""
     paths = write_pair(tmp_path / "data")
     tiny = {"method": "network", "checkpoint": "/nonexistent/model.pt", "hidden_channels": 4, "tile_size": 49,
-            "precision": "float32", "require_lung": False}  # fmt: skip  (the phantom's lungs are a few ml)
+            "precision": "float32", "require_lung": False}  # fmt: skip
     label_path, params = infer_pair(paths["fixed"], paths["moving"], REPO_ROOT, tmp_path / "out", overrides=tiny)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(label_path))
     bundle_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "moving_misalignment.nii.gz")))

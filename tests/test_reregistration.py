@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from scipy import ndimage
 
 from scripts.inferers.io_transforms import BadInputExit
@@ -340,3 +340,18 @@ def test_local_features_of_the_calibration_experiment():
     assert np.allclose(local_ncc(image, image)[3:-3, 3:-3, 3:-3], 1.0, atol=1e-3)
     assert np.allclose(local_ncc(image, -image)[3:-3, 3:-3, 3:-3], -1.0, atol=1e-3)
     assert np.all(local_ncc(np.zeros(shape), image) == 0.0)  # a flat window has no correlation
+
+
+def test_shipped_calibrations_were_fitted_for_the_settings_the_config_runs():
+    """The default method's calibration is fitted for ``ReregistrationOptions()`` (the fixed image's grid, own HU);
+    the residual networks' for their 1 mm, background-replaced pair and former elastix settings: the settings hashes
+    in the files match what configs/inference.json builds, so neither falls back to thresholds."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "configs" / "inference.json"))
+    parser["bundle_root"] = str(REPO_ROOT)
+    for method, residual_input in (("reregistration", "none"), ("network", "lstm_prior")):
+        parser["method"], parser["residual_input"] = method, residual_input
+        inferer = parser.get_parsed_content("reregistration_inferer", instantiate=True, lazy=False)
+        recorded = json.loads(Path(inferer.calibration_file).read_text())["options_sha256"]
+        assert recorded == options_sha256(inferer.options), (method, inferer.calibration_file)
+    assert ReregistrationInferer().options == ReregistrationOptions()
