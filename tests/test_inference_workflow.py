@@ -83,7 +83,8 @@ def test_inference_workflow_writes_maps_on_the_fixed_grid(tmp_path):
 
     with open(out / "moving_landmarks.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["id", "x", "y", "z", "tre", "pred", "p_correct", "p_poor", "p_wrong", "step1", "step2"]
+    columns = ["id", "x", "y", "z", "tre", "inside", "pred", "p_correct", "p_poor", "p_wrong", "step1", "step2"]
+    assert list(rows[0]) == columns
     assert len(rows) == 5
     for row in rows:
         p = [float(row[c]) for c in ("p_correct", "p_poor", "p_wrong")]
@@ -157,7 +158,7 @@ def _bad_inputs(folder: Path, paths: dict) -> dict:
     no_xyz = folder / "no_xyz.csv"
     no_xyz.write_text("id,px,py,pz\n0,1,2,3\n")
     outside = folder / "outside.csv"
-    outside.write_text(paths["landmarks"].read_text() + "5,500.0,0.0,0.0,1.0\n")
+    outside.write_text("id,x,y,z,tre\n5,500.0,0.0,0.0,1.0\n6,600.0,0.0,0.0,1.0\n")  # no point in the image
     garbage = folder / "garbage.nii.gz"
     garbage.write_bytes(b"not an image at all")
     return {
@@ -169,7 +170,7 @@ def _bad_inputs(folder: Path, paths: dict) -> dict:
         "no overlap": ({"moving_image": str(_write(far, folder / "far.nii.gz"))}, "far.nii.gz", "does not overlap"),
         "NaN": ({"moving_image": str(_write(image_from_array(nan), folder / "nan.nii.gz"))}, "nan.nii.gz", "NaN"),
         "CSV without x,y,z": ({"landmarks": str(no_xyz)}, "no_xyz.csv", "missing column"),
-        "points outside": ({"landmarks": str(outside)}, "outside.csv", "row 7 \\(id 5\\).*outside the fixed image"),
+        "points outside": ({"landmarks": str(outside)}, "outside.csv", "row 2 \\(id 5\\).*outside the fixed image"),
     }
 
 

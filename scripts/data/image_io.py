@@ -22,7 +22,13 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from scripts.transforms.ct_masks import LUNG_THRESHOLD_HU, body_mask_array
+from scripts.transforms.ct_masks import (
+    AIR_HU,
+    CUT_LUNG_MIN_HU,
+    CUT_LUNG_SMOOTHING_MM,
+    LUNG_THRESHOLD_HU,
+    body_mask_array,
+)
 from scripts.utils.class_decision import weighted_argmax
 from scripts.utils.constants import BACKGROUND_HU, UNASSESSED_ERROR_MM, UNASSESSED_LABEL
 
@@ -402,7 +408,18 @@ def body_mask(hu: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) ->
     return body_mask_array(hu, spacing_zyx)
 
 
-MIN_LUNG_ML = 20.0  # less air than this inside the region: the crop shows no lung (a 3 cm cube of lung holds 27 ml)
+MIN_LUNG_ML = 20.0  # less lung than this inside the region: the crop shows no lung (a 3 cm cube of lung holds 27 ml)
+
+
+def lung_volume_ml(hu: np.ndarray, region: np.ndarray, spacing_zyx: Sequence[float]) -> float:
+    """Millilitres of ``region`` that look like lung parenchyma after 2 mm smoothing (the lung range of
+    ``scripts.transforms.ct_masks``): bowel gas smooths to about -1000 HU and stays out, unlike a plain air count."""
+    sigma = [CUT_LUNG_SMOOTHING_MM / float(s) for s in spacing_zyx]
+    smooth = ndimage.gaussian_filter(np.maximum(hu, AIR_HU), sigma)
+    lung_like = (smooth > CUT_LUNG_MIN_HU) & (smooth <= LUNG_THRESHOLD_HU) & region
+    return float(lung_like.sum()) * float(np.prod(spacing_zyx)) / 1000.0
+
+
 MIN_MOVING_COVERAGE = 0.5  # the moving image covers less of the fixed image's region than this: a warning
 
 
@@ -411,7 +428,7 @@ class PairOnGrid:
     """A fixed/moving pair on the working grid (1 mm LPS for the network, the fixed image's own grid for the
     re-registration): ``image [2, z, y, x]`` HU (fixed, moving), ``mask [z, y, x]`` bool (where to predict),
     ``region [z, y, x]`` bool (the fixed image's body and lungs inside the moving image's field of view), the
-    working ``grid``, the fixed image's original ``fixed_grid`` and ``lung_ml`` (air inside the region)."""
+    working ``grid``, the fixed image's original ``fixed_grid`` and ``lung_ml`` (lung inside the region)."""
 
     image: np.ndarray
     mask: np.ndarray
@@ -469,12 +486,11 @@ def load_pair(
             "moving image %s covers only %.0f%% of the fixed image's body and lungs: the rest is not assessed",
             moving_path, 100 * covered,
         )  # fmt: skip
-    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
-    lung_ml = float(((arrays[0] < LUNG_THRESHOLD_HU) & ndimage.binary_erosion(region, iterations=2)).sum()) * voxel_ml
+    lung_ml = lung_volume_ml(arrays[0], region, spacing_zyx)
     if lung_ml < MIN_LUNG_ML:
         problem = (
-            f"fixed image {fixed_path}: no lung in view: {lung_ml:.0f} ml of air inside the body where the moving "
-            f"image overlaps it (need {MIN_LUNG_ML:.0f} ml)"
+            f"fixed image {fixed_path}: no lung in view: {lung_ml:.0f} ml of lung-like tissue inside the body where "
+            f"the moving image overlaps it (need {MIN_LUNG_ML:.0f} ml)"
         )
         if require_lung:
             raise InputError(problem + "; the network was trained on chest CT with the lungs in view")

@@ -27,6 +27,7 @@ MIN_DIRECTION_DETERMINANT = 1e-6  # |det| of the direction matrix below this: a 
 # sits at -1000 (noise averages out at 2 mm), so a thick region outside the body mask between -975 and -300 HU after
 # smoothing is lung and belongs to the body.
 CUT_LUNG_SMOOTHING_MM = 2.0
+AIR_HU = -1024.0
 CUT_LUNG_MIN_HU = -975.0
 CUT_LUNG_MAX_HU = -300.0  # dense lung (ground glass, atelectasis) smooths to -650..-300; fat and muscle lie above
 MIN_CUT_LUNG_ML = 5.0  # smaller border regions (partial-volume rims, blankets) stay outside
@@ -92,7 +93,8 @@ def cut_lung_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: Sequence[float
     tissue ring off the body's largest part (a lung apex). The opening drops the thin bands that smoothing or thick
     slices' partial volume lift into the lung range along the skin and between the back and a table."""
     cross = ndimage.generate_binary_structure(3, 1)
-    smooth = ndimage.gaussian_filter(hu.astype(np.float32), [CUT_LUNG_SMOOTHING_MM / float(s) for s in spacing_zyx])
+    air = np.maximum(hu.astype(np.float32), AIR_HU)  # -2048 background (outside a scan or a body) smooths as air
+    smooth = ndimage.gaussian_filter(air, [CUT_LUNG_SMOOTHING_MM / float(s) for s in spacing_zyx])
     in_lung_range = (smooth > CUT_LUNG_MIN_HU) & (smooth <= CUT_LUNG_MAX_HU)
     lung_like = ~body & in_lung_range
     if not lung_like.any():
