@@ -353,13 +353,9 @@ def check_overlap(
     return fraction
 
 
-def isotropic_grid(image: sitk.Image, spacing: float | None = 1.0) -> Grid:
-    """The grid of ``image`` re-oriented to LPS, resampled to ``spacing`` mm with the same origin and extent (None:
-    the image's own voxel size, so an LPS-stored image keeps its grid exactly)."""
-    oriented = Grid.of(sitk.DICOMOrient(image, "LPS")) if image.GetDimension() == 3 else Grid.of(image)
-    if not spacing:
-        return oriented
-    return _resized(oriented, (float(spacing),) * 3)
+def isotropic_grid(image: sitk.Image, spacing: float = 1.0) -> Grid:
+    """The grid of ``image`` re-oriented to LPS, resampled to ``spacing`` mm with the same origin and extent."""
+    return _resized(_lps_grid(image), (float(spacing),) * 3)
 
 
 def working_grid(image: sitk.Image, spacing: float | None = 1.0, min_spacing: float = MIN_WORKING_SPACING_MM) -> Grid:
@@ -368,9 +364,14 @@ def working_grid(image: sitk.Image, spacing: float | None = 1.0, min_spacing: fl
     (thick slices stay thick, sub-millimetre voxels are coarsened: the re-registration's grid)."""
     if spacing:
         return isotropic_grid(image, spacing)
-    oriented = isotropic_grid(image, None)
+    oriented = _lps_grid(image)
     coarse = tuple(max(float(s), float(min_spacing)) for s in oriented.spacing)
     return oriented if np.allclose(coarse, oriented.spacing) else _resized(oriented, coarse)
+
+
+def _lps_grid(image: sitk.Image) -> Grid:
+    """The grid of ``image`` re-oriented to LPS (axes permuted and flipped, voxels unchanged)."""
+    return Grid.of(sitk.DICOMOrient(image, "LPS")) if image.GetDimension() == 3 else Grid.of(image)
 
 
 def _resized(grid: Grid, spacing: Tuple[float, float, float]) -> Grid:
