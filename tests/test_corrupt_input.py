@@ -155,9 +155,11 @@ def test_bundle_command_exits_non_zero_on_the_issue_file(tmp_path):
     """The issue's reproduction: the first 20 KB of the sample's moving image, through the README command."""
     truncated = tmp_path / "moving.nii.gz"
     truncated.write_bytes(SAMPLE_MOVING.read_bytes()[:TRUNCATED_BYTES])
+    fixed = tmp_path / "fixed.nii.gz"  # the user's copy: the shipped sample beside a user's image is refused
+    fixed.write_bytes(SAMPLE_FIXED.read_bytes())
     out = tmp_path / "out"
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-               "--moving_image", str(truncated), "--output_dir", str(out)]  # fmt: skip
+               "--fixed_image", str(fixed), "--moving_image", str(truncated), "--output_dir", str(out)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"{truncated}: truncated or corrupt gzip stream" in result.stdout + result.stderr

@@ -20,7 +20,7 @@ from scripts.utils.constants import UNASSESSED_LABEL
 from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_SUFFIXES = ("misalignment.nii.gz", "probabilities.nii.gz", "overlay.png", "landmarks.csv")
+OUTPUT_SUFFIXES = ("misalignment.nii.gz", "probabilities.nii.gz", "overlay.png", "landmarks.csv", "run.json")
 
 
 def make_workflow(tmp_path: Path, **override) -> ConfigWorkflow:

@@ -226,6 +226,8 @@ def check_image_file(path: str | os.PathLike, role: str = "image") -> None:
     file must hold every voxel its header announces, and so must a MetaImage's data block (zlib stream verified)."""
     path = Path(path)
     name = path.name.lower()
+    if path.stat().st_size == 0:
+        raise InputError(f"{role} {path}: the file is empty (0 bytes)")
     with path.open("rb") as f:
         gzipped = f.read(2) == GZIP_MAGIC
     data_bytes = _gzip_stream_length(path, role) if gzipped else path.stat().st_size
@@ -421,6 +423,9 @@ def lung_volume_ml(hu: np.ndarray, region: np.ndarray, spacing_zyx: Sequence[flo
     return float(lung_like.sum()) * float(np.prod(spacing_zyx)) / 1000.0
 
 
+AIR_RANGE_HU = (-1200.0, -500.0)  # air and lung in HU (padding such as -2048 or -3024 lies below)
+MIN_CT_FRACTION = 1e-3  # a CT shows at least this fraction of voxels in air and of voxels above -500 HU
+MIN_CT_CHECK_VOXELS = 200_000  # the HU check reads a strided subsample of about this many voxels
 MIN_MOVING_COVERAGE = 0.5  # the moving image covers less of the fixed image's region than this: a warning
 
 
@@ -437,6 +442,32 @@ class PairOnGrid:
     fixed_grid: Grid
     region: Optional[np.ndarray] = None
     lung_ml: float = 0.0
+
+
+def check_hounsfield_units(image: sitk.Image, source: str) -> None:
+    """Refuse an image that is not a CT in Hounsfield units, naming ``source`` and the likely cause: a CT shows air
+    (``AIR_RANGE_HU``) and tissue (above -500 HU); raw stored values without the rescale slope and intercept show
+    neither air below -500 nor anything negative, an MR image no negative values, a label mask two or three values."""
+    values = sitk.GetArrayViewFromImage(image)
+    stride = max(1, round((values.size / MIN_CT_CHECK_VOXELS) ** (1 / 3)))
+    sample = np.asarray(values[::stride, ::stride, ::stride], dtype=np.float32)
+    air = np.count_nonzero((sample >= AIR_RANGE_HU[0]) & (sample < AIR_RANGE_HU[1])) / sample.size
+    tissue = np.count_nonzero(sample >= AIR_RANGE_HU[1]) / sample.size
+    if air >= MIN_CT_FRACTION and tissue >= MIN_CT_FRACTION:
+        return
+    low, high = float(sample.min()), float(sample.max())
+    span = f"values from {low:.6g} to {high:.6g}"
+    distinct = np.unique(sample)
+    if len(distinct) <= 3 and distinct[0] >= 0:
+        cause = f"it holds only the values {distinct.tolist()}: a label mask given as an image?"
+    elif air < MIN_CT_FRACTION and low > -50 and high > 500:
+        cause = (f"no air ({span}): raw stored values without the rescale slope and intercept (air reads about 0, "
+                 "soft tissue about 1000), or an MR image?")  # fmt: skip
+    elif air < MIN_CT_FRACTION:
+        cause = f"no air (no voxel between {AIR_RANGE_HU[0]:.0f} and {AIR_RANGE_HU[1]:.0f} HU; {span}): an MR image?"
+    else:
+        cause = f"no tissue (no voxel above {AIR_RANGE_HU[1]:.0f} HU; {span})"
+    raise InputError(f"{source}: not a CT in Hounsfield units: {cause}")
 
 
 def load_pair(
@@ -463,6 +494,8 @@ def load_pair(
     """
     fixed = read_image(fixed_path, "fixed image")
     moving = read_image(moving_path, "moving image")
+    check_hounsfield_units(fixed, f"fixed image {fixed_path}")
+    check_hounsfield_units(moving, f"moving image {moving_path}")
     fraction = check_overlap(fixed, moving, str(fixed_path), str(moving_path))
     if not Grid.of(moving).same_as(Grid.of(fixed)):
         logger.warning(

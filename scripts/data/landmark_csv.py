@@ -42,6 +42,8 @@ class LandmarkTable:
                     out[i, j] = float(text)
                 except ValueError:
                     raise ValueError(f"{self.source}: row {i + 2}, column {name!r}: {text!r} is not a number") from None
+                if not np.isfinite(out[i, j]):
+                    raise ValueError(f"{self.source}: row {i + 2}, column {name!r}: {text!r} is not a finite number")
         return out
 
     def rows(self, keep: np.ndarray) -> "LandmarkTable":
@@ -70,15 +72,28 @@ def require_columns(table: LandmarkTable, names: tuple[str, ...] | list[str]) ->
 
 
 def read_landmarks(path: str | Path, required: tuple[str, ...] = POINT_COLUMNS) -> LandmarkTable:
-    """Read a landmark CSV (header row, comma separated); checks the ``required`` columns and the row lengths."""
+    """Read a landmark CSV (header row, comma separated, UTF-8 with or without a BOM, any line ends); checks the
+    ``required`` columns, the row lengths and that the points are finite numbers. Every problem is a ValueError
+    that names the file, the row and the column."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: landmark file not found")
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f, strict=True) if row and any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not a text file in UTF-8 (byte {error.start}); expected a CSV with columns x,y,z"
+        ) from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a readable CSV ({error}); expected a header with columns x,y,z") from None
     if not rows:
         raise ValueError(f"{path}: empty landmark file (expected a header with columns x,y,z)")
     columns = [c.strip() for c in rows[0]]
+    if len(columns) == 1 and any(separator in columns[0] for separator in ";\t"):
+        separator = "';'" if ";" in columns[0] else "a tab"
+        raise ValueError(f"{path}: the columns are separated by {separator}; the landmark CSV must be comma-separated "
+                         "(header x,y,z)")  # fmt: skip
     if len(set(columns)) != len(columns):
         raise ValueError(f"{path}: duplicate column names in header {columns}")
     for i, row in enumerate(rows[1:], start=2):

@@ -196,7 +196,7 @@ class SaveMisalignmentMapsd(_OutputWriter):
             outputs.append(("error_mm.nii.gz", error_to_fixed_grid(error, grid, fixed_grid, mask_on_fixed)))
         for suffix, values in outputs:
             path = atomic_write_image(fixed_grid.image(values), self.output_path(d, suffix))
-            logger.info("wrote %s", path)
+            logger.debug("wrote %s", path)
         return d
 
 
@@ -234,7 +234,7 @@ class SaveLandmarkPredictionsd(_OutputWriter):
             decision_weights(d[self.keys[0]]),
             inside,
         )
-        logger.info("wrote %s", path)
+        logger.debug("wrote %s", path)
         return d
 
 
@@ -276,7 +276,7 @@ class SaveOverlayd(_OutputWriter):
             note=CONSTANT_MAP_NOTE if constant and self.trained else "",
             error_mm=expected_error(d[self.keys[0]]),
         )
-        logger.info("wrote %s", path)
+        logger.debug("wrote %s", path)
         if not self.trained:
             logger.warning(UNTRAINED_WARNING)
         return d

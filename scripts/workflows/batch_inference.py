@@ -5,9 +5,10 @@ The list is a CSV with a header (columns ``fixed``, ``moving``, optional ``landm
 of such objects (or ``{"pairs": [...]}``); relative paths are relative to the list file. Pair ``i`` writes into
 ``<output_dir>/<name>`` (default ``<i:04d>_<moving stem>``) and, last, a record ``qa_record.json`` of its inputs,
 outputs and summary: a pair whose record matches its inputs (paths, sizes, modification times, method, overrides) and
-whose outputs are all there and complete (gzip streams verified) is skipped. A bad pair gets one line in the report
-and the run goes on. With ``torch.distributed`` initialised (``configs/multi_gpu_batch.json`` under torchrun) each
-process takes its share of the list (``monai.data.DistributedSampler``) and rank 0 writes the summary.
+whose result set is complete (every file its ``<stem>_run.json`` manifest lists, with the same sha256) is skipped. A
+bad pair gets one line in the report and the run goes on; the batch exits with status 1 when any pair failed
+(``allow_failures`` keeps 0). With ``torch.distributed`` initialised (``configs/multi_gpu_batch.json`` under torchrun)
+each process takes its share of the list (``monai.data.DistributedSampler``) and rank 0 writes the summary.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from monai.bundle import ConfigWorkflow
 from monai.data import DistributedSampler
 from tqdm import tqdm
 
-from scripts.data.image_io import InputError, check_image_file, image_stem
+from scripts.data.image_io import image_stem
+from scripts.data.result_set import verify_manifest
 from scripts.evaluation.landmark_metrics import classification_scores, load_predictions, true_classes
 from scripts.inferers.io_transforms import BadInputExit
 from scripts.registration.elastix import TRE_COLUMN
 from scripts.utils.atomic_write import atomic_write_text
 from scripts.utils.constants import CLASS_NAMES
+from scripts.workflows.bundle_run import UsageExit, check_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -131,21 +134,6 @@ def _file_signature(path: str) -> Dict[str, Any]:
     return {"path": path, "bytes": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None}
 
 
-def outputs_complete(folder: Path, files: Sequence[str]) -> bool:
-    """Whether every listed output file is in ``folder`` and complete (images: the gzip stream and data length
-    verified as the readers do; other files: not empty)."""
-    for name in files:
-        path = folder / name
-        if not path.is_file() or path.stat().st_size == 0:
-            return False
-        if name.endswith((".nii.gz", ".nii", ".mha")):
-            try:
-                check_image_file(path, "output")
-            except InputError:
-                return False
-    return True
-
-
 def summarise_outputs(folder: Path, stem: str, landmarks: str) -> Dict[str, Any]:
     """Class fractions in the mask, the mean expected error (methods with an error map) and, with a ``tre`` column
     in the landmark table, the landmark scores (mean F1, kappa, accuracy; the error map's mean absolute error)."""
@@ -194,6 +182,7 @@ class BatchInference:
         rank, world_size: this process's share of the list; by default taken from ``torch.distributed`` when it is
             initialised (else 0 and 1).
         progress: show a progress bar over this process's pairs.
+        allow_failures: ``main()`` exits with status 0 even when pairs failed (by default 1, for scripts).
     """
 
     def __init__(
@@ -206,6 +195,7 @@ class BatchInference:
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         progress: bool = True,
+        allow_failures: bool = False,
     ) -> None:
         if not str(pairs_file):
             raise ValueError("no pair list: give --pairs_file pairs.csv (columns fixed,moving[,landmarks][,name])")
@@ -213,6 +203,8 @@ class BatchInference:
         self.output_dir = Path(output_dir)
         self.bundle_root = Path(bundle_root).resolve()
         self.overrides = {k: v for k, v in dict(overrides or {}).items()}
+        check_overrides(self.bundle_root / "configs" / "inference.json", self.overrides)  # a typo stops it here
+        self.allow_failures = allow_failures
         self.device = None if device is None else str(device)
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
@@ -250,7 +242,10 @@ class BatchInference:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if record.get("signature") != self._signature(entry) or not outputs_complete(folder, record.get("outputs", [])):
+        if (
+            record.get("signature") != self._signature(entry)
+            or verify_manifest(folder, image_stem(entry.moving)) is None
+        ):
             return None
         return record
 
@@ -271,7 +266,10 @@ class BatchInference:
                 workflow.run()
             finally:
                 workflow.finalize()
-            outputs = sorted(p.name for p in folder.glob(f"{stem}_*") if not p.name.startswith("."))
+            manifest = verify_manifest(folder, stem)
+            if manifest is None:
+                raise RuntimeError(f"the run left no complete result set of {stem} in {folder}")
+            outputs = sorted(f["name"] for f in manifest["files"])
             missing = [s for s in MAP_SUFFIXES if f"{stem}_{s}" not in outputs]
             if missing:
                 raise RuntimeError(f"the run wrote no {', '.join(missing)} in {folder}")
@@ -283,6 +281,16 @@ class BatchInference:
         record = {"signature": self._signature(entry), "outputs": outputs, "summary": summary}
         atomic_write_text(folder / RECORD_NAME, json.dumps(record, indent=2))
         return PairResult(entry, "done", "", summary)
+
+    def main(self) -> List[PairResult]:
+        """``run()`` for the command line: exits with status 1 and one line when any pair failed, unless
+        ``allow_failures``."""
+        results = self.run()
+        failed = sum(r.status == "failed" for r in results)
+        if failed and not self.allow_failures:
+            raise UsageExit(f"batch QA: {failed} of {len(results)} pairs failed (reasons in "
+                            f"{self.output_dir / REPORT_NAME}); --allow_failures True keeps exit status 0")  # fmt: skip
+        return results
 
     def shard(self, entries: List[PairEntry]) -> List[PairEntry]:
         """This process's pairs (all of them in a single process)."""
