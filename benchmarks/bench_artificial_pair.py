@@ -1,6 +1,6 @@
 """Benchmark: one artificial chest-CT pair at 1 mm (DVF + warp + sponge + noise) and patch throughput.
 
-    python benchmarks/bench_artificial_pair.py --scan ../shared/data/ct/thorax_popi_like_00.nii.gz --repeats 3
+    python benchmarks/bench_artificial_pair.py --scan <dataset_dir>/thorax_popi_like_00.nii.gz --repeats 3
 
 Prints the median over ``repeats`` of every stage (seconds) and patches/s of misalignment-patch extraction with
 hierarchical labels. Uses all the threads torch/SimpleITK see (set OMP_NUM_THREADS / taskset to pin cores).
@@ -54,7 +54,7 @@ def _timed(fn, *args, **kwargs):
 
 
 def main(
-    scan: str = "../shared/data/ct/thorax_popi_like_00.nii.gz",
+    scan: str,
     repeats: int = 3,
     max_deformation_mm: float = 10.0,
     patches: int = 40,
@@ -65,8 +65,10 @@ def main(
     raw = sitk.ReadImage(scan, sitk.sitkFloat32)
     image, t_resample = _timed(resample_isotropic, raw)
     (body, lung), t_masks = _timed(ct_masks, image, scan)
-    print(f"{Path(scan).name}: 1 mm size {image.GetSize()} ({np.prod(image.GetSize()) / 1e6:.1f} M voxels); "
-          f"once per scan: resample {t_resample:.1f} s, masks {t_masks:.1f} s")  # fmt: skip
+    print(
+        f"{Path(scan).name}: 1 mm size {image.GetSize()} ({np.prod(image.GetSize()) / 1e6:.1f} M voxels); "
+        f"once per scan: resample {t_resample:.1f} s, masks {t_masks:.1f} s"
+    )
     settings = dvf_settings(max_deformation_mm)
     (coarse_image, coarse_body, coarse_lung, spacing), t_coarse = _timed(coarse_arrays, image, body, lung)
     print(f"once per scan: coarse DVF-grid arrays {t_coarse:.1f} s")
@@ -110,8 +112,10 @@ def main(
     for centre in picked:
         regnet_sample(pyramid, dvf, 2, centre, 2)
     regnet_rate = patches / (time.perf_counter() - start)
-    print(f"misalignment patches (3 x 2 x 101^3 + |u| 25^3 + labels): {rate:.0f} patches/s; "
-          f"RegNet patches (2 x 101^3 + DVF 21^3): {regnet_rate:.0f} patches/s (one process)")  # fmt: skip
+    print(
+        f"misalignment patches (3 x 2 x 101^3 + |u| 25^3 + labels): {rate:.0f} patches/s; "
+        f"RegNet patches (2 x 101^3 + DVF 21^3): {regnet_rate:.0f} patches/s (one process)"
+    )
 
 
 if __name__ == "__main__":

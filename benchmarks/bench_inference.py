@@ -7,7 +7,7 @@ bf16 channels-last), and the fraction of in-mask voxels whose labels agree betwe
 fresh subprocess, so its peak RSS is its own. Network FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
 on one tile (meta tensors) times the tiles run. Run from the repository root:
 
-    python benchmarks/bench_inference.py --repeats 3
+    python benchmarks/bench_inference.py --repeats 3 --scan <dataset_dir>/thorax_popi_like_00.nii.gz
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from scripts.transforms.ct_masks import ct_masks  # noqa: E402
 from scripts.utils.encoder_windows import level_window  # noqa: E402
 from scripts.utils.precision import native_bfloat16  # noqa: E402
 
-DEFAULT_SCAN = REPO_ROOT.parent / "shared" / "data" / "ct" / "thorax_popi_like_00.nii.gz"
 CHECKPOINT = REPO_ROOT / "models" / "model.pt"
 
 
@@ -179,7 +178,7 @@ def worker(fixed: str, moving: str, precision: str, tile_size: int, threads: int
 
 
 def main(
-    scan: str = str(DEFAULT_SCAN),
+    scan: str,
     size_mm: int = 256,
     precisions: str = "float32,bfloat16",
     repeats: int = 3,
@@ -197,8 +196,17 @@ def main(
         for repeat in range(repeats):
             for precision in precisions.split(","):
                 labels = os.path.join(folder, f"labels_{precision}.npy")
-                command = [sys.executable, __file__, "worker", paths["fixed"], paths["moving"], precision,
-                           str(tile_size), str(threads), labels]  # fmt: skip
+                command = [
+                    sys.executable,
+                    __file__,
+                    "worker",
+                    paths["fixed"],
+                    paths["moving"],
+                    precision,
+                    str(tile_size),
+                    str(threads),
+                    labels,
+                ]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:

@@ -33,12 +33,28 @@ from scripts.utils.precision import resolve_precision  # noqa: E402
 REFERENCE = "re-registration (default)"
 METHODS = {
     REFERENCE: ["--method", "reregistration"],
-    "residual network, lstm_prior": ["--method", "network", "--residual_input", "lstm_prior",
-                                     "--checkpoint", "models/model_residual.pt", "--class_weights_file", ""],
-    "residual network, encoders": ["--method", "network", "--residual_input", "encoders",
-                                   "--checkpoint", "models/model_residual_encoders.pt", "--class_weights_file", ""],
+    "residual network, lstm_prior": [
+        "--method",
+        "network",
+        "--residual_input",
+        "lstm_prior",
+        "--checkpoint",
+        "models/model_residual.pt",
+        "--class_weights_file",
+        "",
+    ],
+    "residual network, encoders": [
+        "--method",
+        "network",
+        "--residual_input",
+        "encoders",
+        "--checkpoint",
+        "models/model_residual_encoders.pt",
+        "--class_weights_file",
+        "",
+    ],
     "image-only network (paper's input)": ["--method", "network"],
-}  # fmt: skip
+}
 
 
 def main(repeats: int = 1, methods: str | list[str] | tuple[str, ...] = tuple(METHODS)) -> dict:
@@ -66,12 +82,17 @@ def main(repeats: int = 1, methods: str | list[str] | tuple[str, ...] = tuple(ME
             results["methods"][name] = row  # the reference runs first
             row["wall_over_reference"] = row["wall_s"] / results["methods"][REFERENCE]["wall_s"]
             if name == REFERENCE:  # each row is printed when it is measured: a failure later keeps the earlier ones
-                print(f"sample pair, medians of {repeats} run(s), precision {results['precision']}, "
-                      f"load average at start {results['load_average_at_start']}")  # fmt: skip
+                print(
+                    f"sample pair, medians of {repeats} run(s), precision {results['precision']}, "
+                    f"load average at start {results['load_average_at_start']}"
+                )
                 print("| method | wall s | x re-registration | peak RSS GB | mean F1 | kappa | error MAE mm |")
                 print("|---|---|---|---|---|---|---|")
-            print(f"| {name} | {row['wall_s']:.1f} | {row['wall_over_reference']:.2f} | {row['peak_rss_gb']:.2f} | "
-                  f"{row['mean_f1']:.3f} | {row['kappa']:.3f} | {row['error_mae_mm']:.2f} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {row['wall_s']:.1f} | {row['wall_over_reference']:.2f} | {row['peak_rss_gb']:.2f} | "
+                f"{row['mean_f1']:.3f} | {row['kappa']:.3f} | {row['error_mae_mm']:.2f} |",
+                flush=True,
+            )
     print(json.dumps(results))
     return results
 

@@ -20,7 +20,7 @@ from scripts.transforms.artificial_dvf import (
 )
 from scripts.transforms.artificial_intensity import RandNextImaged, deform_image, warp_image
 from scripts.transforms.ct_masks import ct_masks
-from tests.chest_phantom import chest_phantom, to_image
+from tests.helpers.chest_phantom import chest_phantom, to_image
 
 M = 10.0
 
@@ -52,7 +52,7 @@ def test_settings_follow_the_original_code():
 @pytest.mark.parametrize("dvf_type", DVF_TYPES)
 def test_components_bounded_no_folding_reproducible(phantom, dvf_type):
     dvf = _draw(phantom, dvf_type)
-    cap = M * (1.2 if dvf_type == "respiratory_motion" else 1.0)  # METHOD.md section 6: respiratory capped at 1.2M
+    cap = M * (1.2 if dvf_type == "respiratory_motion" else 1.0)  # docs/method.md section 6: respiratory capped at 1.2M
     assert dvf.shape[0] == 3 and dvf.dtype == np.float32
     assert np.abs(dvf).max() <= cap + 1e-4
     spacing = phantom[3][3]

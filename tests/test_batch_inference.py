@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from scripts.workflows.batch_inference import REPORT_NAME, SUMMARY_NAME, BatchInference, read_pair_list
-from tests.synthetic_pair import write_pair
+from tests.helpers.synthetic_pair import write_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_NETWORK = {  # untrained tiny ConvLSTM, one 49^3 tile, float32: the content does not matter here
@@ -62,6 +62,7 @@ def test_pair_list_reading(tmp_path):
         read_pair_list(tmp_path / "bad.csv")
 
 
+@pytest.mark.slow
 def test_batch_runs_skips_complete_pairs_and_reports_bad_ones(tmp_path):
     pairs = _pair_list(tmp_path)
     out = tmp_path / "out"
@@ -100,6 +101,7 @@ def test_batch_runs_skips_complete_pairs_and_reports_bad_ones(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_batch_command_with_the_reregistration_method(tmp_path):
     """The bundle command on a JSON list (the pair once plus one bad entry), the re-registration method: its mean
     expected error and the error map's landmark error appear in the summary."""
@@ -108,10 +110,24 @@ def test_batch_command_with_the_reregistration_method(tmp_path):
     bad = {"fixed": str(paths["fixed"]), "moving": str(paths["landmarks"])}  # a CSV given as the moving image
     pairs.write_text(json.dumps([{k: str(v) for k, v in paths.items()}, bad]))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/batch_inference.json",
-               "--pairs_file", str(pairs), "--output_dir", str(out), "--progress", "False",
-               "--inference_overrides#method", "reregistration",
-               "--inference_overrides#calibration_file", "''"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/batch_inference.json",
+        "--pairs_file",
+        str(pairs),
+        "--output_dir",
+        str(out),
+        "--progress",
+        "False",
+        "--inference_overrides#method",
+        "reregistration",
+        "--inference_overrides#calibration_file",
+        "''",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # a pair failed: scripts see it
     assert result.stderr.strip().splitlines()[-1].startswith("batch QA: 1 of 2 pairs failed")
@@ -122,21 +138,41 @@ def test_batch_command_with_the_reregistration_method(tmp_path):
     assert float(rows[0]["landmark_error_mae_mm"]) >= 0
     assert (out / "0000_moving" / "moving_error_mm.nii.gz").is_file()
     assert "landmarks.csv" in rows[1]["message"] and "cannot be read" in rows[1]["message"]
-    again = subprocess.run(command + ["--allow_failures", "True"], cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    again = subprocess.run(
+        command + ["--allow_failures", "True"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert [row["status"] for row in _summary(out)] == ["skipped", "failed"]
     assert (out / REPORT_NAME).read_text().splitlines()[-1] == "0 done, 1 skipped, 1 failed of 2 pairs"
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_share_the_list(tmp_path):
     pairs = _pair_list(tmp_path)
     out = tmp_path / "out"
     configs = "['configs/batch_inference.json','configs/multi_gpu_batch.json']"
     overrides = [arg for key, value in TINY_NETWORK.items() for arg in (f"--inference_overrides#{key}", str(value))]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "monai.bundle", "run", "--config_file", configs, "--pairs_file", str(pairs), "--output_dir", str(out),
-               "--progress", "False", "--allow_failures", "True", *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        configs,
+        "--pairs_file",
+        str(pairs),
+        "--output_dir",
+        str(out),
+        "--progress",
+        "False",
+        "--allow_failures",
+        "True",
+        *overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -77,6 +77,7 @@ def test_verify_net_in_out():
     )
 
 
+@pytest.mark.slow
 def test_ckpt_export_to_torchscript(tmp_path):
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "configs/inference.json"))

@@ -19,9 +19,9 @@ from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.utils.class_decision import fit_class_weights, mean_f1_of_decisions
 from scripts.utils.file_digest import file_sha256
 from tests.conftest import REPO_ROOT
-from tests.synthetic_pair import phantom_hu, write_pair
+from tests.helpers.synthetic_pair import phantom_hu, write_pair
+from tests.helpers.training_data import prepared_dataset, untrained_weights
 from tests.test_inference_workflow import make_workflow
-from tests.training_data import prepared_dataset, untrained_weights
 
 
 def test_weighting_renormalises_and_keeps_masked_voxels_zero():
@@ -92,6 +92,7 @@ def test_tiled_inferer_applies_the_weights_to_the_final_probabilities():
         MisalignmentInferer(class_weights=[1.0, 0.0, 1.0])
 
 
+@pytest.mark.slow
 def test_inference_config_uses_the_class_weights_fitted_for_its_checkpoint(tmp_path):
     paths = write_pair(tmp_path / "data")
     checkpoint = tmp_path / "model.pt"
@@ -120,6 +121,7 @@ def test_inference_config_uses_the_class_weights_fitted_for_its_checkpoint(tmp_p
     assert not (labels["argmax"] == 1).all()
 
 
+@pytest.mark.slow
 def test_fit_writes_weights_for_the_file_it_was_fitted_on(tmp_path_factory, tmp_path):
     dataset_dir = prepared_dataset(tmp_path_factory)
     weights = untrained_weights(tmp_path)

@@ -18,7 +18,7 @@ from scripts.data.image_io import InputError, load_pair, read_image
 from scripts.inferers.io_transforms import BadInputExit
 from scripts.registration import elastix
 from scripts.transforms.ct_masks import check_3d_image
-from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
+from tests.helpers.synthetic_pair import image_from_array, phantom_hu, write_pair
 from tests.test_inference_workflow import make_workflow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,19 +76,33 @@ def _corrupt_files(folder: Path) -> Dict[str, tuple]:
         "zero-size axis .nii.gz": (_nifti_header_only(folder / "zero.nii.gz", (16, 16, 0)), "zero-size axis"),
         "zero-size axis .mha": (zero_mha, "zero-size axis"),
         "singular direction .nii.gz": (
-            _nifti_header_only(folder / "singular.nii.gz", (16, 16, 16), sform_code=1, qform_code=0,
-                               srow_x=[1, 0, 0, 0], srow_y=[1, 0, 0, 0], srow_z=[0, 0, 1, 0]),
+            _nifti_header_only(
+                folder / "singular.nii.gz",
+                (16, 16, 16),
+                sform_code=1,
+                qform_code=0,
+                srow_x=[1, 0, 0, 0],
+                srow_y=[1, 0, 0, 0],
+                srow_z=[0, 0, 1, 0],
+            ),
             "direction matrix in the header is singular",
-        ),  # fmt: skip
+        ),
         "singular direction .mha": (singular_mha, "direction matrix in the header is singular"),
     }
 
 
 CASES = [
-    "truncated .nii.gz", "corrupt .nii.gz", "truncated .nii", "truncated compressed .mha", "truncated raw .mha",
-    "truncated compressed .nrrd", "zero-size axis .nii.gz", "zero-size axis .mha", "singular direction .nii.gz",
+    "truncated .nii.gz",
+    "corrupt .nii.gz",
+    "truncated .nii",
+    "truncated compressed .mha",
+    "truncated raw .mha",
+    "truncated compressed .nrrd",
+    "zero-size axis .nii.gz",
+    "zero-size axis .mha",
+    "singular direction .nii.gz",
     "singular direction .mha",
-]  # fmt: skip
+]
 READERS: Dict[str, Callable[[Path], object]] = {
     "data.read_image": lambda path: read_image(path, "moving image"),
     "elastix.read_image": lambda path: elastix.read_image(path, "moving image"),
@@ -140,9 +154,13 @@ def test_bundle_run_stops_on_a_truncated_moving_image_and_writes_nothing(tmp_pat
     paths = write_pair(tmp_path / "data")
     truncated, _ = corrupt_files["truncated .nii.gz"]
     workflow = make_workflow(
-        tmp_path, fixed_image=str(paths["fixed"]), moving_image=str(truncated), landmarks="", method=method,
+        tmp_path,
+        fixed_image=str(paths["fixed"]),
+        moving_image=str(truncated),
+        landmarks="",
+        method=method,
         calibration_file="",
-    )  # fmt: skip
+    )
     workflow.initialize()
     with pytest.raises(BadInputExit, match="truncated or corrupt gzip stream") as info:
         workflow.run()
@@ -151,6 +169,7 @@ def test_bundle_run_stops_on_a_truncated_moving_image_and_writes_nothing(tmp_pat
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_bundle_command_exits_non_zero_on_the_issue_file(tmp_path):
     """The issue's reproduction: the first 20 KB of the sample's moving image, through the README command."""
     truncated = tmp_path / "moving.nii.gz"
@@ -158,8 +177,20 @@ def test_bundle_command_exits_non_zero_on_the_issue_file(tmp_path):
     fixed = tmp_path / "fixed.nii.gz"  # the user's copy: the shipped sample beside a user's image is refused
     fixed.write_bytes(SAMPLE_FIXED.read_bytes())
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-               "--fixed_image", str(fixed), "--moving_image", str(truncated), "--output_dir", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--fixed_image",
+        str(fixed),
+        "--moving_image",
+        str(truncated),
+        "--output_dir",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"{truncated}: truncated or corrupt gzip stream" in result.stdout + result.stderr

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from scripts.evaluation.crop_coverage import scan_coverage
 from scripts.transforms.ct_masks import body_mask_array, ct_masks
-from tests.chest_phantom import chest_phantom_arrays, to_image
+from tests.helpers.chest_phantom import chest_phantom_arrays, to_image
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -57,6 +57,7 @@ def test_lungs_cut_by_a_crop_stay_in_the_body_and_outside_air_does_not():
     assert whole[lungs].all() and not whole[~(body | lungs)].any()  # noisy outside air stays out
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.parametrize("scan", ["thorax_lungpetctdx_A0002", "thorax_lidc_idri_0001"])
 def test_crops_through_the_lungs_of_real_scans_keep_them(scan, shared_ct_dir):

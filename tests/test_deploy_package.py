@@ -22,6 +22,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export
 
 from scripts.networks.misalignment_net import MisalignmentNet
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or whole pairs: pytest -m 'not slow' skips them
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROI = 32  # voxels (1 mm) per side of the region the scripted network is run on: one tile, a few seconds on CPU
 
@@ -92,8 +94,9 @@ def deploy_python() -> str:
     """An interpreter with the MONAI Deploy SDK, or a skip saying how to get one."""
     configured = os.environ.get("MISALIGNMENT_DEPLOY_PYTHON", "")
     python = configured or sys.executable
-    found = subprocess.run([python, "-c", "import monai.deploy.core, holoscan"], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    found = subprocess.run(
+        [python, "-c", "import monai.deploy.core, holoscan"], capture_output=True, text=True, timeout=300
+    )
     if found.returncode == 0:
         return python
     if configured:  # CI set it up: a broken install is a failure, not a skip
@@ -109,8 +112,16 @@ def test_deploy_app_on_a_crop_of_the_sample_pair_matches_the_bundle(package, tmp
     for name in ("fixed", "moving"):
         image = sitk.ReadImage(str(REPO_ROOT / "sample_data" / f"{name}.nii.gz"))
         sitk.WriteImage(image[50:70, 73:93, 24:40], str(inputs / f"{name}.nii.gz"))  # 2 mm voxels, in the lungs
-    command = [python, str(REPO_ROOT / "apps" / "deploy" / "app.py"), "-i", str(inputs), "-o", str(app_out), "-m",
-               str(package)]  # fmt: skip
+    command = [
+        python,
+        str(REPO_ROOT / "apps" / "deploy" / "app.py"),
+        "-i",
+        str(inputs),
+        "-o",
+        str(app_out),
+        "-m",
+        str(package),
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

@@ -29,7 +29,7 @@ def test_published_tables_are_complete():
     assert DIRLAB_4DCT["case1"].size == (256, 256, 94) and DIRLAB_4DCT["case1"].spacing == (0.97, 0.97, 2.5)
     assert DIRLAB_4DCT["case7"].size == (512, 512, 136)
     assert DIRLAB_COPD["copd10"].size == (512, 512, 135) and DIRLAB_COPD["copd10"].spacing[0] == 0.742
-    for case in DIRLAB_4DCT.values():  # METHOD.md section 10 ranges
+    for case in DIRLAB_4DCT.values():  # docs/method.md section 10 ranges
         assert case.spacing[2] == 2.5 and 0.97 <= case.spacing[0] <= 1.16
     for case in DIRLAB_COPD.values():
         assert case.size[:2] == (512, 512) and 0.58 <= case.spacing[0] <= 0.75

@@ -94,6 +94,7 @@ def test_parameter_maps_follow_the_protocol():
     assert affine["Transform"] == ["AffineTransform"] and bspline["Transform"] == ["BSplineTransform"]
 
 
+@pytest.mark.slow
 def test_affine_then_bspline_reduces_error(synthetic_pair, tmp_path):
     folder: Path = synthetic_pair["folder"]
     options = RegistrationOptions(affine_iterations=200, number_of_spatial_samples=2000, grid_spacing_mm=12.0)

@@ -24,7 +24,7 @@ from scripts.data.result_set import ResultSet, deferred_signals, verify_manifest
 from scripts.inferers.io_transforms import BadInputExit
 from scripts.workflows.batch_inference import BatchInference
 from scripts.workflows.bundle_run import UsageExit, check_options, unknown_options
-from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
+from tests.helpers.synthetic_pair import image_from_array, phantom_hu, write_pair
 from tests.test_inference_workflow import make_workflow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,11 +71,13 @@ def _run(workflow) -> None:
 # 1. options checked first
 
 
+@pytest.mark.slow
 def test_the_issue_typo_stops_before_anything_runs(tmp_path, pair):
     """``--fixed_imag`` used to run on the shipped sample and name the outputs after the user's moving image."""
     out = tmp_path / "out"
-    result = _run_bundle(tmp_path, "--fixed_imag", str(pair["fixed"]), "--moving_image", str(pair["moving"]),
-                         "--output_dir", str(out))  # fmt: skip
+    result = _run_bundle(
+        tmp_path, "--fixed_imag", str(pair["fixed"]), "--moving_image", str(pair["moving"]), "--output_dir", str(out)
+    )
     assert result.returncode == 1
     assert _last_line(result) == "unknown option --fixed_imag; did you mean --fixed_image?"
     assert "Traceback" not in result.stderr
@@ -140,11 +142,19 @@ def test_the_same_file_twice_is_a_warning(tmp_path, pair, capsys):
 # 2. output checked first
 
 
+@pytest.mark.slow
 def test_an_output_dir_that_is_a_file_stops_before_loading(tmp_path, pair):
     blocker = tmp_path / "out"
     blocker.write_text("not a folder")
-    result = _run_bundle(tmp_path, "--fixed_image", str(pair["fixed"]), "--moving_image", str(pair["moving"]),
-                         "--output_dir", str(blocker))  # fmt: skip
+    result = _run_bundle(
+        tmp_path,
+        "--fixed_image",
+        str(pair["fixed"]),
+        "--moving_image",
+        str(pair["moving"]),
+        "--output_dir",
+        str(blocker),
+    )
     assert result.returncode == 1
     assert _last_line(result) == f"--output_dir {blocker}: is a file, not a folder; give a folder for the results"
     assert "pair on a" not in result.stdout  # nothing was loaded
@@ -172,6 +182,7 @@ def test_an_unwritable_output_dir_stops(tmp_path, pair, monkeypatch):
 # 3. results as a set
 
 
+@pytest.mark.slow
 def test_a_rerun_without_landmarks_removes_the_old_table(tmp_path, pair):
     out = tmp_path / "out"
     _run(_workflow(tmp_path, pair))
@@ -201,6 +212,7 @@ def test_the_manifest_records_the_run(tmp_path, pair):
     assert verify_manifest(out, "moving") is None  # a changed file: the set is no longer the run's
 
 
+@pytest.mark.slow
 def test_two_pairs_with_one_stem_never_mix(tmp_path, pair):
     """A second pair whose moving image has the same stem replaces the first run's set as a whole."""
     other = write_pair(tmp_path / "other", shift_voxels=4)
@@ -217,6 +229,7 @@ def _interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_an_interrupt_leaves_the_earlier_set_untouched(tmp_path, pair, monkeypatch):
     out = tmp_path / "out"
     _run(_workflow(tmp_path, pair))
@@ -269,11 +282,18 @@ def test_a_stale_lock_is_taken_over(tmp_path, pair):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.slow
 def test_batch_reruns_a_pair_whose_set_was_changed(tmp_path, pair):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"fixed,moving\n{pair['fixed']},{pair['moving']}\n")
-    tiny = dict(method="network", checkpoint=str(tmp_path / "none.pt"), hidden_channels=4, tile_size=49,
-                precision="float32", require_lung=False)  # fmt: skip
+    tiny = dict(
+        method="network",
+        checkpoint=str(tmp_path / "none.pt"),
+        hidden_channels=4,
+        tile_size=49,
+        precision="float32",
+        require_lung=False,
+    )
     batch = BatchInference(pairs, tmp_path / "batch", REPO_ROOT, overrides=tiny, progress=False)
     assert [r.status for r in batch.run()] == ["done"]
     assert [r.status for r in batch.run()] == ["skipped"]
@@ -349,8 +369,29 @@ def _fuzz_cases(count: int, seed: int = 0) -> list[bytes]:
     unicode, NUL bytes, huge or odd numbers, cut rows, extra columns, and plain random bytes."""
     rng = random.Random(seed)
     good = ["id,x,y,z", "0,1.5,-2.0,3.25", "1,10,20,30"]
-    pieces = ["nan", "inf", "-inf", "1e400", "-1e308", "1,5", "٣", "１２", "0x1F", "", " ", "\"", "\x00", "é", "🫁",
-              "9" * 400, "1e-400", "+3", "3.", ".5", "1_000"]  # fmt: skip
+    pieces = [
+        "nan",
+        "inf",
+        "-inf",
+        "1e400",
+        "-1e308",
+        "1,5",
+        "٣",
+        "１２",
+        "0x1F",
+        "",
+        " ",
+        '"',
+        "\x00",
+        "é",
+        "🫁",
+        "9" * 400,
+        "1e-400",
+        "+3",
+        "3.",
+        ".5",
+        "1_000",
+    ]
     cases = []
     for _ in range(count):
         kind = rng.randrange(6)
@@ -410,8 +451,11 @@ def test_landmark_files_end_in_a_complete_set_or_nothing(tmp_path, pair, name, d
     """Through the bundle run: exit with a complete set (manifest verified) or one line and nothing written."""
     inside = sitk.ReadImage(str(pair["fixed"])).TransformContinuousIndexToPhysicalPoint((12, 12, 12))
     table = tmp_path / f"{name}.csv"
-    table.write_bytes(data.replace(b"{x}", b"%.3f" % inside[0]).replace(b"{y}", b"%.3f" % inside[1])
-                      .replace(b"{z}", b"%.3f" % inside[2]))  # fmt: skip
+    table.write_bytes(
+        data.replace(b"{x}", b"%.3f" % inside[0])
+        .replace(b"{y}", b"%.3f" % inside[1])
+        .replace(b"{z}", b"%.3f" % inside[2])
+    )
     out = tmp_path / "out"
     workflow = _workflow(tmp_path, pair, landmarks=str(table))
     workflow.initialize()

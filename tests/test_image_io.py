@@ -21,7 +21,7 @@ from scripts.data.image_io import (
 )
 from scripts.utils.atomic_write import atomic_output
 from scripts.utils.constants import BACKGROUND_HU, UNASSESSED_LABEL
-from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
+from tests.helpers.synthetic_pair import image_from_array, phantom_hu, write_pair
 
 
 def test_read_image_errors_name_the_file_and_the_problem(tmp_path):
@@ -89,8 +89,16 @@ def test_load_pair_resamples_to_1mm_lps_whatever_the_orientation(tmp_path):
 def test_moving_on_another_grid_is_resampled_and_logged(tmp_path, caplog):
     paths = write_pair(tmp_path)
     moving = sitk.ReadImage(str(paths["moving"]))
-    coarse = sitk.Resample(moving, [16, 16, 16], sitk.Transform(), sitk.sitkLinear, moving.GetOrigin(),
-                           (2.25, 2.25, 2.25), moving.GetDirection(), -1000.0)  # fmt: skip
+    coarse = sitk.Resample(
+        moving,
+        [16, 16, 16],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        moving.GetOrigin(),
+        (2.25, 2.25, 2.25),
+        moving.GetDirection(),
+        -1000.0,
+    )
     sitk.WriteImage(coarse, str(tmp_path / "coarse.nii.gz"))
     with caplog.at_level(logging.WARNING, logger="scripts.data.image_io"):
         pair = load_pair(paths["fixed"], tmp_path / "coarse.nii.gz")

@@ -17,7 +17,7 @@ from scripts.inferers.io_transforms import BadInputExit
 from scripts.inferers.misalignment_inferer import MisalignmentInferer, axis_blocks, inference_copy, latent_size_for
 from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.utils.constants import UNASSESSED_LABEL
-from tests.synthetic_pair import image_from_array, phantom_hu, write_pair
+from tests.helpers.synthetic_pair import image_from_array, phantom_hu, write_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_SUFFIXES = ("misalignment.nii.gz", "probabilities.nii.gz", "overlay.png", "landmarks.csv", "run.json")
@@ -93,6 +93,7 @@ def test_inference_workflow_writes_maps_on_the_fixed_grid(tmp_path):
     assert (out / "moving_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_tiled_inferer_equals_whole_image_network():
     """Tiles stitched from the pyramid computed once equal the network run on the whole image as one tile."""
     net = MisalignmentNet(hidden_channels=4).eval()
@@ -113,6 +114,7 @@ def test_tiled_inferer_equals_whole_image_network():
     assert set(steps.unique().tolist()) <= {0, 1, 2}
 
 
+@pytest.mark.slow
 def test_inference_copy_is_the_same_function():
     """BatchNorm folding, conv + ReLU fusion and the short zero-state LSTM step leave the logits unchanged."""
     net = MisalignmentNet(hidden_channels=4)
@@ -164,8 +166,11 @@ def _bad_inputs(folder: Path, paths: dict) -> dict:
     return {
         "missing": ({"moving_image": str(folder / "absent.nii.gz")}, "absent.nii.gz", "not found"),
         "unreadable": ({"fixed_image": str(garbage)}, "garbage.nii.gz", "cannot be read"),
-        "2-D": ({"moving_image": str(_write(image_from_array(hu[0].astype(np.int16)), folder / "slice.nii.gz"))},
-                "slice.nii.gz", "2-D"),  # fmt: skip
+        "2-D": (
+            {"moving_image": str(_write(image_from_array(hu[0].astype(np.int16)), folder / "slice.nii.gz"))},
+            "slice.nii.gz",
+            "2-D",
+        ),
         "4-D": ({"fixed_image": str(_write(four_d, folder / "series.nii.gz"))}, "series.nii.gz", "4-D"),
         "no overlap": ({"moving_image": str(_write(far, folder / "far.nii.gz"))}, "far.nii.gz", "does not overlap"),
         "NaN": ({"moving_image": str(_write(image_from_array(nan), folder / "nan.nii.gz"))}, "nan.nii.gz", "NaN"),
@@ -180,8 +185,11 @@ def _bad_inputs(folder: Path, paths: dict) -> dict:
 def test_bad_input_names_the_file_and_leaves_no_output(tmp_path, case):
     paths = write_pair(tmp_path / "data")
     override, file_name, problem = _bad_inputs(tmp_path / "data", paths)[case]
-    settings = {"fixed_image": str(paths["fixed"]), "moving_image": str(paths["moving"]),
-                "landmarks": str(paths["landmarks"])}  # fmt: skip
+    settings = {
+        "fixed_image": str(paths["fixed"]),
+        "moving_image": str(paths["moving"]),
+        "landmarks": str(paths["landmarks"]),
+    }
     settings.update(override)
     workflow = make_workflow(tmp_path, **settings)
     workflow.initialize()

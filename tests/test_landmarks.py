@@ -19,7 +19,7 @@ from scripts.data.landmarks import (
     write_landmark_predictions,
 )
 from scripts.inferers.overlay import choose_slices, overlay_title, save_overlay
-from tests.synthetic_pair import write_pair
+from tests.helpers.synthetic_pair import write_pair
 
 
 @pytest.fixture

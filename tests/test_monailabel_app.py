@@ -24,7 +24,9 @@ import pytest
 import SimpleITK as sitk
 
 from scripts.workflows.label_request import LABEL_VALUES, BundleRunError, infer_pair, viewer_label_map
-from tests.synthetic_pair import write_pair
+from tests.helpers.synthetic_pair import write_pair
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or whole pairs: pytest -m 'not slow' skips them
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_LIMIT_S = 900  # the server is started under `timeout`: it stops by itself even if the test is killed
@@ -53,15 +55,23 @@ def _free_port() -> int:
 def _multipart(body: bytes, content_type: str) -> dict:
     """Parts of a multipart HTTP answer by field name (bytes)."""
     message = email.parser.BytesParser().parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
-    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in
-            message.get_payload()}  # fmt: skip
+    return {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in message.get_payload()
+    }
 
 
 def test_label_map_glue_on_a_synthetic_pair(tmp_path):
     """The glue alone (no server): the network (untrained, tiny) on the synthetic pair; 0 stays outside the region."""
     paths = write_pair(tmp_path / "data")
-    tiny = {"method": "network", "checkpoint": "/nonexistent/model.pt", "hidden_channels": 4, "tile_size": 49,
-            "precision": "float32", "require_lung": False}  # fmt: skip
+    tiny = {
+        "method": "network",
+        "checkpoint": "/nonexistent/model.pt",
+        "hidden_channels": 4,
+        "tile_size": 49,
+        "precision": "float32",
+        "require_lung": False,
+    }
     label_path, params = infer_pair(paths["fixed"], paths["moving"], REPO_ROOT, tmp_path / "out", overrides=tiny)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(label_path))
     bundle_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "moving_misalignment.nii.gz")))
@@ -86,10 +96,28 @@ def test_monailabel_server_answers_an_infer_request_for_the_sample_pair(tmp_path
     shutil.copy(REPO_ROOT / "apps" / "monailabel" / "main.py", app / "main.py")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = ["timeout", str(SERVER_LIMIT_S), python, "-m", "monailabel.main", "start_server", "--app",
-               str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port",
-               str(port), "--conf", "bundle_python", sys.executable, "--conf", "bundle_overrides",
-               json.dumps(REREGISTRATION_UNCALIBRATED)]  # fmt: skip
+    command = [
+        "timeout",
+        str(SERVER_LIMIT_S),
+        python,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(app),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--conf",
+        "bundle_python",
+        sys.executable,
+        "--conf",
+        "bundle_overrides",
+        json.dumps(REREGISTRATION_UNCALIBRATED),
+    ]
     log = (tmp_path / "server.log").open("w")
     env = dict(os.environ, MISALIGNMENT_BUNDLE_ROOT=str(REPO_ROOT))
     server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
-from tests.training_data import prepared_dataset
+from tests.helpers.training_data import prepared_dataset
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or whole pairs: pytest -m 'not slow' skips them
 
 
 def test_two_processes_with_gloo_train_in_sync(tmp_path, tmp_path_factory):
@@ -33,11 +36,21 @@ def test_two_processes_with_gloo_train_in_sync(tmp_path, tmp_path_factory):
     override_file.write_text(json.dumps(overrides))
     configs = [str(REPO_ROOT / "configs" / n) for n in ("train.json", "multi_gpu_train.json")] + [str(override_file)]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-        "-m", "monai.bundle", "run", "--config_file", str(configs),
-        "--meta_file", str(REPO_ROOT / "configs" / "metadata.json"),
-        "--logging_file", str(REPO_ROOT / "configs" / "logging.conf"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(configs),
+        "--meta_file",
+        str(REPO_ROOT / "configs" / "metadata.json"),
+        "--logging_file",
+        str(REPO_ROOT / "configs" / "logging.conf"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

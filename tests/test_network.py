@@ -1,4 +1,4 @@
-"""Network tests: parameter counts and shapes of METHOD.md section 3, the ConvLSTM cell, decoders, alignment."""
+"""Network tests: parameter counts and shapes of docs/method.md section 3, the ConvLSTM cell, decoders, alignment."""
 
 import pytest
 import torch
@@ -169,6 +169,7 @@ def test_forward_patches_gives_logits_on_the_central_25_cube():
     assert logits.shape == (1, 3, 4, 25, 25, 25)
 
 
+@pytest.mark.slow
 def test_network_is_torchscript_compatible():
     net = MisalignmentNet().eval()
     scripted = torch.jit.script(net)

@@ -12,7 +12,7 @@ import torch
 from scripts.data.image_io import Grid
 from scripts.inferers.io_transforms import SaveOverlayd
 from scripts.inferers.overlay import CLASS_LABELS, overlay_figure
-from tests.synthetic_pair import image_from_array, phantom_hu
+from tests.helpers.synthetic_pair import image_from_array, phantom_hu
 
 
 @pytest.fixture
@@ -56,11 +56,18 @@ def _png_size(path) -> tuple[int, int]:
 def test_save_overlayd_draws_the_error_panel_only_when_the_method_gives_an_error_map(arrays, tmp_path):
     image, labels, error, grid = arrays
     probabilities = np.stack([(labels == k).astype(np.float32) for k in range(3)])
-    data = {"image": torch.from_numpy(image), "mask": torch.from_numpy(labels[None] >= 0), "grid": grid.as_arrays(),
-            "landmarks": ""}  # fmt: skip
+    data = {
+        "image": torch.from_numpy(image),
+        "mask": torch.from_numpy(labels[None] >= 0),
+        "grid": grid.as_arrays(),
+        "landmarks": "",
+    }
     network = dict(data, moving="network.nii.gz", pred=torch.from_numpy(probabilities))
-    reregistration = dict(data, moving="rereg.nii.gz", pred={"probabilities": torch.from_numpy(probabilities),
-                                                             "error_mm": torch.from_numpy(error)[None]})  # fmt: skip
+    reregistration = dict(
+        data,
+        moving="rereg.nii.gz",
+        pred={"probabilities": torch.from_numpy(probabilities), "error_mm": torch.from_numpy(error)[None]},
+    )
     for d in (network, reregistration):
         SaveOverlayd(tmp_path)(d)
     network_width, _ = _png_size(tmp_path / "network_overlay.png")

@@ -36,8 +36,14 @@ def pair():
     coarse[1] = 0.5 * np.sin(np.arange(coarse.shape[2]) / 4.0)[None, :, None]
     body = np.zeros(SHAPE, dtype=bool)
     body[4:-4, 4:-4, 4:-4] = True
-    return {"pyramid": pair_pyramid(fixed, deformed), "dvf": coarse, "factor": 2, "body_mask": body,
-            "lung_mask": body, "fixed": fixed}  # fmt: skip
+    return {
+        "pyramid": pair_pyramid(fixed, deformed),
+        "dvf": coarse,
+        "factor": 2,
+        "body_mask": body,
+        "lung_mask": body,
+        "fixed": fixed,
+    }
 
 
 def test_candidate_centres_are_level_samples_inside_the_mask(pair):
@@ -105,8 +111,10 @@ def test_regnet_sample_targets(pair):
         assert sample["image"].shape == (2, 101, 101, 101) and sample["dvf"].shape == (3, 21, 21, 21)
         idx = [np.clip(c + level * np.arange(-10, 11), 0, n - 1) for c, n in zip((36, 40, 44), SHAPE)]
         expected = dense[:, idx[0]][:, :, idx[1]][:, :, :, idx[2]]
-        inside = [(c + level * np.arange(-10, 11) >= 0) & (c + level * np.arange(-10, 11) < n)
-                  for c, n in zip((36, 40, 44), SHAPE)]  # fmt: skip
+        inside = [
+            (c + level * np.arange(-10, 11) >= 0) & (c + level * np.arange(-10, 11) < n)
+            for c, n in zip((36, 40, 44), SHAPE)
+        ]
         sel = np.ix_(range(3), *[np.flatnonzero(m) for m in inside])
         np.testing.assert_allclose(sample["dvf"].numpy()[sel], expected[sel], atol=1e-4)
     with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ import torch
 from scripts.engines.patch_validation import run, voxel_scores
 from scripts.networks.misalignment_net import MisalignmentNet
 from tests.conftest import REPO_ROOT
-from tests.training_data import prepared_dataset, untrained_weights
+from tests.helpers.training_data import prepared_dataset, untrained_weights
 
 
 def test_scores_of_a_perfect_and_of_a_constant_predictor():

@@ -10,8 +10,9 @@ from scripts.utils import precision as precision_module
 from scripts.utils.precision import native_bfloat16, resolve_precision
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "float32"), (True, False, "bfloat16"),
-                                                        (False, True, "bfloat16")])  # fmt: skip
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")]
+)
 def test_auto_picks_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)

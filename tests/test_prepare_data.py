@@ -10,7 +10,7 @@ import torch
 
 import scripts.data.prepare_data as prepare_data
 from scripts.data.patch_sampling import MisalignmentPatchDataset
-from tests.chest_phantom import chest_phantom, to_image
+from tests.helpers.chest_phantom import chest_phantom, to_image
 
 KEYS = ("fixed", "deformed", "dvf", "body_mask", "lung_mask")
 
@@ -79,8 +79,9 @@ def test_bad_scans_error_or_skip(tmp_path):
         prepare_data.run(str(bad), str(tmp_path / "out"), dvfs_per_scan=1)
     with pytest.raises(ValueError, match="no pair was written"):
         prepare_data.run(str(bad), str(tmp_path / "out"), dvfs_per_scan=1, skip_bad_scans=True)
-    sitk.WriteImage(sitk.Cast(to_image(np.full((40, 40, 40), -1024, np.float32)), sitk.sitkInt16),
-                    str(bad / "air.nii.gz"))  # fmt: skip
+    sitk.WriteImage(
+        sitk.Cast(to_image(np.full((40, 40, 40), -1024, np.float32)), sitk.sitkInt16), str(bad / "air.nii.gz")
+    )
     with pytest.raises(ValueError, match="air.nii.gz.*all-air"):
         prepare_data.run(str(bad), str(tmp_path / "out"), dvfs_per_scan=1, scans=["air"])
     with pytest.raises(FileNotFoundError, match="missing_scan"):

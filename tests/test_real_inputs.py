@@ -24,7 +24,9 @@ from monai.bundle import ConfigWorkflow
 from scripts.data.image_io import Grid, InputError, load_pair, read_image
 from scripts.transforms.ct_masks import ct_masks
 from scripts.utils.constants import BACKGROUND_HU, CLASS_THRESHOLDS_MM, UNASSESSED_ERROR_MM, UNASSESSED_LABEL
-from tests.chest_phantom import chest_phantom_arrays, to_image
+from tests.helpers.chest_phantom import chest_phantom_arrays, to_image
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or whole pairs: pytest -m 'not slow' skips them
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "sample_data"
@@ -65,8 +67,17 @@ def crop(image: sitk.Image, box: list[tuple[int, int]]) -> sitk.Image:
 
 def resampled(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.Image:
     size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
-                         image.GetDirection(), BACKGROUND_HU, sitk.sitkFloat32)  # fmt: skip
+    return sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        spacing,
+        image.GetDirection(),
+        BACKGROUND_HU,
+        sitk.sitkFloat32,
+    )
 
 
 def rotated_about_centre(image: sitk.Image, degrees: float) -> sitk.Image:
@@ -246,8 +257,9 @@ def test_thick_and_anisotropic_slices(spacing, sample, whole_run, tmp_path):
 def test_moving_image_with_a_smaller_field_of_view(sample, whole_run, tmp_path, caplog):
     size = sample["fixed"].GetSize()
     fixed = write(sample["fixed"], tmp_path / "fixed.nii.gz")
-    moving = write(crop(sample["moving"], [(0, size[0]), (0, size[1]), (size[2] // 3, size[2])]),
-                   tmp_path / "moving.nii.gz")  # fmt: skip
+    moving = write(
+        crop(sample["moving"], [(0, size[0]), (0, size[1]), (size[2] // 3, size[2])]), tmp_path / "moving.nii.gz"
+    )
     run = run_reregistration(fixed, moving, tmp_path / "out")
     labels = sitk.GetArrayFromImage(run["misalignment"])
     assert (labels[: size[2] // 3] == UNASSESSED_LABEL).all()  # outside the moving image: not assessed, never "correct"

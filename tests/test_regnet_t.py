@@ -77,6 +77,7 @@ def test_channel_zero_is_warped_by_the_coarser_levels():
     assert torch.equal(nets[2].inputs[0][0, 1, CONTEXT, CONTEXT, CONTEXT], level2[0, 0, 0])  # moving is not warped
 
 
+@pytest.mark.slow
 def test_random_weight_regnets_on_a_tiny_pair(tmp_path):
     nets = {s: RegNet().eval() for s in (4, 2, 1)}
     for net in nets.values():  # random weights give a near-constant field; shift the bias to a known size

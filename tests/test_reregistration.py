@@ -15,23 +15,19 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scipy import ndimage
 
+from scripts.evaluation.calibration_studies import adapt_priors
 from scripts.inferers.io_transforms import BadInputExit
 from scripts.inferers.reregistration_inferer import ReregistrationInferer, select_inferer
-from scripts.registration.calibration import (
-    ResidualCalibration,
-    adapt_priors,
-    expected_calibration_error,
-    fit_isotonic,
-    options_sha256,
-)
+from scripts.registration.calibration import expected_calibration_error, fit_isotonic
+from scripts.registration.calibration_tables import ResidualCalibration, options_sha256
 from scripts.registration.registered_pairs import true_residual
 from scripts.registration.reregistration import (
     RegistrationError,
     ReregistrationOptions,
     residual_field_on_pair,
 )
-from tests.chest_phantom import chest_phantom_arrays
-from tests.synthetic_pair import image_from_array
+from tests.helpers.chest_phantom import chest_phantom_arrays
+from tests.helpers.synthetic_pair import image_from_array
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (56, 64, 64)  # (z, y, x) at 1 mm: large enough for elastix's 3 resolutions
@@ -57,6 +53,7 @@ def textured(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
     return inner & (gradient > np.percentile(gradient[inner], 50))
 
 
+@pytest.mark.slow
 def test_known_translation_is_found_within_half_a_millimetre():
     hu, body = phantom()
     shift = np.zeros((3,) + SHAPE)
@@ -70,6 +67,7 @@ def test_known_translation_is_found_within_half_a_millimetre():
     assert np.median(error) < 0.5 and np.percentile(error, 90) < 0.5
 
 
+@pytest.mark.slow
 def test_known_smooth_deformation_is_found_within_half_a_millimetre():
     hu, body = phantom()
     z, y, x = np.indices(SHAPE).astype(np.float64)
@@ -105,15 +103,29 @@ def test_true_residual_composes_the_deformation_with_the_registration():
     u = sitk.Compose([sitk.Image([20, 20, 20], sitk.sitkFloat64) + v for v in (3.0, 0.0, -1.0)])
     e = true_residual(u, None, reference)
     np.testing.assert_allclose(e[:, 5:15, 5:15, 5:15].reshape(3, -1).mean(axis=1), [3.0, 0.0, -1.0], atol=1e-5)
-    maps = [{"Transform": ["TranslationTransform"], "NumberOfParameters": ["3"],
-             "TransformParameters": ["-3", "0", "1"], "InitialTransformParameterFileName": ["NoInitialTransform"],
-             "HowToCombineTransforms": ["Compose"], "FixedImageDimension": ["3"], "MovingImageDimension": ["3"],
-             "FixedInternalImagePixelType": ["float"], "MovingInternalImagePixelType": ["float"],
-             "Size": ["20", "20", "20"], "Index": ["0", "0", "0"], "Spacing": ["1", "1", "1"],
-             "Origin": ["0", "0", "0"], "Direction": ["1", "0", "0", "0", "1", "0", "0", "0", "1"],
-             "UseDirectionCosines": ["true"], "ResampleInterpolator": ["FinalLinearInterpolator"],
-             "Resampler": ["DefaultResampler"], "DefaultPixelValue": ["0"],
-             "ResultImagePixelType": ["float"]}]  # fmt: skip
+    maps = [
+        {
+            "Transform": ["TranslationTransform"],
+            "NumberOfParameters": ["3"],
+            "TransformParameters": ["-3", "0", "1"],
+            "InitialTransformParameterFileName": ["NoInitialTransform"],
+            "HowToCombineTransforms": ["Compose"],
+            "FixedImageDimension": ["3"],
+            "MovingImageDimension": ["3"],
+            "FixedInternalImagePixelType": ["float"],
+            "MovingInternalImagePixelType": ["float"],
+            "Size": ["20", "20", "20"],
+            "Index": ["0", "0", "0"],
+            "Spacing": ["1", "1", "1"],
+            "Origin": ["0", "0", "0"],
+            "Direction": ["1", "0", "0", "0", "1", "0", "0", "0", "1"],
+            "UseDirectionCosines": ["true"],
+            "ResampleInterpolator": ["FinalLinearInterpolator"],
+            "Resampler": ["DefaultResampler"],
+            "DefaultPixelValue": ["0"],
+            "ResultImagePixelType": ["float"],
+        }
+    ]
     e = true_residual(u, maps, reference)
     assert np.abs(e[:, 5:15, 5:15, 5:15]).max() < 1e-4
 
@@ -284,6 +296,7 @@ def test_a_failed_registration_ends_the_run_with_one_message_and_no_output(tmp_p
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_method_reregistration_writes_the_contract_files(tmp_path):
     paths = write_phantom_pair(tmp_path / "data")
     out = tmp_path / "out"
@@ -296,7 +309,14 @@ def test_method_reregistration_writes_the_contract_files(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         f"moving_{s}"
-        for s in ("misalignment.nii.gz", "probabilities.nii.gz", "error_mm.nii.gz", "overlay.png", "landmarks.csv")
+        for s in (
+            "misalignment.nii.gz",
+            "probabilities.nii.gz",
+            "error_mm.nii.gz",
+            "overlay.png",
+            "landmarks.csv",
+            "run.json",
+        )
     )
     fixed = sitk.ReadImage(str(paths["fixed"]))
     error = sitk.ReadImage(str(out / "moving_error_mm.nii.gz"))
@@ -325,7 +345,7 @@ def test_displacement_field_writes_nothing_in_the_working_folder(tmp_path, monke
 
 def test_local_features_of_the_calibration_experiment():
     """Jacobian of x + r for a linear field, local NCC of an image with itself and with its negative."""
-    from scripts.registration.calibration_features import jacobian_at, local_ncc
+    from scripts.evaluation.calibration_features import jacobian_at, local_ncc
 
     shape = (12, 12, 12)
     zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")

@@ -1,4 +1,4 @@
-"""The residual-informed network (issue 12): its input contract, widening image-only weights, the registered-pair
+"""The residual-informed network: its input contract, widening image-only weights, the registered-pair
 patches, and one training iteration of configs/train_residual.json on a tiny registered-pair folder."""
 
 import json
@@ -14,8 +14,8 @@ from monai.bundle import ConfigWorkflow
 from scripts.data.registered_patches import RegisteredPatchDataset, read_registered_datalist
 from scripts.engines.checkpoints import load_network_weights
 from scripts.networks.misalignment_net import MisalignmentNet
-from tests.chest_phantom import chest_phantom_arrays
 from tests.conftest import REPO_ROOT
+from tests.helpers.chest_phantom import chest_phantom_arrays
 
 SHIFT_MM = np.array([4.0, 0.0, 0.0])  # the exact residual e of the tiny pair: 4 mm along x ("poor")
 
@@ -62,8 +62,15 @@ def train_residual_workflow(tmp_path: Path, **overrides) -> ConfigWorkflow:
     folder = registered_pairs_folder(tmp_path / "registered")
     torch.manual_seed(0)
     torch.save(MisalignmentNet(decoder="single_cnn").state_dict(), tmp_path / "image_only.pt")
-    settings = dict(patches_per_pair=1, val_patches_per_pair=1, val_num_patches=1, batch_size=1, max_epochs=1,
-                    val_interval=1, ckpt_interval=1)  # fmt: skip
+    settings = dict(
+        patches_per_pair=1,
+        val_patches_per_pair=1,
+        val_num_patches=1,
+        batch_size=1,
+        max_epochs=1,
+        val_interval=1,
+        ckpt_interval=1,
+    )
     return ConfigWorkflow(
         config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "train_residual.json")],
         meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
@@ -88,6 +95,7 @@ def test_forward_takes_the_residual_channels_and_checks_them():
         MisalignmentNet(residual_input="encoder")
 
 
+@pytest.mark.slow
 def test_image_only_weights_widen_to_the_same_prediction(tmp_path):
     """Zero weights for the residual features: the widened network predicts what the image-only one did, whatever r
     is; a checkpoint of another architecture still fails with its file name."""
@@ -141,7 +149,7 @@ def test_registered_datalist_errors_name_the_pair(tmp_path):
 def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path, overrides):
     """configs/train.json + configs/train_residual.json: widened image-only weights, frozen encoders, one iteration;
     only the decoder changes and the residual weights leave zero. Also with 41^3 output blocks, centres uniform in
-    the lungs and class-weighted voxels (the options of issue 12's item 3)."""
+    the lungs and class-weighted voxels (the training options of the residual-informed network)."""
     workflow = train_residual_workflow(tmp_path, **overrides)
     workflow.initialize()
     net = workflow.parser.get_parsed_content("network_def")
@@ -163,10 +171,11 @@ def test_train_residual_config_one_iteration_from_image_only_weights(tmp_path, o
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_tiled_inferer_with_the_residual_equals_the_whole_image_network():
     """The residual tiles are cut where the image tiles are: stitched tiles equal the network on the whole image."""
     from scripts.inferers.misalignment_inferer import MisalignmentInferer
-    from tests.synthetic_pair import phantom_hu
+    from tests.helpers.synthetic_pair import phantom_hu
 
     torch.manual_seed(0)
     net = MisalignmentNet(hidden_channels=4, residual_input="lstm").eval()
@@ -184,11 +193,12 @@ def test_tiled_inferer_with_the_residual_equals_the_whole_image_network():
         inferer(image, net)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual_input", ["lstm", "encoders"])
 def test_inference_config_runs_the_residual_network(tmp_path, residual_input):
     """``--method network --residual_input lstm`` (or "encoders"): the pair is re-registered, the network reads r,
     and the outputs gain the re-registration's expected error."""
-    from tests.synthetic_pair import write_pair
+    from tests.helpers.synthetic_pair import write_pair
 
     paths = write_pair(tmp_path / "data")
     torch.manual_seed(0)
@@ -230,18 +240,26 @@ def test_registered_pair_scores_put_network_and_reregistration_on_the_same_voxel
     torch.manual_seed(0)
     torch.save(MisalignmentNet(decoder="single_cnn", residual_input="lstm").state_dict(), tmp_path / "w.pt")
     results = score(
-        weights=str(tmp_path / "w.pt"), residual_input="lstm", decoder="single_cnn",
-        datalist=str(folder / "datalist.json"), patches_per_pair=2, calibration_file="",
+        weights=str(tmp_path / "w.pt"),
+        residual_input="lstm",
+        decoder="single_cnn",
+        datalist=str(folder / "datalist.json"),
+        patches_per_pair=2,
+        calibration_file="",
         output=str(tmp_path / "scores.json"),
-    )  # fmt: skip
+    )
     network, thresholds = results["network (argmax)"], results["re-registration (|r| thresholds)"]
     assert network["voxels"] == thresholds["voxels"] > 1000 and network["true_counts"] == [0, network["voxels"], 0]
     assert thresholds["accuracy"] > 0.95  # r = e + noise, |e| = 4 mm: "poor" nearly everywhere
     assert json.loads((tmp_path / "scores.json").read_text())["pairs"] == 1
     record = fit_weights(
-        weights=str(tmp_path / "w.pt"), output=str(tmp_path / "cw.json"), residual_input="lstm", decoder="single_cnn",
-        datalist=str(folder / "datalist.json"), patches_per_pair=2,
-    )  # fmt: skip
+        weights=str(tmp_path / "w.pt"),
+        output=str(tmp_path / "cw.json"),
+        residual_input="lstm",
+        decoder="single_cnn",
+        datalist=str(folder / "datalist.json"),
+        patches_per_pair=2,
+    )
     assert record["fitted_on"]["true_counts"][1] == record["fitted_on"]["voxels"] > 1000
     assert record["mean_f1_fitted"] >= record["mean_f1_argmax"] and len(record["weights"]) == 3
 
@@ -266,7 +284,7 @@ def test_prior_variant_starts_as_the_thresholded_reregistration(tmp_path):
 
 
 def test_committed_residual_weights_are_the_prior_variant():
-    """models/model_residual.pt (issue 12's run, to continue with --init_weights) loads into its architecture only."""
+    """models/model_residual.pt (to continue training with --init_weights) loads into its architecture only."""
     path = REPO_ROOT / "models" / "model_residual.pt"
     if not path.is_file():
         pytest.skip("no residual-informed weights committed")
@@ -274,18 +292,6 @@ def test_committed_residual_weights_are_the_prior_variant():
     assert net.residual_gate.shape == (3,)
     with pytest.raises(ValueError, match="model_residual.pt"):
         load_network_weights(MisalignmentNet(), path)
-
-
-def test_committed_encoders_weights_read_r_in_their_encoders():
-    """models/model_residual_encoders.pt (Session 9's run of the "encoders" variant, to continue with --init_weights)
-    loads into that architecture only, and training moved its encoders' r weights off zero."""
-    path = REPO_ROOT / "models" / "model_residual_encoders.pt"
-    if not path.is_file():
-        pytest.skip("no encoders-variant weights committed")
-    net = load_network_weights(MisalignmentNet(residual_input="encoders"), path)
-    assert all(float(e.conv1[0].weight[:, 2:].abs().max()) > 0 for e in net.encoders)
-    with pytest.raises(ValueError, match="model_residual_encoders.pt"):
-        load_network_weights(MisalignmentNet(residual_input="lstm_prior"), path)
 
 
 def test_registered_patches_in_larger_blocks_with_uniform_centres(tmp_path):
@@ -302,6 +308,7 @@ def test_registered_patches_in_larger_blocks_with_uniform_centres(tmp_path):
         RegisteredPatchDataset(folder / "datalist.json", output_size=40)
 
 
+@pytest.mark.slow
 def test_compare_scores_several_checkpoints_on_the_voxels_score_uses(tmp_path):
     """``compare``: each checkpoint on the same voxels, the first one's argmax equal to ``score``'s with the same seed,
     and an in-sample class-weight fit per checkpoint."""
@@ -313,8 +320,14 @@ def test_compare_scores_several_checkpoints_on_the_voxels_score_uses(tmp_path):
         torch.manual_seed(seed)
         paths.append(str(tmp_path / f"w{seed}.pt"))
         torch.save(MisalignmentNet(decoder="single_cnn", residual_input="lstm").state_dict(), paths[-1])
-    common = dict(residual_input="lstm", decoder="single_cnn", datalist=str(folder / "datalist.json"),
-                  patches_per_pair=2, calibration_file="", seed=3)  # fmt: skip
+    common = dict(
+        residual_input="lstm",
+        decoder="single_cnn",
+        datalist=str(folder / "datalist.json"),
+        patches_per_pair=2,
+        calibration_file="",
+        seed=3,
+    )
     compared = compare(weights=paths, split="validation", output=str(tmp_path / "compare.json"), **common)
     single = score(weights=paths[0], split="validation", **common)
     assert compared[paths[0]]["argmax"] == single["network (argmax)"]
@@ -327,6 +340,7 @@ def test_compare_scores_several_checkpoints_on_the_voxels_score_uses(tmp_path):
     assert json.loads((tmp_path / "compare.json").read_text())["pairs"] == 1
 
 
+@pytest.mark.slow
 def test_encoders_variant_starts_as_its_prior_checkpoint_and_reads_r_in_every_encoder(tmp_path):
     """``residual_input="encoders"`` from an "lstm_prior" checkpoint: zero first-layer weights for r, so the same
     prediction whatever r adds; TorchScript compiles it; tiled inference equals the whole image (r windows zero-padded
@@ -370,6 +384,7 @@ def test_registered_patches_with_residual_windows(tmp_path):
         RegisteredPatchd(residual_windows=True)({**load_registered_pair(entry), "centre": [36, 36, 36]})
 
 
+@pytest.mark.slow
 def test_train_residual_config_encoders_variant_trains_the_encoders(tmp_path):
     """``--residual_input encoders --freeze_encoders false``: 5-channel windows, and training moves the encoders,
     their r weights included (they start at zero; the first iteration only opens the decoder gate, from zero too)."""

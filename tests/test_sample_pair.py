@@ -74,6 +74,7 @@ def test_invert_at_points_inverts_a_smooth_displacement():
     assert np.abs(inverse - points).max() > 0.5  # the inverse really moved the points
 
 
+@pytest.mark.slow
 def test_shipped_weights_give_a_real_prediction_on_the_sample_pair(tmp_path):
     """README command 1's claim, on the landmarks' neighbourhoods only (the same values, fewer tiles): the shipped
     network with its class weights says more than one class and agrees with the true classes beyond chance."""

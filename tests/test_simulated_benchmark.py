@@ -9,20 +9,22 @@ import SimpleITK as sitk
 
 from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.data.landmark_selection import select_landmarks
+from scripts.evaluation.benchmark_methods import (
+    BUNDLE_ROOT,
+    MethodSpec,
+    relabel_with_weights,
+    run_bundle_predictor,
+    run_derived,
+)
 from scripts.evaluation.landmark_metrics import evaluate, load_predictions
 from scripts.evaluation.report import table2_markdown, table4_markdown, write_report
 from scripts.evaluation.simulated_benchmark import (
-    BUNDLE_ROOT,
-    MethodSpec,
     _check_scan,
     _check_work_dir,
     _record,
     _reusable,
     carry_rows,
     landmark_mask,
-    relabel_with_weights,
-    run_bundle_predictor,
-    run_derived,
     run_methods,
     select_methods,
 )
@@ -328,8 +330,12 @@ def test_derived_rows_relabel_the_probabilities_of_their_source(tmp_path):
     """argmax and class-weighted rows from one prediction CSV (the probabilities stay); a weights file that is missing
     makes the row "not run" with its name."""
     table = table_from_points(np.zeros((3, 3)), {"tre": np.array([1.0, 4.0, 8.0])})
-    for name, values in (("pred", ["0", "0", "0"]), ("p_correct", [0.6, 0.5, 0.4]), ("p_poor", [0.3, 0.4, 0.25]),
-                         ("p_wrong", [0.1, 0.1, 0.35])):  # fmt: skip
+    for name, values in (
+        ("pred", ["0", "0", "0"]),
+        ("p_correct", [0.6, 0.5, 0.4]),
+        ("p_poor", [0.3, 0.4, 0.25]),
+        ("p_wrong", [0.1, 0.1, 0.35]),
+    ):
         table = table.with_column(name, values)
     source = write_landmarks(table, tmp_path / "src" / "affine_landmarks.csv")
     plain = relabel_with_weights(None)(source, tmp_path / "argmax.csv")
@@ -341,7 +347,8 @@ def test_derived_rows_relabel_the_probabilities_of_their_source(tmp_path):
         weighted.values["pred"] == ["0", "1", "2"]
         and weighted.values["p_poor"] == read_landmarks(source).values["p_poor"]
     )
-    spec = MethodSpec("w", "derived", source="s", relabel=relabel_with_weights(str(weights)),
-                      files=(str(tmp_path / "missing.json"),))  # fmt: skip
+    spec = MethodSpec(
+        "w", "derived", source="s", relabel=relabel_with_weights(str(weights)), files=(str(tmp_path / "missing.json"),)
+    )
     runs = run_derived(spec, {"status": "ran", "csv": {"affine": str(source)}, "seconds": {"affine": 1.0}}, tmp_path)
     assert runs["all"].status == "not run" and "missing.json not found" in runs["all"].reason

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.networks.misalignment_net import MisalignmentNet
 from scripts.networks.regnet import RegNet
 from tests.conftest import REPO_ROOT
-from tests.training_data import prepared_dataset
+from tests.helpers.training_data import prepared_dataset
 
 CONFIGS = REPO_ROOT / "configs"
 
@@ -66,6 +66,7 @@ def run_and_record_losses(workflow: ConfigWorkflow) -> list:
     return losses
 
 
+@pytest.mark.slow
 def test_train_config_default_network_two_iterations(tmp_path, dataset_dir):
     workflow = make_workflow("train.json", tmp_path, dataset_dir)
     workflow.initialize()
@@ -92,6 +93,7 @@ def test_train_config_default_network_two_iterations(tmp_path, dataset_dir):
     assert list((tmp_path / "runs" / "train").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_losses(tmp_path, dataset_dir):
     settings = dict(decoder="single_cnn", val_interval=100)
     first = run_and_record_losses(make_workflow("train.json", tmp_path / "a", dataset_dir, **settings))
@@ -103,6 +105,7 @@ def test_same_seed_gives_same_losses(tmp_path, dataset_dir):
     assert first[0] != third[0]  # the seed matters (input noise, patch centres and initial weights)
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_latest_checkpoint(tmp_path, dataset_dir):
     settings = dict(decoder="single_cnn", val_interval=100)
     run_and_record_losses(make_workflow("train.json", tmp_path, dataset_dir, **settings))
@@ -122,6 +125,7 @@ def test_training_resumes_from_the_latest_checkpoint(tmp_path, dataset_dir):
     assert "checkpoint_final_iteration=4.pt does not fit the configured MisalignmentNet" in error_chain(error.value)
 
 
+@pytest.mark.slow
 def test_regnet_config_one_level_with_bf16(tmp_path, dataset_dir):
     workflow = make_workflow("train_regnet.json", tmp_path, dataset_dir, level=2, autocast="bfloat16")
     workflow.initialize()

@@ -55,8 +55,10 @@ def find_image(folder: Path, stem: str) -> Path:
     """The one image file ``<stem>.<image extension>`` in ``folder``; a clear error when there is none or several."""
     found = [p for p in sorted(folder.glob(f"{stem}.*")) if image_stem(p) == stem]
     if len(found) != 1:
-        raise FileNotFoundError(f"input folder {folder}: expected one {stem} image ({stem}.nii.gz, .mha, .nrrd ...), "
-                                f"found {[p.name for p in found]}")  # fmt: skip
+        raise FileNotFoundError(
+            f"input folder {folder}: expected one {stem} image ({stem}.nii.gz, .mha, .nrrd ...), "
+            f"found {[p.name for p in found]}"
+        )
     return found[0]
 
 
@@ -132,8 +134,9 @@ class MisalignmentDeployApp(Application):
     def compose(self) -> None:
         app_context: AppContext = Application.init_app_context(self.argv)
         model_path = Path(self.model_path or app_context.model_path)
-        loader = PairLoaderOperator(self, CountCondition(self, 1), input_folder=Path(app_context.input_path),
-                                    name="pair_loader")  # fmt: skip
+        loader = PairLoaderOperator(
+            self, CountCondition(self, 1), input_folder=Path(app_context.input_path), name="pair_loader"
+        )
         inference = MisalignmentBundleOperator(
             self,
             app_context=app_context,

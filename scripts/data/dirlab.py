@@ -1,4 +1,5 @@
-"""Readers for the DIR-Lab 4DCT and COPDgene data: header-less raw images and landmark text files (METHOD.md 10).
+"""Readers for the DIR-Lab 4DCT and COPDgene data: header-less raw images and landmark text files (docs/method.md
+section 10).
 
 Images are signed 16-bit little-endian ``.img`` files without header, voxels in (z, y, x) order; the sizes and
 spacings are published per case on the DIR-Lab "Reference Data" pages (values below, cross-checked against the

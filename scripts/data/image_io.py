@@ -42,9 +42,19 @@ MIN_WORKING_SPACING_MM = 1.0  # the re-registration's grid is the fixed image's 
 GZIP_MAGIC = b"\x1f\x8b"
 STREAM_CHUNK_BYTES = 1 << 22  # compressed streams are verified in 4 MiB chunks
 METAIMAGE_ELEMENT_BYTES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4, "MET_LONG": 4,
-    "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
-}  # fmt: skip
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
 
 
 class InputError(ValueError):
@@ -176,8 +186,10 @@ def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
         raise InputError(f"{role} {path}: {_itk_read_problem(str(error))}") from None
     size = image.GetSize()
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{role} {path}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
-                         f"components per voxel")  # fmt: skip
+        raise InputError(
+            f"{role} {path}: expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
+            f"components per voxel"
+        )
     if image.GetDimension() == 4 and size[3] == 1:
         image = image[:, :, :, 0]  # a 3-D volume stored with a singleton 4th axis
         size = image.GetSize()
@@ -245,8 +257,10 @@ def _gzip_stream_length(path: Path, role: str) -> int:
             while chunk := stream.read(STREAM_CHUNK_BYTES):
                 length += len(chunk)
     except (EOFError, OSError, zlib.error) as error:
-        raise InputError(f"{role} {path}: truncated or corrupt gzip stream ({error}); the file is incomplete, copy "
-                         "or download it again") from None  # fmt: skip
+        raise InputError(
+            f"{role} {path}: truncated or corrupt gzip stream ({error}); the file is incomplete, copy "
+            "or download it again"
+        ) from None
     return length
 
 
@@ -382,8 +396,13 @@ def _resized(grid: Grid, spacing: Tuple[float, float, float]) -> Grid:
     return Grid(size, grid.origin, tuple(spacing), grid.direction)
 
 
-def resample(image: sitk.Image, grid: Grid, interpolator: int = sitk.sitkBSpline, default: float = BACKGROUND_HU,
-             output_type: int = sitk.sitkFloat32) -> sitk.Image:  # fmt: skip
+def resample(
+    image: sitk.Image,
+    grid: Grid,
+    interpolator: int = sitk.sitkBSpline,
+    default: float = BACKGROUND_HU,
+    output_type: int = sitk.sitkFloat32,
+) -> sitk.Image:
     """``image`` resampled onto ``grid`` (cubic B-spline by default; voxels outside its field get ``default``)."""
     return grid.resampler(interpolator, default, output_type).Execute(image)
 
@@ -461,8 +480,10 @@ def check_hounsfield_units(image: sitk.Image, source: str) -> None:
     if len(distinct) <= 3 and distinct[0] >= 0:
         cause = f"it holds only the values {distinct.tolist()}: a label mask given as an image?"
     elif air < MIN_CT_FRACTION and low > -50 and high > 500:
-        cause = (f"no air ({span}): raw stored values without the rescale slope and intercept (air reads about 0, "
-                 "soft tissue about 1000), or an MR image?")  # fmt: skip
+        cause = (
+            f"no air ({span}): raw stored values without the rescale slope and intercept (air reads about 0, "
+            "soft tissue about 1000), or an MR image?"
+        )
     elif air < MIN_CT_FRACTION:
         cause = f"no air (no voxel between {AIR_RANGE_HU[0]:.0f} and {AIR_RANGE_HU[1]:.0f} HU; {span}): an MR image?"
     else:
@@ -501,9 +522,13 @@ def load_pair(
         logger.warning(
             "moving image %s is not on the fixed image's grid (size %s vs %s, spacing %s vs %s): resampling it onto "
             "the fixed image's grid; it covers %.0f%% of the fixed image's box",
-            moving_path, moving.GetSize(), fixed.GetSize(), np.round(moving.GetSpacing(), 3).tolist(),
-            np.round(fixed.GetSpacing(), 3).tolist(), 100 * fraction,
-        )  # fmt: skip
+            moving_path,
+            moving.GetSize(),
+            fixed.GetSize(),
+            np.round(moving.GetSpacing(), 3).tolist(),
+            np.round(fixed.GetSpacing(), 3).tolist(),
+            100 * fraction,
+        )
     grid = working_grid(fixed, spacing)
     spacing_zyx = tuple(grid.spacing[::-1])
     in_view = field_of_view(moving, grid)
@@ -518,8 +543,9 @@ def load_pair(
     if covered < MIN_MOVING_COVERAGE:
         logger.warning(
             "moving image %s covers only %.0f%% of the fixed image's body and lungs: the rest is not assessed",
-            moving_path, 100 * covered,
-        )  # fmt: skip
+            moving_path,
+            100 * covered,
+        )
     lung_ml = lung_volume_ml(arrays[0], region, spacing_zyx)
     if lung_ml < MIN_LUNG_ML:
         problem = (

@@ -92,8 +92,10 @@ def read_landmarks(path: str | Path, required: tuple[str, ...] = POINT_COLUMNS) 
     columns = [c.strip() for c in rows[0]]
     if len(columns) == 1 and any(separator in columns[0] for separator in ";\t"):
         separator = "';'" if ";" in columns[0] else "a tab"
-        raise ValueError(f"{path}: the columns are separated by {separator}; the landmark CSV must be comma-separated "
-                         "(header x,y,z)")  # fmt: skip
+        raise ValueError(
+            f"{path}: the columns are separated by {separator}; the landmark CSV must be comma-separated "
+            "(header x,y,z)"
+        )
     if len(set(columns)) != len(columns):
         raise ValueError(f"{path}: duplicate column names in header {columns}")
     for i, row in enumerate(rows[1:], start=2):

@@ -32,7 +32,7 @@ LEVELS = (4, 2, 1)
 CENTRE_STEP = 4  # centres on multiples of 4 (1 mm voxels) are samples of every level
 REGNET_OUTPUT_SIZE = 21  # RegNet's DVF output edge for a 101^3 input
 MISALIGNMENT_PROBABILITIES = (0.6, 0.2, 0.2)  # [0,3), [3,6), [6,inf) mm, paper section III-B1
-REGNET_PROBABILITIES = (1 / 3, 1 / 3, 1 / 3)  # RegNet pre-training: equal numbers per class (METHOD.md section 4)
+REGNET_PROBABILITIES = (1 / 3, 1 / 3, 1 / 3)  # RegNet pre-training: equal numbers per class (docs/method.md section 4)
 REGNET_MAX_DEFORMATION_MM = {4: 20.0, 2: 15.0, 1: 7.0}
 UNIFORM = "uniform"  # centre probabilities: every candidate alike (the region's own class mix)
 

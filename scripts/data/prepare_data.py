@@ -1,6 +1,6 @@
 """Write a dataset of artificial training pairs (fixed, deformed, DVF, masks as NIfTI) and its datalist.json.
 
-    python -m scripts.data.prepare_data --data_dir ../shared/data/ct --output_dir ../data/misalignment
+    python -m scripts.data.prepare_data --data_dir <dataset_dir> --output_dir <work_dir>/misalignment
     python -m scripts.data.prepare_data ... --regnet_level 4     # RegNet^4 pre-training pairs (max 20 mm per axis)
 
 Each scan is resampled once to 1 mm (cubic B-spline, axis-aligned grid) and masked; pair k of a scan uses DVF
@@ -79,15 +79,24 @@ def resample_isotropic(
     """``image`` on an axis-aligned (identity direction) grid of ``spacing_mm`` covering its bounding box; cubic
     B-spline for images (float32), nearest neighbour for masks (pass ``sitk.sitkNearestNeighbor``)."""
     size = np.array(image.GetSize())
-    corners = [image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
-               for corner in np.array(np.meshgrid(*[[0, n - 1] for n in size])).reshape(3, -1).T]  # fmt: skip
+    corners = [
+        image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+        for corner in np.array(np.meshgrid(*[[0, n - 1] for n in size])).reshape(3, -1).T
+    ]
     lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
     out_size = [int(np.floor((h - low) / spacing_mm + 1e-3)) + 1 for low, h in zip(lo, hi)]
     pixel = sitk.sitkFloat32 if interpolator != sitk.sitkNearestNeighbor else image.GetPixelID()
     return sitk.Resample(
-        image, out_size, sitk.Transform(), interpolator, tuple(lo), (spacing_mm,) * 3, tuple(np.eye(3).ravel()),
-        default_value, pixel,
-    )  # fmt: skip
+        image,
+        out_size,
+        sitk.Transform(),
+        interpolator,
+        tuple(lo),
+        (spacing_mm,) * 3,
+        tuple(np.eye(3).ravel()),
+        default_value,
+        pixel,
+    )
 
 
 def pair_seed(seed: int, scan: str, index: int, max_deformation_mm: float) -> int:
@@ -132,8 +141,8 @@ def make_pair(scan_files: dict, dvf_type: str, variant: int, next_image: bool, s
 
 
 def run(
-    data_dir: str = "../shared/data/ct",
-    output_dir: str = "../data/misalignment",
+    data_dir: str,
+    output_dir: str,
     dvfs_per_scan: int = 28,
     max_deformation_mm: float | None = None,
     seed: int = 0,
@@ -184,10 +193,14 @@ def run(
             meta_path = stem.with_suffix(".json")
             if not meta_path.is_file():
                 start = time.perf_counter()
-                fixed, deformed, dvf, body, lung = make_pair(scan_files, dvf_type, variant, next_image, s, settings,
-                                                             options)  # fmt: skip
-                files = {"fixed": scan_files["fixed"], "body_mask": scan_files["body_mask"],
-                         "lung_mask": scan_files["lung_mask"]}  # fmt: skip
+                fixed, deformed, dvf, body, lung = make_pair(
+                    scan_files, dvf_type, variant, next_image, s, settings, options
+                )
+                files = {
+                    "fixed": scan_files["fixed"],
+                    "body_mask": scan_files["body_mask"],
+                    "lung_mask": scan_files["lung_mask"],
+                }
                 if next_image:
                     files = {k2: Path(f"{stem}_{k2}.nii.gz") for k2 in files}
                     write_image(sitk.Cast(sitk.Round(fixed), sitk.sitkInt16), files["fixed"])
@@ -195,14 +208,23 @@ def run(
                     write_image(lung, files["lung_mask"])
                 files["deformed"] = Path(f"{stem}_deformed.nii.gz")
                 files["dvf"] = Path(f"{stem}_dvf.nii.gz")
-                deformed_int = sitk.Cast(sitk.Round(sitk.Clamp(deformed, sitk.sitkFloat32, BACKGROUND_HU, 32767)),
-                                         sitk.sitkInt16)  # fmt: skip
+                deformed_int = sitk.Cast(
+                    sitk.Round(sitk.Clamp(deformed, sitk.sitkFloat32, BACKGROUND_HU, 32767)), sitk.sitkInt16
+                )
                 write_image(deformed_int, files["deformed"])
                 write_image(sitk.Cast(dvf, sitk.sitkVectorFloat32), files["dvf"])
                 meta = {key: str(p.relative_to(out)) for key, p in files.items()}
-                meta.update(scan=name, index=k, dvf_type=dvf_type, variant=variant, next_image=next_image,
-                            max_deformation_mm=max_deformation_mm, seed=s, regnet_level=regnet_level,
-                            seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+                meta.update(
+                    scan=name,
+                    index=k,
+                    dvf_type=dvf_type,
+                    variant=variant,
+                    next_image=next_image,
+                    max_deformation_mm=max_deformation_mm,
+                    seed=s,
+                    regnet_level=regnet_level,
+                    seconds=round(time.perf_counter() - start, 1),
+                )
                 write_json(meta, meta_path)
             meta = json.loads(meta_path.read_text())
             datalist["validation" if name in validation else "training"].append(meta)

@@ -248,8 +248,9 @@ class ResultSet:
         }
         (staging / self.manifest_path.name).write_text(json.dumps(manifest, indent=2) + "\n")
         if earlier is not None and earlier.get("inputs") and earlier.get("inputs") != manifest["inputs"]:
-            logger.warning("replacing the results of an earlier run of %s in %s made from other inputs",
-                           self.stem, self.output_dir)  # fmt: skip
+            logger.warning(
+                "replacing the results of an earlier run of %s in %s made from other inputs", self.stem, self.output_dir
+            )
         stale = {f"{self.stem}_{s}" for s in OUTPUT_SUFFIXES}
         if earlier is not None:
             stale |= {str(f.get("name")) for f in earlier.get("files", []) if isinstance(f, dict)}

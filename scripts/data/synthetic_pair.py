@@ -10,8 +10,8 @@ pair shipped before 2026-12-01; today's sample comes from scripts.registration.s
 
 CLI::
 
-    python -m scripts.data.synthetic_pair --scan ../shared/data/ct/thorax_lungpetctdx_A0001.nii.gz --output_dir \
-        ../data/synthetic_pair
+    python -m scripts.data.synthetic_pair --scan <dataset_dir>/thorax_lungpetctdx_A0001.nii.gz --output_dir \
+        <work_dir>/synthetic_pair
 """
 
 from __future__ import annotations
@@ -50,9 +50,13 @@ def crop_and_resample(scan: sitk.Image, box: Tuple[Sequence[float], Sequence[flo
 
 
 def true_deformation(
-    fixed: sitk.Image, body: sitk.Image, lung: sitk.Image, seed: int, breathing_mm: float = 15.0,
+    fixed: sitk.Image,
+    body: sitk.Image,
+    lung: sitk.Image,
+    seed: int,
+    breathing_mm: float = 15.0,
     local_mm: float = 9.0,
-) -> sitk.DisplacementFieldTransform:  # fmt: skip
+) -> sitk.DisplacementFieldTransform:
     """The known deformation S as a displacement field on the fixed grid: cranio-caudal diaphragm motion fading from
     the lung base to the lung top, antero-posterior expansion, plus a random smooth local field; inside the body."""
     rng = np.random.default_rng(seed)
@@ -134,9 +138,13 @@ def invert_at_points(transform: sitk.Transform, points: np.ndarray, iterations: 
 
 
 def make_sample_pair(
-    scan_path: str, output_dir: str = "sample_data", spacing: float = 2.0, seed: int = 20210101,
-    landmark_count: int = 60, box: Tuple[Sequence[float], Sequence[float]] = DEFAULT_BOX,
-) -> dict:  # fmt: skip
+    scan_path: str,
+    output_dir: str = "sample_data",
+    spacing: float = 2.0,
+    seed: int = 20210101,
+    landmark_count: int = 60,
+    box: Tuple[Sequence[float], Sequence[float]] = DEFAULT_BOX,
+) -> dict:
     """Write ``fixed.nii.gz``, ``moving.nii.gz`` (registered, on the fixed grid) and ``landmarks.csv``
     (id, x, y, z, tre) to ``output_dir``; returns a summary of the true residual errors."""
     scan = sitk.ReadImage(str(scan_path))

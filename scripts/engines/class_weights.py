@@ -7,7 +7,7 @@ pairs to maximise the mean F1 (the paper's headline score) and kept in ``models/
 weights they were fitted for. ``--class_weights_file ""`` at inference gives the paper's argmax (docs/README.md
 compares both)::
 
-    python -m scripts.engines.class_weights --weights models/model.pt --dataset_dir ../data/misalignment \
+    python -m scripts.engines.class_weights --weights models/model.pt --dataset_dir <work_dir>/misalignment \
         --num_patches 48 --output models/class_weights.json
 """
 
@@ -70,8 +70,11 @@ def fit(
         **overrides,
     }
     labels, probabilities = predict_patches(weights, config_file, **overrides)
-    fitted_on = {"patches": int(labels.size // LATENT_SIZE**3), "seed": seed,
-                 "dataset_dir": str(overrides.get("dataset_dir", ""))}  # fmt: skip
+    fitted_on = {
+        "patches": int(labels.size // LATENT_SIZE**3),
+        "seed": seed,
+        "dataset_dir": str(overrides.get("dataset_dir", "")),
+    }
     record = write_class_weights(weights, labels, probabilities, fitted_on, output)
     print(json.dumps(record, indent=1))
     return record

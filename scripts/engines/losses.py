@@ -134,7 +134,7 @@ def bending_energy(dvf: torch.Tensor) -> torch.Tensor:
 class RegNetLoss(nn.Module):
     """Huber(delta) on the displacement field plus ``bending_weight`` x bending energy of the prediction.
 
-    METHOD.md section 4: delta 1, weight 0.1; ``bending_energy`` is in voxel units (mean over voxels, components).
+    docs/method.md section 4: delta 1, weight 0.1; ``bending_energy`` is in voxel units (mean over voxels, components).
     """
 
     def __init__(self, delta: float = 1.0, bending_weight: float = 0.1) -> None:

@@ -8,7 +8,7 @@ the config's ``validate`` patches: F1 per class, mean F1, accuracy, Cohen's kapp
 ROC AUC of each class probability, which shows what the network has learned even while its argmax is one class;
 with ``--class_weights_file`` also the scores of the class-weighted decision (scripts.engines.class_weights)::
 
-    python -m scripts.engines.patch_validation --weights models/model.pt --dataset_dir ../data/misalignment \
+    python -m scripts.engines.patch_validation --weights models/model.pt --dataset_dir <work_dir>/misalignment \
         --val_patches_per_pair 16 --val_num_patches 16 --class_weights_file models/class_weights.json
 """
 

@@ -4,7 +4,7 @@ the lungs cut off), the fraction of the whole scan's lung voxels inside the crop
 (``scripts.transforms.ct_masks.body_mask_array``, the region's fixed-image part) keeps, and the mask's volume against
 the whole scan's mask in the same box (1.0: nothing added outside the lungs)::
 
-    python -m scripts.evaluation.crop_coverage --data_dir ../shared/data/ct --output docs/real_inputs_coverage.json
+    python -m scripts.evaluation.crop_coverage --data_dir <dataset_dir> --output docs/real_inputs_coverage.json
 """
 
 from __future__ import annotations
@@ -64,14 +64,16 @@ def scan_coverage(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def main(data_dir: str = "../shared/data/ct", output: str = "", scans=None) -> dict:
+def main(data_dir: str, output: str = "", scans=None) -> dict:
     """Every crop of every scan in ``data_dir``; prints one line per crop and the worst coverage, writes ``output``."""
     results = {}
     for path in find_scans(data_dir, scans):
         results[scan_name(path)] = scan_coverage(path)
         for crop, row in results[scan_name(path)].items():
-            print(f"{scan_name(path):26s} {crop:24s} lung kept {row['lung_voxels_kept']:.4f}, volume "
-                  f"{row['volume_over_whole_scan_mask']:.3f} of the whole scan's mask, {row['seconds']} s")  # fmt: skip
+            print(
+                f"{scan_name(path):26s} {crop:24s} lung kept {row['lung_voxels_kept']:.4f}, volume "
+                f"{row['volume_over_whole_scan_mask']:.3f} of the whole scan's mask, {row['seconds']} s"
+            )
     worst = min(row["lung_voxels_kept"] for rows in results.values() for row in rows.values())
     print(f"worst lung coverage over {sum(len(r) for r in results.values())} crops: {worst:.4f}")
     if output:

@@ -1,8 +1,8 @@
 """PNG gallery of the artificial deformations on a real scan, and mask check PNGs.
 
-    python -m scripts.evaluation.deformation_gallery gallery --scan ../shared/data/ct/thorax_lungpetctdx_A0001.nii.gz \
+    python -m scripts.evaluation.deformation_gallery gallery --scan <dataset_dir>/thorax_lungpetctdx_A0001.nii.gz \
         --output_dir docs/images
-    python -m scripts.evaluation.deformation_gallery masks --data_dir ../shared/data/ct --output_dir /tmp/mask_check
+    python -m scripts.evaluation.deformation_gallery masks --data_dir <dataset_dir> --output_dir /tmp/mask_check
 
 Each gallery PNG shows, in a coronal and an axial slice through the lungs: the fixed image, the deformed image,
 their difference, |u| as a colour overlay and the Jacobian determinant of x + u.
@@ -40,7 +40,7 @@ def _load(scan: str):
 
 
 def gallery(
-    scan: str = "../shared/data/ct/thorax_lungpetctdx_A0001.nii.gz",
+    scan: str,
     output_dir: str = "docs/images",
     max_deformation_mm: float = 10.0,
     seed: int = 0,
@@ -85,8 +85,9 @@ def gallery(
             diff = np.where(b, m - f, 0)
             axes[row, 2].imshow(diff, cmap="RdBu_r", vmin=-400, vmax=400)
             axes[row, 3].imshow(f, **hu)
-            im3 = axes[row, 3].imshow(np.ma.masked_where(~b, mag), cmap="jet", vmin=0, vmax=1.2 * max_deformation_mm,
-                                      alpha=0.5)  # fmt: skip
+            im3 = axes[row, 3].imshow(
+                np.ma.masked_where(~b, mag), cmap="jet", vmin=0, vmax=1.2 * max_deformation_mm, alpha=0.5
+            )
             im4 = axes[row, 4].imshow(np.ma.masked_where(~b, j), cmap="coolwarm", vmin=0.6, vmax=1.4)
         for ax, title in zip(axes[0], ("fixed", "deformed", "deformed - fixed (±400 HU)", "|u| (mm)", "det J")):
             ax.set_title(title)
@@ -108,7 +109,7 @@ def gallery(
     return written
 
 
-def masks(data_dir: str = "../shared/data/ct", output_dir: str = "/tmp/mask_check", dpi: int = 60) -> list[str]:
+def masks(data_dir: str, output_dir: str = "/tmp/mask_check", dpi: int = 60) -> list[str]:
     """Write ``mask_<scan>.png``: body (yellow) and lung (red) contours on three slices of each scan at 1 mm."""
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Voxel scores of the network beside the re-registration on registered pairs (issue 12's held-out measure).
+"""Voxel scores of the network beside the re-registration on registered pairs (the residual network's held-out measure).
 
 For every pair of a split of a registered-pairs datalist (``scripts.registration.registered_pairs``; the validation
 split holds pairs of the validation scan only), patch centres are drawn uniformly over the lungs, so the voxels keep
@@ -8,7 +8,7 @@ against the true class of the exact residual |e|. Prints and writes the scores a
 network's class-weighted decision the same way on the TRAINING pairs::
 
     python -m scripts.evaluation.registered_pair_scores score --weights models/model.pt --residual_input none \
-        --datalist ../data/registered/datalist.json --output docs/training/registered_val.json
+        --datalist <work_dir>/registered/datalist.json --output docs/training/registered_val.json
     python -m scripts.evaluation.registered_pair_scores fit_weights --weights W.pt --residual_input lstm \
         --output models/class_weights.json
     python -m scripts.evaluation.registered_pair_scores compare --weights "['a.pt','b.pt']" --split training
@@ -34,7 +34,7 @@ from scripts.engines.patch_validation import voxel_scores
 from scripts.inferers.class_decision import apply_class_weights, read_class_weights
 from scripts.inferers.misalignment_inferer import PRECISIONS, inference_copy
 from scripts.networks.misalignment_net import MisalignmentNet
-from scripts.registration.calibration import ResidualCalibration
+from scripts.registration.calibration_tables import ResidualCalibration
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
 from scripts.utils.class_decision import fit_class_weights
@@ -71,6 +71,8 @@ def collect(
     ``split`` pairs of ``datalist`` (one path, or several separated by commas). ``weights``: one checkpoint, or a
     list of them (same architecture) scored on the same voxels, each pair loaded once: then ``networks`` holds
     ``[len(weights), N, 3]`` and ``network`` the first."""
+    if not str(datalist):
+        raise ValueError("no --datalist: give <work_dir>/registered/datalist.json (from registered_pairs)")
     checkpoints = [weights] if isinstance(weights, str) else list(weights)
     entries = [e for name in str(datalist).split(",") if name for e in read_registered_datalist(name, split)]
     precision = resolve_precision(AUTO)
@@ -89,8 +91,10 @@ def collect(
         chosen = centres[rng.choice(len(centres), size=min(patches_per_pair, len(centres)), replace=False)]
         for b in range(0, len(chosen), batch_size):
             batch = [patch({**pair, "centre": c}) for c in chosen[b : b + batch_size]]
-            lungs = [pair["lung_mask"][np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])]
-                     for centre in chosen[b : b + batch_size]]  # fmt: skip
+            lungs = [
+                pair["lung_mask"][np.ix_(*[centred_range(int(c), LATENT_SIZE) for c in centre])]
+                for centre in chosen[b : b + batch_size]
+            ]
             for sample, lung in zip(batch, lungs):
                 collected["labels"].append(np.digitize(sample["magnitude"][0].numpy()[lung], CLASS_THRESHOLDS_MM))
                 collected["residual"].append(np.linalg.norm(sample["residual"].numpy(), axis=0)[lung])
@@ -129,7 +133,7 @@ def score(
     residual_input: str = "none",
     decoder: str = "lstm",
     hidden_channels: int = 16,
-    datalist: str = "../data/registered/datalist.json",
+    datalist: str = "",
     split: str = "validation",
     patches_per_pair: int = 24,
     batch_size: int = 4,
@@ -174,7 +178,7 @@ def fit_weights(
     residual_input: str = "none",
     decoder: str = "lstm",
     hidden_channels: int = 16,
-    datalist: str = "../data/registered/datalist.json",
+    datalist: str = "",
     patches_per_pair: int = 16,
     batch_size: int = 4,
     seed: int = 4321,
@@ -185,13 +189,19 @@ def fit_weights(
     found = collect(
         weights, residual_input, decoder, hidden_channels, datalist, "training", patches_per_pair, batch_size, seed
     )
-    fitted_on = {"datalist": str(datalist), "pairs": int(found["pairs"]), "patches_per_pair": patches_per_pair,
-                 "seed": seed}  # fmt: skip
+    fitted_on = {
+        "datalist": str(datalist),
+        "pairs": int(found["pairs"]),
+        "patches_per_pair": patches_per_pair,
+        "seed": seed,
+    }
     record = write_class_weights(weights, found["labels"], found["network"], fitted_on, output)
     logger.info(
         "class weights %s: mean F1 %.3f (argmax %.3f) on the training voxels",
-        record["weights"], record["mean_f1_fitted"], record["mean_f1_argmax"],
-    )  # fmt: skip
+        record["weights"],
+        record["mean_f1_fitted"],
+        record["mean_f1_argmax"],
+    )
     return record
 
 
@@ -200,7 +210,7 @@ def compare(
     residual_input: str = "lstm_prior",
     decoder: str = "lstm",
     hidden_channels: int = 16,
-    datalist: str = "../data/registered/datalist.json",
+    datalist: str = "",
     split: str = "training",
     patches_per_pair: int = 4,
     batch_size: int = 4,
@@ -221,11 +231,16 @@ def compare(
     labels, residual = found["labels"], found["residual"]
     calibration = ResidualCalibration.read(calibration_file, ReregistrationOptions()) if calibration_file else None
     results: dict = {
-        "datalist": str(datalist), "split": split, "pairs": int(found["pairs"]), "patches_per_pair": patches_per_pair,
-        "seed": seed, "residual_input": residual_input, "voxels": int(labels.size),
+        "datalist": str(datalist),
+        "split": split,
+        "pairs": int(found["pairs"]),
+        "patches_per_pair": patches_per_pair,
+        "seed": seed,
+        "residual_input": residual_input,
+        "voxels": int(labels.size),
         "class_mix": (np.bincount(labels, minlength=3) / max(labels.size, 1)).round(4).tolist(),
         **reregistration_scores(labels, residual, calibration),
-    }  # fmt: skip
+    }
     for checkpoint, probabilities in zip(weights, found["networks"]):
         class_weights, fitted, _ = fit_class_weights(labels, probabilities)
         results[checkpoint] = {

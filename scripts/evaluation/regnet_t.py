@@ -1,4 +1,4 @@
-"""RegNet-t baseline (paper section III, METHOD.md section 8): the 3-level RegNet registers the (fixed, registered
+"""RegNet-t baseline (paper section III, docs/method.md section 8): the 3-level RegNet registers the (fixed, registered
 moving) pair coarse to fine (4 -> 2 -> 1 mm) and the magnitude of the total displacement, thresholded at 3 and 6 mm,
 is the misalignment class (correct / poor / wrong).
 

@@ -1,36 +1,33 @@
-"""One-command simulated benchmark on open CT (issue 5): a known deformation, elastix, landmarks, predictors, report.
+"""One-command simulated benchmark on open CT: a known deformation, elastix, landmarks, predictors, report.
 
-From a real scan NOT used for training (default: the validation scan thorax_ricord1a_419639 in ../shared/data/ct),
-make a second time point with scripts.transforms.evaluation_deformation, pick about 300 distinctive lung landmarks in
-the fixed
-scan (scripts.data.landmark_selection), register with the protocol's five settings (scripts.registration.elastix, on a
-2 mm working grid by default), get each landmark's true residual error TRE_i = || x_M^i - T(x_F^i) || from the known
+From a real scan NOT used for training (the validation scan thorax_ricord1a_419639 of the dataset), make a second
+time point with scripts.transforms.evaluation_deformation, pick about 300 distinctive lung landmarks in the fixed scan
+(scripts.data.landmark_selection), register with the protocol's settings (scripts.registration.elastix, on a 2 mm
+working grid by default), get each landmark's true residual error TRE_i = || x_M^i - T(x_F^i) || from the known
 partner x_M and the registration's T, run every method of the comparison through the inference contract, score
 them with scripts.evaluation.landmark_metrics and write the report (scripts.evaluation.report).
 
 Images derived from the scan stay in ``work_dir`` (outside the repository: the validation scan is CC BY-NC and must
 never be copied into it); only the report goes to ``output_dir``.
 
-Methods scored the same way (scripts.evaluation.landmark_metrics): the LSTM (models/model.pt; with the class weights of
-models/class_weights.json as shipped, and with the paper's plain argmax), the multi- and single-scale CNN
-decoders (models/model_multi_cnn.pt, models/model_single_cnn.pt) through the inference contract, RegNet-t
-(scripts.evaluation.regnet_t; models/regnet_{4,2,1}mm.pt), the local NCC surrogate (scripts.evaluation.ncc_baseline;
-models/ncc_thresholds.json, fitted on generated training pairs) and the majority class. A method whose weights or
-thresholds do not exist is listed as "not run".
+The methods (``scripts.evaluation.benchmark_methods``: the re-registration with its decisions, the paper's LSTM with
+and without class weights, the residual-informed LSTM, RegNet-t, the local NCC surrogate, the majority class) are
+scored the same way (scripts.evaluation.landmark_metrics); a method whose weights or thresholds do not exist is
+listed as "not run". This module is the runner: the pair, the registrations and each method's predictions are
+cached in ``work_dir`` and used again while their inputs are the same.
 
-How to run (from the repository root, with ../shared beside it; 40 min on 2 CPU cores when nothing can be reused)::
+How to run (from the repository root, 40 min on 2 CPU cores when nothing can be reused)::
 
-    python -m monai.bundle run --config_file configs/evaluate.json
+    python -m monai.bundle run --config_file configs/evaluate.json --dataset_dir <dataset_dir>
     # or, with any option of run_benchmark:
-    python -m scripts.evaluation.simulated_benchmark --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
+    python -m scripts.evaluation.simulated_benchmark --scan <dataset_dir>/thorax_ricord1a_419639.nii.gz \
+        --output_dir docs/benchmark --work_dir /tmp/misalignment_benchmark
 
 Overrides for the config: ``--output_dir``, ``--work_dir``, ``--scan``, ``--seed``, ``--landmarks``, ``--setting``
 (e.g. ``affine,bspline500``), ``--threads``, ``--reuse`` (false: make the pair, register and predict again),
 ``--only "['name', ...]"`` (run only these methods) with ``--carry_from docs/benchmark/report.json`` (take the other
-rows from an earlier report of the same landmarks, marked "(carried)"). The NCC
-thresholds are fitted once, before the benchmark, with ``python -m scripts.evaluation.ncc_baseline fit`` (generated
-training
-pairs only).
+rows from an earlier report of the same landmarks, marked "(carried)"). The NCC thresholds are fitted once, before
+the benchmark, with ``python -m scripts.evaluation.ncc_baseline fit`` (generated training pairs only).
 """
 
 from __future__ import annotations
@@ -39,37 +36,36 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
 from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.data.landmark_selection import select_landmarks
-from scripts.data.landmarks import PROBABILITY_COLUMNS, write_landmark_predictions
+from scripts.evaluation.benchmark_methods import (
+    BUNDLE_ROOT,
+    DEFAULT_METHODS,
+    MethodSpec,
+    PredictorRun,
+    run_baseline,
+    run_bundle_predictor,
+    run_derived,
+    run_majority,
+    stem_of,
+)
 from scripts.evaluation.landmark_metrics import evaluate, load_predictions, true_classes
-from scripts.evaluation.ncc_baseline import DEFAULT_THRESHOLDS
-from scripts.evaluation.ncc_baseline import predict_settings as ncc_predict_settings
-from scripts.evaluation.regnet_t import DEFAULT_WEIGHTS as REGNET_WEIGHTS
-from scripts.evaluation.regnet_t import predict_settings as regnet_t_predict_settings
 from scripts.evaluation.report import plot_landmark_slices, write_report
-from scripts.inferers.class_decision import read_class_weights
 from scripts.registration.elastix import RegistrationOptions, parse_settings, read_image, register_pair
 from scripts.transforms.ct_masks import ct_masks
 from scripts.transforms.evaluation_deformation import EvaluationDeformationSettings, deform_scan, draw_deformation
 from scripts.utils.atomic_write import atomic_write_image, atomic_write_text
-from scripts.utils.constants import CLASS_THRESHOLDS_MM
 from scripts.utils.file_digest import file_sha256
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-SHARED_CT_DIR = BUNDLE_ROOT.parent / "shared" / "data" / "ct"
-DEFAULT_SCAN = SHARED_CT_DIR / "thorax_ricord1a_419639.nii.gz"
+VALIDATION_SCAN = "thorax_ricord1a_419639.nii.gz"  # the one scan never used for training or tuning
 TRAINING_SCANS = (
     "thorax_lidc_idri_0001",
     "thorax_lidc_idri_0002",
@@ -88,224 +84,12 @@ SCORING_MODULES = (
     "evaluation/report.py",
     "evaluation/landmark_metrics.py",
 )  # they do not change predictions
-LANDMARK_MASK_RADIUS_MM = 4.0  # > the 1 mm voxel + the fixed grid's rounding: each landmark's voxel is predicted
-MAJORITY_CLASS = 0  # "correct": the most frequent class of the training pairs (60 % of patch centres, METHOD.md 6)
-
-
-BaselineRunner = Callable[
-    [Path, dict, Path], dict
-]  # (fixed, {setting: (image, points)}, folder) -> {setting: (csv, s)}
-
-
-@dataclass
-class MethodSpec:
-    """A method of the comparison: ``kind`` "bundle" runs the inference contract with ``weights`` and extra CLI
-    overrides (``files``: other files it reads, recorded with their hashes; ``landmark_mask``: predict only around
-    the landmarks); "baseline" calls ``runner`` on all settings at once when every file of ``files``
-    (bundle-relative) exists; "derived" re-labels the prediction CSVs of the method named ``source`` with
-    ``relabel``; "majority" predicts one class everywhere; "pending" is not implemented (``reason``)."""
-
-    name: str
-    kind: str
-    weights: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    reason: str = ""
-    runner: BaselineRunner | None = None
-    files: tuple[str, ...] = ()
-    landmark_mask: bool = True
-    source: str = ""
-    relabel: Callable[[Path, Path], Path] | None = None
-
-
-def residual_thresholds(source_csv: Path, output_csv: Path) -> Path:
-    """What a user of plain re-registration does: |r| at each landmark (``residual_mm``) thresholded at 3 and
-    6 mm, one-hot probabilities and ``error_mm`` = |r| (from the calibrated re-registration's CSV)."""
-    table = read_landmarks(source_csv)
-    magnitude = table.float_columns(["residual_mm"])[:, 0]
-    one_hot = np.eye(3)[np.digitize(magnitude, CLASS_THRESHOLDS_MM)]
-    return write_landmark_predictions(output_csv, table, one_hot, extra_columns={"error_mm": magnitude})
-
-
-def relabel_with_weights(class_weights_file: str | None) -> Callable[[Path, Path], Path]:
-    """A ``relabel`` that keeps a CSV's probabilities and labels argmax(w * p) with the weights of
-    ``class_weights_file`` (bundle-relative; read when it runs), or the plain argmax for None."""
-
-    def relabel(source_csv: Path, output_csv: Path) -> Path:
-        weights = None
-        if class_weights_file is not None:
-            weights = read_class_weights(_bundle_path(class_weights_file))
-        table = read_landmarks(source_csv)
-        probabilities = table.float_columns(list(PROBABILITY_COLUMNS))
-        return write_landmark_predictions(output_csv, table, probabilities, class_weights=weights)
-
-    return relabel
-
-
-def _bundle_path(path: str) -> Path:
-    return Path(path) if Path(path).is_absolute() else BUNDLE_ROOT / path
-
-
 NOT_SELECTED = "not selected for this run (only=)"
-REREGISTRATION = "re-registration (calibrated, mean-F1 decision)"
-RESIDUAL_NETWORK = "LSTM 6-3-1 + r prior (residual-informed)"
-RESIDUAL_CLASS_WEIGHTS = "models/class_weights_residual.json"
-DEFAULT_METHODS = (MethodSpec(
-    REREGISTRATION,
-    "bundle",
-    None,
-    ["--method", "reregistration"],
-    files=("models/reregistration_calibration.json",),
-    landmark_mask=False,
-), MethodSpec(
-    "re-registration (calibrated, argmax)",
-    "derived",
-    source=REREGISTRATION,
-    relabel=relabel_with_weights(None)),  # fmt: skip
-    MethodSpec("re-registration (|r| thresholds)", "derived", source=REREGISTRATION, relabel=residual_thresholds),
-    MethodSpec(
-        "LSTM 6-3-1", "bundle", "models/model.pt", ["--method", "network"], files=("models/class_weights.json",)
-    ),
-    MethodSpec(
-        "LSTM 6-3-1, argmax (paper)", "bundle", "models/model.pt", ["--method", "network", "--class_weights_file", ""]
-    ),
-    MethodSpec(
-        RESIDUAL_NETWORK,
-        "bundle",
-        "models/model_residual.pt",
-        ["--method", "network", "--residual_input", "lstm_prior", "--class_weights_file", ""],
-    ),
-    MethodSpec(
-        "LSTM 6-3-1 + r in encoders (residual-informed)",
-        "bundle",
-        "models/model_residual_encoders.pt",
-        ["--method", "network", "--residual_input", "encoders", "--class_weights_file", ""],
-    ),
-    MethodSpec(
-        "LSTM 6-3-1 + r prior, class-weighted",
-        "derived",
-        source=RESIDUAL_NETWORK,
-        relabel=relabel_with_weights(RESIDUAL_CLASS_WEIGHTS),
-        files=(RESIDUAL_CLASS_WEIGHTS,),
-    ),
-    MethodSpec(
-        "multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--method", "network", "--decoder", "multi_cnn"]
-    ),
-    MethodSpec(
-        "single-scale CNN", "bundle", "models/model_single_cnn.pt", ["--method", "network", "--decoder", "single_cnn"]
-    ),
-    MethodSpec("RegNet-t", "baseline", runner=regnet_t_predict_settings, files=tuple(REGNET_WEIGHTS.values())),
-    MethodSpec("local NCC", "baseline", runner=ncc_predict_settings, files=(DEFAULT_THRESHOLDS,)),
-    MethodSpec("majority class", "majority"),
-)
-
-
-@dataclass
-class PredictorRun:
-    """Outcome of one predictor call: ``csv`` is the per-landmark prediction file when it ran."""
-
-    status: str  # "ran", "not run" or "failed"
-    csv: Path | None = None
-    seconds: float = 0.0
-    reason: str = ""
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
-
-
-def run_bundle_predictor(
-    fixed: Path,
-    moving: Path,
-    landmarks: Path,
-    output_dir: Path,
-    config_file: str | Path = "configs/inference.json",
-    weights: str | Path | None = "models/model.pt",
-    overrides: list[str] | tuple[str, ...] = (),
-    timeout_s: float = 3600.0,
-    mask: Path | None = None,
-) -> PredictorRun:
-    """Run the inference contract as a subprocess in the bundle root:
-    ``python -m monai.bundle run --config_file C --fixed_image F --moving_image M --landmarks P --output_dir D``;
-    the weights go in as ``--checkpoint``; "not run" when the config or the weights are missing (untrained output
-    is never scored), "failed" when no ``<stem>_landmarks.csv`` appears. ``mask`` restricts the prediction to the
-    landmarks' neighbourhoods (``--mask``): the same values there, a fraction of the tiles."""
-    config_file = BUNDLE_ROOT / config_file
-    if not config_file.is_file():
-        return PredictorRun("not run", reason=f"{config_file} does not exist yet")
-    if weights is not None and not (BUNDLE_ROOT / weights).is_file():
-        return PredictorRun("not run", reason=f"weights {weights} do not exist yet")
-    if weights is not None:
-        overrides = ["--checkpoint", str(BUNDLE_ROOT / weights), *overrides]
-    if mask is not None:
-        overrides = ["--mask", str(mask), *overrides]
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(config_file),
-        "--fixed_image",
-        str(fixed),
-        "--moving_image",
-        str(moving),
-        "--landmarks",
-        str(landmarks),
-        "--output_dir",
-        str(output_dir),
-        *overrides,
-    ]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return PredictorRun("failed", seconds=timeout_s, reason=f"timed out after {timeout_s:.0f} s")
-    seconds = time.perf_counter() - start
-    csv = output_dir / f"{_stem(moving)}_landmarks.csv"
-    if done.returncode != 0 or not csv.is_file():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return PredictorRun(
-            "failed", seconds=seconds, reason=f"exit {done.returncode}, no {csv.name}: {' | '.join(tail)}"
-        )
-    return PredictorRun("ran", csv, seconds)
-
-
-def run_majority(landmarks: Path, moving: Path, output_dir: Path) -> PredictorRun:
-    """The majority-class baseline: ``MAJORITY_CLASS`` for every landmark, one-hot probabilities."""
-    start = time.perf_counter()
-    table = read_landmarks(landmarks)
-    n = len(table)
-    one_hot = np.eye(3)[MAJORITY_CLASS]
-    table = table.with_column("pred", [str(MAJORITY_CLASS)] * n)
-    for k, name in enumerate(("p_correct", "p_poor", "p_wrong")):
-        table = table.with_column(name, np.full(n, one_hot[k]))
-    csv = write_landmarks(table, output_dir / f"{_stem(moving)}_landmarks.csv")
-    return PredictorRun("ran", csv, time.perf_counter() - start)
-
-
-def run_baseline(spec: MethodSpec, fixed: Path, registration: dict, folder: Path) -> dict[str, PredictorRun]:
-    """A "baseline" method on every setting at once (the fixed image is prepared once): "not run" when one of its
-    files is missing, "failed" (with the error) when it raises."""
-    missing = [f for f in spec.files if not (BUNDLE_ROOT / f).is_file()]
-    first = next(iter(registration["settings"]))
-    if missing:
-        return {first: PredictorRun("not run", reason=f"{', '.join(missing)} do(es) not exist yet")}
-    if spec.runner is None:
-        return {first: PredictorRun("not run", reason="no runner given")}
-    pairs = {s: (Path(e["image"]), Path(e["points"])) for s, e in registration["settings"].items()}
-    start = time.perf_counter()
-    try:
-        done = spec.runner(fixed, pairs, folder)
-    except (OSError, ValueError, RuntimeError) as err:
-        return {
-            first: PredictorRun("failed", seconds=time.perf_counter() - start, reason=f"{type(err).__name__}: {err}")
-        }
-    return {s: PredictorRun("ran", Path(csv), seconds) for s, (csv, seconds) in done.items()}
+LANDMARK_MASK_RADIUS_MM = 4.0  # > the 1 mm voxel + the fixed grid's rounding: each landmark's voxel is predicted
 
 
 def _check_scan(scan: Path, allow_training_scan: bool) -> None:
-    stem = _stem(scan)
+    stem = stem_of(scan)
     if stem in TRAINING_SCANS and not allow_training_scan:
         raise ValueError(f"{scan}: {stem} is a training scan; the benchmark must run on a scan not used for training")
 
@@ -326,7 +110,7 @@ def make_pair(scan: Path, work_dir: Path, seed: int, landmarks: int, min_spacing
     body, lung = ct_masks(fixed, str(scan))
     deformation = draw_deformation(fixed, body, lung, seed, EvaluationDeformationSettings())
     moving = deform_scan(fixed, body, lung, deformation, seed)
-    stem = _stem(scan)
+    stem = stem_of(scan)
     moving_path = atomic_write_image(moving, work_dir / f"{stem}_moving.nii.gz")
     points = select_landmarks(fixed, lung, count=landmarks, min_spacing_mm=min_spacing_mm)
     partners = deformation.partners(points)
@@ -364,7 +148,7 @@ def crop_pair(pair: dict, work_dir: Path, crop: str) -> dict:
     found = np.argwhere(sitk.GetArrayViewFromImage(lung) > 0)  # (z, y, x)
     (y0, x0), (y1, x1) = found[:, 1:].min(axis=0), found[:, 1:].max(axis=0) + 1
     box = (slice(int(x0) + 15, (int(x0) + int(x1)) // 2), slice(int(y0) + 20, int(y1) - 10), slice(None))
-    stem = f"{_stem(Path(pair['fixed']))}_{crop}"
+    stem = f"{stem_of(Path(pair['fixed']))}_{crop}"
     images = {}
     for role in ("fixed", "moving"):
         image = fixed if role == "fixed" else read_image(pair["moving"], "moving")
@@ -375,9 +159,15 @@ def crop_pair(pair: dict, work_dir: Path, crop: str) -> dict:
     inside = np.array([_inside(images["fixed"], p) and _inside(images["moving"], q) for p, q in zip(points, partners)])
     fixed_csv = write_landmarks(table_from_points(points[inside]), work_dir / f"{stem}_fixed_landmarks.csv")
     moving_csv = write_landmarks(table_from_points(partners[inside]), work_dir / f"{stem}_moving_landmarks.csv")
-    return {**pair, "fixed": str(work_dir / f"{stem}_fixed.nii.gz"), "moving": str(work_dir / f"{stem}_moving.nii.gz"),
-            "fixed_landmarks": fixed_csv, "moving_landmarks": moving_csv, "landmarks": int(inside.sum()),
-            "crop": {"name": crop, "size": list(images["fixed"].GetSize())}}  # fmt: skip
+    return {
+        **pair,
+        "fixed": str(work_dir / f"{stem}_fixed.nii.gz"),
+        "moving": str(work_dir / f"{stem}_moving.nii.gz"),
+        "fixed_landmarks": fixed_csv,
+        "moving_landmarks": moving_csv,
+        "landmarks": int(inside.sum()),
+        "crop": {"name": crop, "size": list(images["fixed"].GetSize())},
+    }
 
 
 def _reusable(record: Path, inputs: dict) -> dict | None:
@@ -521,9 +311,14 @@ def run_methods(
                 runs[setting] = run_majority(points, moving, folder)
             else:
                 runs[setting] = run_bundle_predictor(
-                    fixed, moving, points, folder, weights=spec.weights, overrides=spec.overrides,
+                    fixed,
+                    moving,
+                    points,
+                    folder,
+                    weights=spec.weights,
+                    overrides=spec.overrides,
                     mask=mask if spec.landmark_mask else None,
-                )  # fmt: skip
+                )
             if runs[setting].status != "ran":
                 break  # the same reason would repeat for every setting
         failed = [r for r in runs.values() if r.status != "ran"]
@@ -542,22 +337,6 @@ def run_methods(
         errors = error_scores({s: r.csv for s, r in runs.items()})
         out[spec.name] = {**entry, "status": "ran", "scores": evaluate(predictions), **errors}
     return out
-
-
-def run_derived(spec: MethodSpec, source: dict, folder: Path) -> dict[str, PredictorRun]:
-    """Re-label the CSVs of the method ``spec.source`` (it must have run before, in the same call)."""
-    if source.get("status") != "ran" or spec.relabel is None:
-        return {"all": PredictorRun("not run", reason=f"needs {spec.source!r}, which did not run")}
-    missing = [f for f in spec.files if not _bundle_path(f).is_file()]
-    if missing:
-        return {"all": PredictorRun("not run", reason=f"{missing[0]} not found")}
-    folder.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for setting, csv in source["csv"].items():
-        start = time.perf_counter()
-        path = spec.relabel(Path(csv), folder / Path(csv).name)
-        runs[setting] = PredictorRun("ran", path, source["seconds"][setting] + time.perf_counter() - start)
-    return runs
 
 
 def error_scores(csv_by_setting: dict[str, Path]) -> dict:
@@ -611,8 +390,7 @@ def select_methods(methods: tuple[MethodSpec, ...], only: str | list[str] | tupl
         raise ValueError(f"unknown method(s) {unknown}; choose from {[m.name for m in methods]}")
     if not names:
         return methods
-    return tuple(m if m.name in names else MethodSpec(m.name, "pending", reason=NOT_SELECTED)
-                 for m in methods)  # fmt: skip
+    return tuple(m if m.name in names else MethodSpec(m.name, "pending", reason=NOT_SELECTED) for m in methods)
 
 
 def carry_rows(methods: dict[str, dict], ground_truth: dict, earlier_report: str | Path) -> dict[str, dict]:
@@ -648,7 +426,7 @@ def carry_rows(methods: dict[str, dict], ground_truth: dict, earlier_report: str
 def run_benchmark(
     output_dir: str = "docs/benchmark",
     work_dir: str | None = None,
-    scan: str = str(DEFAULT_SCAN),
+    scan: str = "",
     seed: int = 0,
     landmarks: int = 300,
     min_spacing_mm: float = 15.0,
@@ -676,9 +454,11 @@ def run_benchmark(
     ("one_lung"): register and predict on the pair cut through the lungs as users crop scans (``crop_pair``)."""
     total_start = time.perf_counter()
     load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
+    if not scan:
+        raise ValueError(f"no --scan: give the held-out scan, <dataset_dir>/{VALIDATION_SCAN}")
     scan_path = Path(scan)
     if not scan_path.is_file():
-        raise FileNotFoundError(f"{scan_path}: scan not found (is ../shared present beside the repository?)")
+        raise FileNotFoundError(f"{scan_path}: scan not found")
     _check_scan(scan_path, allow_training_scan)
     settings = parse_settings(setting)
     methods = select_methods(methods, only)
@@ -728,7 +508,9 @@ def run_benchmark(
         reused.append("registration")
     registration_s = registration["total_s"]
     fixed_path = Path(pair["fixed"])  # the scan, or its crop
-    mask = landmark_mask(fixed_path, Path(pair["fixed_landmarks"]), work / f"{_stem(fixed_path)}_landmark_mask.nii.gz")
+    mask = landmark_mask(
+        fixed_path, Path(pair["fixed_landmarks"]), work / f"{stem_of(fixed_path)}_landmark_mask.nii.gz"
+    )
     start = time.perf_counter()
     method_results = run_methods(
         registration, fixed_path, work, methods, mask, stage_inputs=registration_inputs if reuse else None
@@ -760,7 +542,7 @@ def run_benchmark(
     timing["total"] = time.perf_counter() - total_start + reused_s  # as if every stage had run now
     result = {
         "description": (
-            f"Scan {_stem(scan_path)} (not a training scan) against a simulated second time point with a known "
+            f"Scan {stem_of(scan_path)} (not a training scan) against a simulated second time point with a known "
             f"deformation (respiratory + local motion, seed {seed}) and intensity changes; {pair['landmarks']} "
             "Förstner landmarks in the lungs; elastix registration on a "
             f"{working_spacing_mm:g} mm working grid; true TRE from the known deformation."

@@ -95,9 +95,12 @@ class LoadMisalignmentPaird(MapTransform):
             read_landmarks_in_image(landmarks_path, pair.fixed_grid, fixed_path)  # fails here, before any output
         logger.info(
             "pair on a %s voxel %s mm grid (fixed %s, moving %s), %d voxels to predict",
-            list(pair.grid.size), np.round(pair.grid.spacing, 2).tolist(), fixed_path, moving_path,
+            list(pair.grid.size),
+            np.round(pair.grid.spacing, 2).tolist(),
+            fixed_path,
+            moving_path,
             int(pair.mask.sum()),
-        )  # fmt: skip
+        )
         d["image"] = torch.from_numpy(pair.image)
         d["mask"] = torch.from_numpy(pair.mask[None])
         d["region"] = torch.from_numpy(pair.region[None])
@@ -223,8 +226,10 @@ class SaveLandmarkPredictionsd(_OutputWriter):
             logger.warning(
                 "%d of %d landmarks of %s lie outside the assessed region (the fixed image's body and lungs inside "
                 "the moving image's field of view): not assessed, 'inside' 0 and an empty 'pred' in the table",
-                int((~inside).sum()), len(inside), landmarks_path,
-            )  # fmt: skip
+                int((~inside).sum()),
+                len(inside),
+                landmarks_path,
+            )
         path = write_landmark_predictions(
             self.output_path(d, "landmarks.csv"),
             table,

@@ -258,8 +258,12 @@ class MisalignmentInferer(Inferer):
                 latent = [latent_size_for(n, net.halo) for n in block]
                 logger.info(
                     "misalignment map: %d tiles of %s latent voxels (blocks %s, z y x) over a %s grid, %s",
-                    len(starts), latent, list(block), list(spatial), precision,
-                )  # fmt: skip
+                    len(starts),
+                    latent,
+                    list(block),
+                    list(spatial),
+                    precision,
+                )
                 for start in tqdm(starts, desc="misalignment tiles", disable=not self.progress, leave=False):
                     center = [s - net.halo + (n - 1) // 2 for s, n in zip(start, latent)]
                     windows = [self._prepare(w, dtype) for w in net.tile_inputs(levels, center, latent)]

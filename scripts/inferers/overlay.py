@@ -98,8 +98,9 @@ def overlay_figure(
         ("coronal", lambda v: v[:, y], (2, 0), True),  # rows z (head up), columns x
     ]
     boxes = [_crop_box(take(labels) >= 0) for _, take, _, _ in views]
-    heights = [_extent(r, labels.shape[1 if k == 0 else 0]) / _extent(c, labels.shape[2]) for k, (r, c) in
-               enumerate(boxes)]  # fmt: skip
+    heights = [
+        _extent(r, labels.shape[1 if k == 0 else 0]) / _extent(c, labels.shape[2]) for k, (r, c) in enumerate(boxes)
+    ]
     panel_width = 4.4  # inches
     columns = 3 if error_mm is None else 4
     width = columns * panel_width + (0.8 if error_mm is not None else 0.0)  # room for the colour bar
@@ -117,12 +118,20 @@ def overlay_figure(
             ax.imshow(background[rows, cols], cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], origin=origin)
             if col == 2:
                 shown = np.ma.masked_less(lab[rows, cols], 0)
-                ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=2.5, alpha=MAP_ALPHA, origin=origin,
-                          interpolation="nearest")  # fmt: skip
+                ax.imshow(
+                    shown, cmap=cmap, vmin=-0.5, vmax=2.5, alpha=MAP_ALPHA, origin=origin, interpolation="nearest"
+                )
             if col == 3:
                 shown = np.ma.masked_where(lab[rows, cols] < 0, take(error_mm)[rows, cols])
-                error_image = ax.imshow(shown, cmap=ERROR_CMAP, vmin=error_range[0], vmax=error_range[1],
-                                        alpha=ERROR_ALPHA, origin=origin, interpolation="nearest")  # fmt: skip
+                error_image = ax.imshow(
+                    shown,
+                    cmap=ERROR_CMAP,
+                    vmin=error_range[0],
+                    vmax=error_range[1],
+                    alpha=ERROR_ALPHA,
+                    origin=origin,
+                    interpolation="nearest",
+                )
             if index is not None and col > 0:
                 depth = index[:, 2] if name == "axial" else index[:, 1]
                 level = z if name == "axial" else y
@@ -132,8 +141,7 @@ def overlay_figure(
                     colours = [c if ok else UNASSESSED_COLOUR for c, ok in zip(colours, assessed)]
                 r = index[near, row_axis] - (rows.start or 0)
                 c = index[near, col_axis] - (cols.start or 0)
-                ax.scatter(c, r, s=46, c=[colours[i] for i in np.flatnonzero(near)], edgecolors="black",
-                           linewidths=0.8)  # fmt: skip
+                ax.scatter(c, r, s=46, c=[colours[i] for i in np.flatnonzero(near)], edgecolors="black", linewidths=0.8)
             ax.set_title(f"{label}, {name} slice {z if name == 'axial' else y}", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-from scripts.registration.calibration import ResidualCalibration
+from scripts.registration.calibration_tables import ResidualCalibration
 from scripts.registration.reregistration import ReregistrationOptions, residual_field_on_pair
 from scripts.transforms.ct_masks import body_mask_array
 

@@ -2,7 +2,7 @@
 
 A split such as "6-3-1" adds one threshold per LSTM step (6 mm, then 3 mm, then 1 mm). The fine labels are the
 intervals between all thresholds; step ``k`` is scored on the groups made by its first ``k`` thresholds, and the
-final answer merges fine labels into correct [0,3), poor [3,6), wrong [6,inf) (METHOD.md section 5).
+final answer merges fine labels into correct [0,3), poor [3,6), wrong [6,inf) (docs/method.md section 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RegNet "U-Net advanced" (Uadv) encoder and the full RegNet with its displacement head (METHOD.md section 3).
+"""RegNet "U-Net advanced" (Uadv) encoder and the full RegNet with its displacement head (docs/method.md section 3).
 
 All convolutions are 3x3x3 'valid' with bias, followed by TF-style BatchNorm (eps 1e-3, momentum 0.99 in TF terms)
 and ReLU. An input of ``101 + 4k`` voxels gives a latent map of ``25 + 4k`` (112 channels) and a displacement

@@ -12,116 +12,32 @@ of the TRAINING scans (``scripts.registration.registered_pairs``) whose true mis
   voxels: the probabilities stay calibrated, the labels favour the rarer classes as the mean F1 asks.
 
 Both are stored as piecewise-linear tables in ``models/reregistration_calibration.json`` with the estimator settings
-they were fitted for (and their sha256); applied with ``numpy.interp``, so inference needs neither scikit-learn
-nor a pickle. ``python -m scripts.registration.calibration fit`` compares it with logistic regression and gradient
-boosting (leave-one-scan-out) and writes the file; ``... report`` draws the reliability diagram and the expected
-calibration error on registered pairs of the validation scan; ``... compare_priors`` asks whether adapting the
-decision to each pair's class mix would help (leave-one-scan-out on the training pairs).
+they were fitted for (and their sha256). ``python -m scripts.registration.calibration fit`` compares the isotonic
+tables with logistic regression and gradient boosting (leave-one-scan-out) and writes the file; ``... report`` draws
+the reliability diagram and the expected calibration error on registered pairs of the validation scan. Inference
+reads the tables with ``scripts.registration.calibration_tables``; studies of other settings and decisions are in
+``scripts.evaluation.calibration_studies``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from scripts.registration.calibration_tables import ResidualCalibration, options_sha256
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.utils.atomic_write import atomic_write_text
-from scripts.utils.class_decision import fit_class_weights, weighted_argmax
+from scripts.utils.class_decision import fit_class_weights
 from scripts.utils.constants import CLASS_NAMES, CLASS_THRESHOLDS_MM
 
 logger = logging.getLogger(__name__)
 
 TABLE_POINTS = 200  # knots kept of each fitted isotonic step function
-
-
-def options_sha256(options: ReregistrationOptions) -> str:
-    """A digest of the estimator settings that change r (the thread count does not)."""
-    settings = {k: v for k, v in sorted(asdict(options).items()) if k != "threads"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass
-class ResidualCalibration:
-    """Piecewise-linear maps of |r| (mm): ``p_at_least`` for the 3 and 6 mm thresholds, and ``expected_mm``.
-
-    Args:
-        knots_mm: increasing |r| values of the tables.
-        p_at_least_3: P(e >= 3 mm) at the knots (increasing).
-        p_at_least_6: P(e >= 6 mm) at the knots (increasing, <= p_at_least_3).
-        expected_mm: E[e] at the knots (increasing).
-        options_sha256: digest of the estimator settings the tables were fitted for ("" if none).
-        class_weights: ``[1, w_poor, w_wrong]`` of the mean-F1 decision labels = argmax(w * p), fitted on the same
-            training voxels (``scripts.utils.class_decision``); None: the plain argmax. The probabilities stay as
-            calibrated; only the labels use the weights.
-    """
-
-    knots_mm: list[float]
-    p_at_least_3: list[float]
-    p_at_least_6: list[float]
-    expected_mm: list[float]
-    options_sha256: str = ""
-    class_weights: list[float] | None = None
-
-    @classmethod
-    def thresholds(cls) -> "ResidualCalibration":
-        """No calibration: |r| thresholded at 3 and 6 mm (one-hot probabilities) and E[e] = |r|."""
-        lo, hi = CLASS_THRESHOLDS_MM
-        eps = 1e-6
-        return cls([0.0, lo - eps, lo, hi - eps, hi, 1000.0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1],
-                   [0.0, lo - eps, lo, hi - eps, hi, 1000.0])  # fmt: skip
-
-    def decide(self, probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
-        """Labels of ``probabilities`` (classes along ``axis``): argmax(class_weights * p), or the plain argmax."""
-        return weighted_argmax(probabilities, self.class_weights, axis)
-
-    def predict(self, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities ``[3, *magnitude.shape]`` (correct, poor, wrong) and expected error (mm) of ``|r|``."""
-        x = np.asarray(magnitude, dtype=np.float64)
-        p3 = np.interp(x, self.knots_mm, self.p_at_least_3)
-        p6 = np.minimum(np.interp(x, self.knots_mm, self.p_at_least_6), p3)
-        probabilities = np.stack([1.0 - p3, p3 - p6, p6]).astype(np.float32)
-        return probabilities, np.interp(x, self.knots_mm, self.expected_mm).astype(np.float32)
-
-    def to_json(self, **extra) -> str:
-        """The JSON record (tables + ``extra`` fields such as the fit's scores)."""
-        return json.dumps({**asdict(self), **extra}, indent=1)
-
-    @classmethod
-    def read(cls, path: str | Path, options: ReregistrationOptions | None = None) -> "ResidualCalibration":
-        """The calibration of a JSON file; a clear error names a missing or malformed file. A file fitted for other
-        estimator settings than ``options`` is refused with a warning: plain thresholds are used instead."""
-        path = Path(path)
-        try:
-            record = json.loads(path.read_text())
-            tables = [list(map(float, record[k])) for k in ("knots_mm", "p_at_least_3", "p_at_least_6", "expected_mm")]
-            weights = record.get("class_weights")
-            weights = None if weights is None else [float(w) for w in weights]
-            out = cls(*tables, str(record.get("options_sha256", "")), weights)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"{path}: calibration file not found (--calibration_file '' for thresholds)"
-            ) from err
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: not a calibration file ({type(err).__name__}: {err})") from err
-        lengths = {len(out.knots_mm), len(out.p_at_least_3), len(out.p_at_least_6), len(out.expected_mm)}
-        if len(lengths) != 1 or len(out.knots_mm) < 2 or np.any(np.diff(out.knots_mm) < 0):
-            raise ValueError(f"{path}: the calibration tables must have one increasing knot per value")
-        if out.class_weights is not None and (
-            len(out.class_weights) != len(CLASS_NAMES) or not all(np.isfinite(w) and w > 0 for w in out.class_weights)
-        ):
-            raise ValueError(
-                f"{path}: class_weights must be {len(CLASS_NAMES)} positive numbers, got {out.class_weights}"
-            )
-        if options is not None and out.options_sha256 and out.options_sha256 != options_sha256(options):
-            logger.warning("%s was fitted for other re-registration settings: ignored, |r| is thresholded", path)
-            return cls.thresholds()
-        return out
 
 
 def _table(x: np.ndarray, y: np.ndarray, increasing: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -142,8 +58,9 @@ def fit_isotonic(
     knots, p3 = _table(magnitude, (error >= lo).astype(float))
     p6 = np.interp(knots, *_table(magnitude, (error >= hi).astype(float)))
     expected = np.interp(knots, *_table(magnitude, error))
-    out = ResidualCalibration(knots.tolist(), p3.tolist(), np.minimum(p6, p3).tolist(), expected.tolist(),
-                              options_digest)  # fmt: skip
+    out = ResidualCalibration(
+        knots.tolist(), p3.tolist(), np.minimum(p6, p3).tolist(), expected.tolist(), options_digest
+    )
     if labels is not None:
         out.class_weights = fit_class_weights(labels, out.predict(magnitude)[0].T)[0]
     return out
@@ -202,7 +119,7 @@ def probability_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     return scores
 
 
-def _load(
+def load_samples(
     datalist: str | Path, split: str, per_pair: int, seed: int, options: ReregistrationOptions
 ) -> tuple[np.ndarray, ...]:
     """|r|, |e|, the scan name and the pair index of voxel samples of the ``split`` pairs, whose estimates must be of
@@ -222,8 +139,11 @@ def _load(
     r, e, scans, pairs = [], [], [], []
     for index, record in enumerate(records):
         estimate = record.get("residual_estimate", {}).get("path", "")
-        for key, path in (("residual_estimate", estimate), ("residual_true", record["residual_true"]),
-                          ("lung_mask", record["lung_mask"])):  # fmt: skip
+        for key, path in (
+            ("residual_estimate", estimate),
+            ("residual_true", record["residual_true"]),
+            ("lung_mask", record["lung_mask"]),
+        ):
             if not path or not Path(path).is_file():
                 raise FileNotFoundError(
                     f"{datalist}: pair {record.get('record')} has no {key} file {path!r}; run registered_pairs "
@@ -278,116 +198,8 @@ def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, 
     return results
 
 
-def compare_settings(
-    datalist: str = "../data/registered/datalist.json",
-    suffixes: str | tuple[str, ...] = ("residual_estimate",),
-    per_pair: int = 20000,
-    seed: int = 0,
-    output: str = "",
-) -> dict:
-    """Estimator settings side by side on the TRAINING pairs that have every estimate in ``suffixes`` (written by
-    ``registered_pairs estimate --suffix S ...``): |r| against the truth at lung voxels (MAE, Spearman, mean F1 and
-    kappa of |r| thresholds and of leave-one-scan-out isotonic calibration) and the median seconds per pair."""
-    from scipy.stats import spearmanr
-
-    names = suffixes.split(",") if isinstance(suffixes, str) else list(suffixes)
-    records = [r for r in json.loads(Path(datalist).read_text())["training"]
-               if all(isinstance(r.get(s), dict) and Path(r[s]["path"]).is_file() for s in names)]  # fmt: skip
-    if not records:
-        raise ValueError(f"{datalist}: no training pair has all of the estimates {names}")
-    out: dict = {"pairs": [r["record"] for r in records]}
-    for name in names:
-        rng = np.random.default_rng(seed)  # the same voxels for every setting
-        samples = [sample_voxels({**r, "residual_estimate": r[name]["path"]}, per_pair, rng) for r in records]
-        magnitude = np.concatenate([s[0] for s in samples])
-        error = np.concatenate([s[1] for s in samples])
-        scans = np.concatenate([[r["scan"]] * s[0].size for r, s in zip(records, samples)])
-        labels = true_classes(error)
-        calibrated = np.zeros(labels.size, dtype=int)
-        for scan in np.unique(scans):
-            test = scans == scan
-            fitted = fit_isotonic(magnitude[~test], error[~test]) if (~test).any() else fit_isotonic(magnitude, error)
-            calibrated[test] = fitted.predict(magnitude[test])[0].argmax(axis=0)
-        out[name] = {
-            "mae_mm": float(np.abs(magnitude - error).mean()),
-            "spearman": float(spearmanr(magnitude, error).statistic),
-            "thresholds": class_scores(labels, true_classes(magnitude)),
-            "calibrated_leave_one_scan_out": class_scores(labels, calibrated),
-            "median_seconds": float(np.median([r[name]["seconds"] for r in records])),
-        }
-    if output:
-        atomic_write_text(Path(output), json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
-    return out
-
-
-def adapt_priors(
-    probabilities: np.ndarray, fitted_priors: np.ndarray, iterations: int = 100, tolerance: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray]:
-    """Posteriors ``[N, 3]`` fitted under class priors ``fitted_priors`` moved to the class priors of these very
-    voxels, estimated from them by EM (Saerens, Latinne and Decaestecker, Neural Computation 2002; a few lines, no
-    library offers it). Returns the adapted posteriors and the estimated priors."""
-    fitted_priors = np.asarray(fitted_priors, dtype=np.float64).clip(1e-9)
-    priors = fitted_priors.copy()
-    adapted = probabilities
-    for _ in range(iterations):
-        adapted = probabilities * (priors / fitted_priors)
-        adapted = adapted / adapted.sum(axis=1, keepdims=True).clip(1e-12)
-        estimate = adapted.mean(axis=0)
-        converged = np.abs(estimate - priors).max() < tolerance
-        priors = estimate
-        if converged:
-            break
-    return adapted, priors
-
-
-def compare_priors(
-    datalist: str = "../data/registered/datalist.json", per_pair: int = 20000, seed: int = 0, output: str = ""
-) -> dict:
-    """Is a pair's class mix what the calibrated decision gets wrong? Leave-one-scan-out on the TRAINING pairs: on each
-    held-out pair the calibrated argmax and mean-F1 decision, the argmax after EM prior adaptation to the pair
-    (``adapt_priors``), and after its TRUE class mix (an oracle no user has), beside |r| thresholds; mean F1 and kappa
-    over all held-out voxels pooled (as ``fit`` reports them), and per scan averaged over the scans."""
-    options = ReregistrationOptions()
-    magnitude, error, scans, pair_of = _load(datalist, "training", per_pair, seed, options)
-    labels = true_classes(error)
-    names = ("thresholds", "calibrated argmax", "calibrated, mean-F1 decision", "EM-adapted priors, argmax",
-             "true class mix (oracle), argmax")  # fmt: skip
-    per_scan: dict[str, list[dict]] = {n: [] for n in names}
-    pooled: dict[str, np.ndarray] = {n: np.zeros(labels.size, dtype=int) for n in names}
-    for scan in np.unique(scans):
-        test = scans == scan
-        fitted = fit_isotonic(magnitude[~test], error[~test], labels=labels[~test])
-        fitted_priors = np.bincount(labels[~test], minlength=3) / (~test).sum()
-        predicted: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for pair in np.unique(pair_of[test]):
-            voxels = test & (pair_of == pair)
-            p = fitted.predict(magnitude[voxels])[0].T
-            true_mix = np.bincount(labels[voxels], minlength=3) / voxels.sum()
-            oracle = p * (true_mix / fitted_priors)
-            predicted["thresholds"].append(true_classes(magnitude[voxels]))
-            predicted["calibrated argmax"].append(p.argmax(axis=1))
-            predicted["calibrated, mean-F1 decision"].append(fitted.decide(p, axis=1))
-            predicted["EM-adapted priors, argmax"].append(adapt_priors(p, fitted_priors)[0].argmax(axis=1))
-            predicted["true class mix (oracle), argmax"].append(oracle.argmax(axis=1))
-        for name in names:
-            pooled[name][test] = np.concatenate(predicted[name])  # _load orders voxels by pair, as here
-            per_scan[name].append(class_scores(labels[test], pooled[name][test]))
-    out = {
-        "datalist": str(datalist), "voxels_per_pair": per_pair, "pairs": int(np.unique(pair_of).size),
-        "scans": sorted(set(scans.tolist())),
-        **{n: {"pooled": {k: round(v, 4) for k, v in class_scores(labels, pooled[n]).items()},
-               "mean_over_scans": {k: round(float(np.mean([s[k] for s in per_scan[n]])), 4) for k in per_scan[n][0]}}
-           for n in names},
-    }  # fmt: skip
-    if output:
-        atomic_write_text(Path(output), json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
-    return out
-
-
 def fit(
-    datalist: str = "../data/registered/datalist.json",
+    datalist: str,
     output: str = "models/reregistration_calibration.json",
     per_pair: int = 20000,
     seed: int = 0,
@@ -396,13 +208,17 @@ def fit(
     """Fit the isotonic tables on the training pairs of ``datalist`` (estimates of the default settings, or of
     ``changes`` to them), compare models leave-one-scan-out, write ``output`` (with the comparison); returns it."""
     options = ReregistrationOptions(**changes)
-    magnitude, error, scans, _ = _load(datalist, "training", per_pair, seed, options)
+    magnitude, error, scans, _ = load_samples(datalist, "training", per_pair, seed, options)
     comparison = compare_models(magnitude, error, scans, seed)
     calibration = fit_isotonic(magnitude, error, options_sha256(options), labels=true_classes(error))
     counts = np.bincount(true_classes(error), minlength=3)
     extra = {
-        "fitted_on": {"datalist": str(datalist), "scans": sorted(set(scans.tolist())), "voxels": int(error.size),
-                      "class_counts": dict(zip(CLASS_NAMES, counts.tolist()))},  # fmt: skip
+        "fitted_on": {
+            "datalist": str(datalist),
+            "scans": sorted(set(scans.tolist())),
+            "voxels": int(error.size),
+            "class_counts": dict(zip(CLASS_NAMES, counts.tolist())),
+        },
         "estimator_options": {k: v for k, v in asdict(options).items() if k != "threads"},
         "leave_one_scan_out": comparison,
     }
@@ -412,7 +228,7 @@ def fit(
 
 
 def report(
-    datalist: str = "../data/registered/datalist.json",
+    datalist: str,
     calibration_file: str = "models/reregistration_calibration.json",
     output_dir: str = "docs/reregistration",
     per_pair: int = 20000,
@@ -426,7 +242,7 @@ def report(
     import matplotlib.pyplot as plt
 
     options = ReregistrationOptions()
-    magnitude, error, _, _ = _load(datalist, "validation", per_pair, seed, options)
+    magnitude, error, _, _ = load_samples(datalist, "validation", per_pair, seed, options)
     labels = true_classes(error)
     calibration = ResidualCalibration.read(calibration_file, options)
     probs, expected = calibration.predict(magnitude)
@@ -440,13 +256,18 @@ def report(
         "calibrated": (probs.T, expected),
     }.items():
         p = p.T
-        out[name] = {**class_scores(labels, p.argmax(axis=1)), "ece": expected_calibration_error(p, labels),
-                     "error_mae_mm": float(np.abs(ex - error).mean())}  # fmt: skip
+        out[name] = {
+            **class_scores(labels, p.argmax(axis=1)),
+            "ece": expected_calibration_error(p, labels),
+            "error_mae_mm": float(np.abs(ex - error).mean()),
+        }
     from scipy.stats import spearmanr
 
     out["calibrated"]["error_spearman"] = float(spearmanr(expected, error).statistic)
-    out["calibrated, mean-F1 decision"] = {**class_scores(labels, calibration.decide(probs, axis=1)),
-                                           "class_weights": calibration.class_weights}  # fmt: skip
+    out["calibrated, mean-F1 decision"] = {
+        **class_scores(labels, calibration.decide(probs, axis=1)),
+        "class_weights": calibration.class_weights,
+    }
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     edges = np.linspace(0, 1, 11)
@@ -489,4 +310,4 @@ def report(
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"fit": fit, "report": report, "compare": compare_settings, "compare_priors": compare_priors})
+    fire.Fire({"fit": fit, "report": report})

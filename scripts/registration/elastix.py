@@ -1,4 +1,4 @@
-"""Conventional registration of the evaluation protocol (METHOD.md section 9) with itk-elastix.
+"""Conventional registration of the evaluation protocol (docs/method.md section 9) with itk-elastix.
 
 The paper's five settings from poor to good (``paper``): ``affine``, and a B-spline registration after that affine
 with 20, 100, 500 or 2000 iterations (``bspline20`` ... ``bspline2000``). Three coarser settings make the protocol

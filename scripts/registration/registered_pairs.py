@@ -15,8 +15,8 @@ its JSON exists (an interrupted run resumes). ``estimate`` then adds the re-regi
 (``residual_estimate``, ``scripts.registration.reregistration``, on the pair as the bundle's inference loads it)
 for given estimator settings, recomputed when the settings change::
 
-    python -m scripts.registration.registered_pairs make --output_dir ../data/registered --pairs_per_scan 2
-    python -m scripts.registration.registered_pairs estimate --output_dir ../data/registered
+    python -m scripts.registration.registered_pairs make --output_dir <work_dir>/registered --pairs_per_scan 2
+    python -m scripts.registration.registered_pairs estimate --output_dir <work_dir>/registered
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from scripts.data.image_io import Grid, load_pair
 from scripts.data.prepare_data import DEFAULT_VALIDATION_SCANS, find_scans, pair_seed, prepare_scan, scan_name
-from scripts.registration.calibration import options_sha256
+from scripts.registration.calibration_tables import options_sha256
 from scripts.registration.elastix import (
     ElastixPair,
     RegistrationOptions,
@@ -214,7 +214,7 @@ def estimate_pair(record: dict, options: ReregistrationOptions, suffix: str = "r
 
 
 def estimate(
-    output_dir: str = "../data/registered",
+    output_dir: str,
     suffix: str = "residual_estimate",
     working_spacing_mm: float | None = ReregistrationOptions.working_spacing_mm,
     threads: int = 2,
@@ -241,8 +241,8 @@ def estimate(
 
 
 def run(
-    data_dir: str = "../shared/data/ct",
-    output_dir: str = "../data/registered",
+    data_dir: str,
+    output_dir: str,
     pairs_per_scan: int = 6,
     seed: int = 0,
     scans=None,
@@ -270,8 +270,10 @@ def run(
                 record = make_registered_pair(scan_files, stem, s, kind, threads)
                 record.update(scan=name, index=k, record=str(record_path))
                 atomic_write_text(record_path, json.dumps(record, indent=1))
-                tqdm.write(f"{stem.name} {name}: {kind}, {record['protocol']}, lung classes "
-                           f"{record['lung_class_fractions']}, {record['seconds']} s")  # fmt: skip
+                tqdm.write(
+                    f"{stem.name} {name}: {kind}, {record['protocol']}, lung classes "
+                    f"{record['lung_class_fractions']}, {record['seconds']} s"
+                )
             record = json.loads(record_path.read_text())
             datalist["validation" if name in validation else "training"].append(record)
             bar.update(1)

@@ -10,7 +10,7 @@ mm (int16) to stay a few MB; landmarks are Förstner points in the lungs. Arrays
 
 CLI::
 
-    python -m scripts.registration.sample_pair --scan ../shared/data/ct/thorax_lidc_idri_0002.nii.gz \
+    python -m scripts.registration.sample_pair --scan <dataset_dir>/thorax_lidc_idri_0002.nii.gz \
         --output_dir sample_data
 """
 
@@ -64,7 +64,7 @@ def residual_at_points(residual: np.ndarray, reference: sitk.Image, points: np.n
 
 
 def make_sample_pair(
-    scan: str = "../shared/data/ct/thorax_lidc_idri_0002.nii.gz",
+    scan: str,
     output_dir: str = "sample_data",
     spacing: float = 2.0,
     seed: int = 3,
@@ -90,8 +90,9 @@ def make_sample_pair(
     residual = true_residual(field_u, maps, crop["image"])
 
     fixed_out = resample_to_spacing(sitk.Cast(sitk.Round(crop["image"]), sitk.sitkInt16), spacing)
-    moving_out = resample_to_spacing(sitk.Cast(sitk.Round(sitk.Clamp(registered, sitk.sitkFloat32, -1024, 3071)),
-                                               sitk.sitkInt16), spacing)  # fmt: skip
+    moving_out = resample_to_spacing(
+        sitk.Cast(sitk.Round(sitk.Clamp(registered, sitk.sitkFloat32, -1024, 3071)), sitk.sitkInt16), spacing
+    )
     lung_out = resample_to_spacing(crop["lung"], spacing, sitk.sitkNearestNeighbor)
     points = select_landmarks(fixed_out, lung_out, count=landmark_count, min_spacing_mm=15.0)
     tre = np.linalg.norm(residual_at_points(residual, crop["image"], points), axis=1)

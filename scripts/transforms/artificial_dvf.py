@@ -1,4 +1,4 @@
-"""Artificial displacement fields of paper section II-B with the settings of METHOD.md section 6.
+"""Artificial displacement fields of paper section II-B with the settings of docs/method.md section 6.
 
 Four types with random parameters: single frequency, mixed frequency, respiratory motion and identity, plus the
 "next image" field that first deforms the scan itself to multiply anatomical variety. Convention everywhere:

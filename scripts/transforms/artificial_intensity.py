@@ -135,7 +135,7 @@ def deform_image(
 
 
 def apply_background(image: sitk.Image, body: sitk.Image, background_hu: float = BACKGROUND_HU) -> sitk.Image:
-    """``image`` (float32) with ``background_hu`` outside ``body`` (METHOD.md section 2)."""
+    """``image`` (float32) with ``background_hu`` outside ``body`` (docs/method.md section 2)."""
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     array[sitk.GetArrayViewFromImage(body) == 0] = background_hu
     out = sitk.GetImageFromArray(array)

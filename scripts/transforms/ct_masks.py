@@ -1,4 +1,4 @@
-"""Body (torso) and lung masks of a chest CT from HU thresholds and morphology (METHOD.md section 2).
+"""Body (torso) and lung masks of a chest CT from HU thresholds and morphology (docs/method.md section 2).
 
 Any decent segmentation will do for the artificial deformations: the body mask limits where the DVF, the sponge
 model and the noise act, the lung mask places the respiratory motion and the mixed-frequency edges. Arrays are
@@ -79,8 +79,9 @@ def _largest_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
 def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
     """Fill every axial slice's holes of a ``(z, y, x)`` mask (background not connected to the slice border)."""
     labels, _ = ndimage.label(~mask, structure=_IN_PLANE)
-    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(),
-                                       labels[:, :, -1].ravel()]))  # fmt: skip
+    border = np.unique(
+        np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    )
     outside = np.isin(labels, border[border > 0])
     return ~outside
 
@@ -159,8 +160,9 @@ def lung_mask_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: tuple[float, 
     cores = _lung_cores(air[::2, ::2, ::2], coarse_spacing)
     if not cores.any():
         return np.zeros_like(air)
-    nearest = ndimage.distance_transform_edt(cores == 0, sampling=coarse_spacing, return_distances=False,
-                                             return_indices=True)  # fmt: skip
+    nearest = ndimage.distance_transform_edt(
+        cores == 0, sampling=coarse_spacing, return_distances=False, return_indices=True
+    )
     territory = cores[tuple(nearest)] > 0  # coarse voxels closer to a kept lung core than to a dropped one
     territory &= ndimage.binary_dilation(cores > 0, iterations=int(np.ceil(LUNG_REACH_MM / min(coarse_spacing))))
     territory = territory.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: air.shape[0], : air.shape[1], : air.shape[2]]

@@ -1,7 +1,7 @@
 """The evaluation "second time point": a realistic, known deformation of a real scan plus intensity changes.
 
 Used only by the simulated benchmark, never for training. Its settings are disjoint from the training generators
-(METHOD.md section 6, maximum 10 mm per axis): respiratory motion with a cranio-caudal amplitude of 12-25 mm at
+(docs/method.md section 6, maximum 10 mm per axis): respiratory motion with a cranio-caudal amplitude of 12-25 mm at
 the lung base, drawn per side (right/left hemidiaphragm), that moves lungs and abdomen but not the chest wall
 (sliding along the pleura, which smooth B-splines cannot follow exactly), an antero-posterior scaling of 6-10 %,
 plus local random motion on a 24 mm grid of up to 6-9 mm per axis (scaled down until nothing folds); seeds come

@@ -11,7 +11,7 @@ from monai.utils import convert_to_dst_type
 class RandIntegerHUNoised(RandomizableTransform, MapTransform):
     """Add integer noise ``round(N(mu, sigma))`` to the HU of every voxel, ``mu = round(N(0, mean_sigma))`` per call.
 
-    METHOD.md section 3: the TF code draws ``mu`` once per batch; here once per sample (one call), shared by all
+    docs/method.md section 3: the TF code draws ``mu`` once per batch; here once per sample (one call), shared by all
     ``keys`` of the sample (e.g. its 4, 2 and 1 mm patches), with independent per-voxel noise in every channel.
     Works on any array shape (channel-first patches ``[C, D, H, W]``); apply it before any normalisation.
     MONAI's RandGaussianNoised has no random mean and no rounding, hence this transform.

@@ -1,6 +1,6 @@
 """The 1/2/4 mm image pyramid: smoothing down-sampling with a normalised cubic B-spline kernel.
 
-Sample ``j`` of level ``s`` is centred on 1 mm voxel ``s * j`` (METHOD.md section 2), so every level shares
+Sample ``j`` of level ``s`` is centred on 1 mm voxel ``s * j`` (docs/method.md section 2), so every level shares
 the 1 mm grid's origin and a 1 mm point ``p`` with ``p % 4 == 0`` is a sample of all three levels.
 """
 

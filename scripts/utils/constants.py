@@ -4,7 +4,7 @@ FIXED_CHANNEL = 0  # channel 0 of ``image`` is the fixed image I_F
 MOVING_CHANNEL = 1  # channel 1 is the deformed (registered) moving image I_D
 CHANNEL_NAMES = ("fixed", "moving")
 
-BACKGROUND_HU = -2048.0  # value outside the body and outside the scan field (METHOD.md section 2)
+BACKGROUND_HU = -2048.0  # value outside the body and outside the scan field (docs/method.md section 2)
 HU_OFFSET = 1000.0  # network input = (HU + HU_OFFSET) / HU_SCALE, applied inside the network
 HU_SCALE = 1000.0
 

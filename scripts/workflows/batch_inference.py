@@ -288,8 +288,10 @@ class BatchInference:
         results = self.run()
         failed = sum(r.status == "failed" for r in results)
         if failed and not self.allow_failures:
-            raise UsageExit(f"batch QA: {failed} of {len(results)} pairs failed (reasons in "
-                            f"{self.output_dir / REPORT_NAME}); --allow_failures True keeps exit status 0")  # fmt: skip
+            raise UsageExit(
+                f"batch QA: {failed} of {len(results)} pairs failed (reasons in "
+                f"{self.output_dir / REPORT_NAME}); --allow_failures True keeps exit status 0"
+            )
         return results
 
     def shard(self, entries: List[PairEntry]) -> List[PairEntry]:
@@ -305,8 +307,13 @@ class BatchInference:
         """Run this process's share of the list; rank 0 gathers every result and writes the summary and report."""
         entries = read_pair_list(self.pairs_file)
         mine = self.shard(entries)
-        logger.info("batch QA: %d of %d pairs in this process (rank %d of %d)", len(mine), len(entries), self.rank,
-                    self.world_size)  # fmt: skip
+        logger.info(
+            "batch QA: %d of %d pairs in this process (rank %d of %d)",
+            len(mine),
+            len(entries),
+            self.rank,
+            self.world_size,
+        )
         results = []
         bar = tqdm(mine, desc=f"pairs (rank {self.rank})", unit="pair", disable=not self.progress)
         for entry in bar:
@@ -331,9 +338,16 @@ class BatchInference:
         for result in results:
             entry = result.entry
             row = {key: "" for key in SUMMARY_COLUMNS}
-            row.update(index=entry.index, name=entry.name, status=result.status, fixed=entry.fixed,
-                       moving=entry.moving, landmarks=entry.landmarks, output_dir=str(self.output_dir / entry.name),
-                       message=result.message)  # fmt: skip
+            row.update(
+                index=entry.index,
+                name=entry.name,
+                status=result.status,
+                fixed=entry.fixed,
+                moving=entry.moving,
+                landmarks=entry.landmarks,
+                output_dir=str(self.output_dir / entry.name),
+                message=result.message,
+            )
             row.update({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in result.summary.items()})
             writer.writerow(row)
         atomic_write_text(self.output_dir / SUMMARY_NAME, buffer.getvalue())
@@ -341,5 +355,6 @@ class BatchInference:
         lines = [r.report_line() for r in results]
         lines.append(", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(results)} pairs")
         atomic_write_text(self.output_dir / REPORT_NAME, "\n".join(lines) + "\n")
-        logger.info("batch QA: %s; wrote %s and %s", lines[-1], self.output_dir / SUMMARY_NAME,
-                    self.output_dir / REPORT_NAME)  # fmt: skip
+        logger.info(
+            "batch QA: %s; wrote %s and %s", lines[-1], self.output_dir / SUMMARY_NAME, self.output_dir / REPORT_NAME
+        )

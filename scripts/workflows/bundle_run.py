@@ -160,8 +160,10 @@ def check_sample_pair(fixed_image: str, moving_image: str, sample_fixed: str, sa
             f"give both images of your pair (--fixed_image and --moving_image); the sample is only a demonstration"
         )
     if not same[0] and _same_file(fixed_image, moving_image):
-        logger.warning("--fixed_image and --moving_image are the same file (%s): the map shows no misalignment by "
-                       "construction", fixed_image)  # fmt: skip
+        logger.warning(
+            "--fixed_image and --moving_image are the same file (%s): the map shows no misalignment by " "construction",
+            fixed_image,
+        )
 
 
 def _same_file(a: str, b: str) -> bool:

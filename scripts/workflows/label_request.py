@@ -56,10 +56,26 @@ def run_bundle(
     """``python -m monai.bundle run --config_file configs/inference.json`` on one pair (no landmarks) into
     ``output_dir``; ``BundleRunError`` with the bundle's own reason when it fails."""
     bundle_root = Path(bundle_root).resolve()
-    command = [python or sys.executable, "-m", "monai.bundle", "run", "--config_file",
-               str(bundle_root / "configs" / "inference.json"), "--bundle_root", str(bundle_root),
-               "--fixed_image", str(fixed), "--moving_image", str(moving), "--landmarks", "''",
-               "--output_dir", str(output_dir), "--progress", "False"]  # fmt: skip
+    command = [
+        python or sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(bundle_root / "configs" / "inference.json"),
+        "--bundle_root",
+        str(bundle_root),
+        "--fixed_image",
+        str(fixed),
+        "--moving_image",
+        str(moving),
+        "--landmarks",
+        "''",
+        "--output_dir",
+        str(output_dir),
+        "--progress",
+        "False",
+    ]
     for key, value in dict(overrides or {}).items():
         command += [f"--{key}", "''" if value == "" else str(value)]
     try:
@@ -103,8 +119,9 @@ def infer_pair(
     params: Dict[str, Any] = {
         "label_names": dict(LABEL_VALUES),
         "label_colors": dict(LABEL_COLOURS),
-        "fractions": {name: float((values[inside] == v).mean()) if inside.any() else 0.0
-                      for name, v in LABEL_VALUES.items()},  # fmt: skip
+        "fractions": {
+            name: float((values[inside] == v).mean()) if inside.any() else 0.0 for name, v in LABEL_VALUES.items()
+        },
         "voxels": int(inside.sum()),
         "fixed": str(fixed),
         "moving": str(moving),

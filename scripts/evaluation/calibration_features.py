@@ -1,4 +1,4 @@
-"""Does the re-registration's calibration gain from cheap local features beside |r|? (issue 11, item 3)
+"""Does the re-registration's calibration gain from cheap local features beside |r|?
 
 On lung voxels of registered artificial pairs (``scripts.registration.registered_pairs``) the script computes, beside
 |r|: the largest |r| within 4 mm, the Jacobian determinant of x + r(x), local NCC and the mean absolute difference of
@@ -8,8 +8,8 @@ out on the TRAINING pairs (mean F1, kappa, ECE, log loss), and scores both, fitt
 VALIDATION pairs (judging only: nothing is chosen there). The shipped calibration stays the isotonic |r| table unless
 this shows a clear gain::
 
-    python -m scripts.registration.calibration_features \
-        --datalist ../data/registered/datalist.json,../data/registered_val2/datalist.json \
+    python -m scripts.evaluation.calibration_features \
+        --datalist <work_dir>/registered/datalist.json,<work_dir>/registered_val2/datalist.json \
         --output docs/reregistration/calibration_features.json
 """
 
@@ -107,7 +107,7 @@ def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, s
 
 
 def compare(
-    datalist: str = "../data/registered/datalist.json",
+    datalist: str,
     per_pair: int = 20000,
     seed: int = 0,
     output: str = "",

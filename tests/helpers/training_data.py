@@ -11,7 +11,7 @@ import torch
 
 from scripts.data.prepare_data import run as prepare_data
 from scripts.networks.misalignment_net import MisalignmentNet
-from tests.chest_phantom import chest_phantom
+from tests.helpers.chest_phantom import chest_phantom
 
 _PREPARED: dict = {}
 

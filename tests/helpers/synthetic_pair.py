@@ -1,5 +1,5 @@
-"""A small synthetic CT pair for the inference tests: the chest phantom of ``tests.chest_phantom``, the moving image
-shifted by a few millimetres, and a landmark table with a ``tre`` column."""
+"""A small synthetic CT pair for the inference tests: the chest phantom of ``tests.helpers.chest_phantom``, the moving
+image shifted by a few millimetres, and a landmark table with a ``tre`` column."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Dict, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from tests.chest_phantom import chest_phantom_arrays
+from tests.helpers.chest_phantom import chest_phantom_arrays
 
 SPACING_MM = 1.5
 ORIGIN_MM = (-20.0, 10.0, -100.0)
 
 
 def phantom_hu(size: Tuple[int, int, int] = (24, 24, 24), seed: int = 0) -> np.ndarray:
-    """A ``(z, y, x)`` HU array: ``tests.chest_phantom`` (body, two lungs with vessels, air -1024) without gas."""
+    """A ``(z, y, x)`` HU array: ``tests.helpers.chest_phantom`` (body, two lungs, vessels, air -1024) without gas."""
     return chest_phantom_arrays(size, seed, gas=False)[0].astype(np.float64)
 
 
