@@ -1,5 +1,6 @@
 """elastix protocol settings on a small synthetic pair with a known fixed-to-moving mapping."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +10,18 @@ from scipy import ndimage
 
 from scripts.data.landmark_csv import read_landmarks, table_from_points, write_landmarks
 from scripts.registration.elastix import (
+    ELASTIX_PARAMETER_DIR,
     SETTINGS,
     ElastixPair,
     RegistrationOptions,
     affine_parameter_map,
     bspline_parameter_map,
     parse_settings,
+    read_parameter_file,
     register_pair,
     resample_to_working_grid,
 )
+from scripts.registration.reregistration import ReregistrationOptions
 
 SIZE = 48
 SPACING = 2.0
@@ -169,3 +173,20 @@ def test_working_grid_keeps_the_extent(synthetic_pair):
     fixed = synthetic_pair["fixed"]
     corner = np.array(fixed.GetOrigin()) - SPACING / 2
     assert np.allclose(np.array(coarse.GetOrigin()) - 2.0, corner)
+
+
+@pytest.mark.parametrize(
+    "options", [RegistrationOptions(), ReregistrationOptions()], ids=["protocol", "reregistration"]
+)
+def test_the_parameter_files_are_what_runs_by_default(options):
+    """configs/elastix/*.txt, read by elastix's own command line, are exactly the maps the code runs with the default
+    options; options change only the parameters they name."""
+    family = options.parameter_family
+    iterations = 500 if family == "protocol" else options.bspline_iterations
+    assert affine_parameter_map(options) == read_parameter_file(ELASTIX_PARAMETER_DIR / f"{family}_affine.txt")
+    assert bspline_parameter_map(iterations, options) == read_parameter_file(
+        ELASTIX_PARAMETER_DIR / f"{family}_bspline.txt"
+    )
+    changed = replace(options, number_of_spatial_samples=999)
+    differs = {k for k, v in affine_parameter_map(changed).items() if affine_parameter_map(options)[k] != v}
+    assert differs == {"NumberOfSpatialSamples"}

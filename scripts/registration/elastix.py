@@ -6,6 +6,8 @@ closer to what users run and give every class enough landmarks: ``none`` (the mo
 ``translation`` and ``rigid``; ``all`` is the eight. Both stages use Mattes mutual information (32 bins), adaptive
 stochastic gradient descent (step size estimated by displacement distribution, 3000 random samples per iteration)
 and 3 resolutions; the B-spline grid ends at 10 mm (schedule 4-2-1); a fixed ``RandomSeed`` makes runs repeatable.
+The parameter maps are read from ``configs/elastix/<family>_{affine,bspline}.txt`` (the protocol's and the
+re-registration's), the files elastix's own command line reads; the options set only the parameters they name.
 The affine result is computed once and shared by every B-spline setting of a run. Registration may run on a
 coarser isotropic working grid (``working_spacing_mm``); the deformed moving image is always resampled with the
 found transform on the full-resolution fixed grid.
@@ -26,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import itk
 import numpy as np
@@ -61,6 +64,8 @@ class RegistrationOptions:
     # ASGD step-size estimation: "DisplacementDistribution" (Qiao et al. 2016) took 8 s where elastix's default
     # "Original" took 74 s for one B-spline stage of the validation scan at 2 mm on 2 busy cores
     asgd_estimation: str = "DisplacementDistribution"
+    # the parameter files these options start from: configs/elastix/<family>_affine.txt and _bspline.txt
+    parameter_family: ClassVar[str] = "protocol"
 
 
 def parse_settings(setting: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -80,52 +85,51 @@ def parse_settings(setting: str | list[str] | tuple[str, ...]) -> list[str]:
     return [n for n in SETTINGS if n in names]  # protocol order, no duplicates
 
 
-def _common_map(options: RegistrationOptions, iterations: int) -> dict[str, list[str]]:
-    return {
-        "Registration": ["MultiResolutionRegistration"],
-        "Metric": [options.metric],
-        "NumberOfHistogramBins": [str(options.number_of_histogram_bins)],
-        "Optimizer": ["AdaptiveStochasticGradientDescent"],
-        "AutomaticParameterEstimation": ["true"],
-        "ASGDParameterEstimationMethod": [options.asgd_estimation],
-        "MaximumNumberOfIterations": [str(iterations)],
-        "NumberOfResolutions": [str(options.number_of_resolutions)],
-        "FixedImagePyramid": ["FixedSmoothingImagePyramid"],
-        "MovingImagePyramid": ["MovingSmoothingImagePyramid"],
-        "ImageSampler": ["RandomCoordinate"],
-        "NumberOfSpatialSamples": [str(options.number_of_spatial_samples)],
-        "NewSamplesEveryIteration": ["true"],
-        "CheckNumberOfSamples": ["true"],
-        "MaximumNumberOfSamplingAttempts": ["8"],
-        "RandomSeed": [str(options.random_seed)],
-        "Interpolator": ["LinearInterpolator"],
-        "ResampleInterpolator": ["FinalBSplineInterpolator"],
-        "FinalBSplineInterpolationOrder": ["3"],
-        "Resampler": ["DefaultResampler"],
-        "DefaultPixelValue": [str(options.default_value)],
-        "ErodeMask": ["false"],
-        "HowToCombineTransforms": ["Compose"],
-        "WriteResultImage": ["false"],
-        "WriteIterationInfo": ["false"],
-    }
+ELASTIX_PARAMETER_DIR = Path(__file__).resolve().parents[2] / "configs" / "elastix"
+
+
+def read_parameter_file(path: str | Path) -> dict[str, list[str]]:
+    """An elastix parameter file (the text format elastix's command line reads) as a parameter map."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: elastix parameter file not found")
+    parameter_object = itk.ParameterObject.New()
+    parameter_object.ReadParameterFile(str(path))
+    return _maps_of(parameter_object)[0]
+
+
+def stage_parameter_map(stage: str, options: RegistrationOptions, iterations: int) -> dict[str, list[str]]:
+    """The parameter map of ``stage`` ("affine" or "bspline"): ``configs/elastix/<family>_<stage>.txt`` (the family of
+    ``options``: the protocol's or the re-registration's settings), with the parameters the options control set from
+    them; with the options' defaults the map is the file itself."""
+    out = read_parameter_file(ELASTIX_PARAMETER_DIR / f"{options.parameter_family}_{stage}.txt")
+    out.update(
+        {
+            "Metric": [options.metric],
+            "NumberOfHistogramBins": [str(options.number_of_histogram_bins)],
+            "ASGDParameterEstimationMethod": [options.asgd_estimation],
+            "MaximumNumberOfIterations": [str(iterations)],
+            "NumberOfResolutions": [str(options.number_of_resolutions)],
+            "NumberOfSpatialSamples": [str(options.number_of_spatial_samples)],
+            "RandomSeed": [str(options.random_seed)],
+            "DefaultPixelValue": [str(options.default_value)],
+        }
+    )
+    if stage == "bspline":
+        n = options.number_of_resolutions
+        out["FinalGridSpacingInPhysicalUnits"] = [str(options.grid_spacing_mm)]
+        out["GridSpacingSchedule"] = [str(2.0 ** (n - 1 - k)) for k in range(n)]  # e.g. 4 2 1
+    return out
 
 
 def affine_parameter_map(options: RegistrationOptions) -> dict[str, list[str]]:
     """elastix parameter map of the affine stage (centre-of-geometry initialisation, automatic scales)."""
-    out = _common_map(options, options.affine_iterations)
-    out.update(
-        {
-            "Transform": ["AffineTransform"],
-            "AutomaticScalesEstimation": ["true"],
-            "AutomaticTransformInitialization": ["true"],
-            "AutomaticTransformInitializationMethod": ["GeometricalCenter"],
-        }
-    )
-    return out
+    return stage_parameter_map("affine", options, options.affine_iterations)
 
 
 def linear_parameter_map(transform: str, options: RegistrationOptions) -> dict[str, list[str]]:
-    """elastix parameter map of a translation, rigid (Euler) or affine stage; the affine one is the protocol's."""
+    """elastix parameter map of a translation, rigid (Euler) or affine stage: the affine file with its transform
+    replaced."""
     transforms = {"translation": "TranslationTransform", "rigid": "EulerTransform", "affine": "AffineTransform"}
     if transform not in transforms:
         raise ValueError(f"unknown linear transform {transform!r}; choose from {sorted(transforms)}")
@@ -141,16 +145,7 @@ def linear_parameter_map(transform: str, options: RegistrationOptions) -> dict[s
 
 def bspline_parameter_map(iterations: int, options: RegistrationOptions) -> dict[str, list[str]]:
     """elastix parameter map of the B-spline stage: ``iterations`` per resolution, grid spacing halved per level."""
-    n = options.number_of_resolutions
-    out = _common_map(options, iterations)
-    out.update(
-        {
-            "Transform": ["BSplineTransform"],
-            "FinalGridSpacingInPhysicalUnits": [str(options.grid_spacing_mm)],
-            "GridSpacingSchedule": [str(2.0 ** (n - 1 - k)) for k in range(n)],  # e.g. 4 2 1
-        }
-    )
-    return out
+    return stage_parameter_map("bspline", options, iterations)
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:

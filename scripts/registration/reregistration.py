@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -63,6 +63,7 @@ class ReregistrationOptions(RegistrationOptions):
     working_spacing_mm: float | None = None  # native: beats 2 mm on training pairs (docs/reregistration.md)
     input_spacing_mm: float | None = None
     mask_background: bool = False
+    parameter_family: ClassVar[str] = "reregistration"
 
 
 def field_on_grid(maps: list, pair: ElastixPair, fixed: sitk.Image) -> sitk.Image:
