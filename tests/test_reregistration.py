@@ -17,7 +17,8 @@ from scipy import ndimage
 
 from scripts.evaluation.calibration_studies import adapt_priors
 from scripts.inferers.io_transforms import BadInputExit
-from scripts.inferers.reregistration_inferer import ReregistrationInferer, select_inferer
+from scripts.inferers.methods import method_inferer
+from scripts.inferers.reregistration_inferer import ReregistrationInferer
 from scripts.registration.calibration import expected_calibration_error, fit_isotonic
 from scripts.registration.calibration_tables import ResidualCalibration, options_sha256
 from scripts.registration.registered_pairs import true_residual
@@ -237,9 +238,23 @@ def test_calibration_file_errors_and_settings_check(tmp_path, caplog):
     assert fallback == ResidualCalibration.thresholds()
 
 
-def test_unknown_method_is_a_clear_error():
-    with pytest.raises(ValueError, match="'regnet' is not a method of this bundle"):
-        select_inferer("regnet", {"network": None, "reregistration": None})
+def test_the_method_factory_picks_the_inferer_and_its_batch_keys():
+    from scripts.inferers.methods import batch_keys
+    from scripts.inferers.reregistration_inferer import ResidualNetworkInferer
+
+    network, rereg = object(), object()
+    assert method_inferer("reregistration", network, rereg) is rereg
+    assert method_inferer("network", network, rereg) is network
+    chained = method_inferer("network", network, rereg, residual_input="lstm_prior")
+    assert isinstance(chained, ResidualNetworkInferer) and chained.network_inferer is network
+    assert batch_keys("network") == {"mask": "mask"}
+    assert (
+        set(batch_keys("network", "lstm_prior"))
+        == set(batch_keys("reregistration"))
+        == {"mask", "name", "region", "spacing"}
+    )
+    with pytest.raises(ValueError, match="unknown --method 'regnet'; choose one of: reregistration, network"):
+        method_inferer("regnet", network, rereg)
 
 
 def write_phantom_pair(folder: Path) -> dict[str, Path]:

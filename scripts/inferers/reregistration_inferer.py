@@ -173,10 +173,3 @@ class ResidualNetworkInferer(Inferer):
         out["error_mm"] = found["error_mm"] * region
         out["residual_mm"] = found["residual_mm"] * region
         return out
-
-
-def select_inferer(method: str, inferers: dict[str, Inferer]) -> Inferer:
-    """The inferer of ``method`` (configs/inference.json's ``method``); a clear error for an unknown name."""
-    if method not in inferers:
-        raise ValueError(f"--method {method!r} is not a method of this bundle; choose one of {sorted(inferers)}")
-    return inferers[method]

@@ -21,6 +21,7 @@ from monai.bundle import scripts as bundle_scripts
 
 from scripts.data.result_set import ResultSet, ResultSetError
 from scripts.inferers.io_transforms import run_reporting_input_errors
+from scripts.inferers.methods import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,15 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return Path(a).resolve() == Path(b).resolve()
+
+
+def log_method(method: str, weights_trained: bool, checkpoint: str) -> None:
+    """Say in the log which method runs, and plainly when the network has no trained weights."""
+    logger.info("method: %s%s", method, " (the default)" if method == METHODS[0] else "")
+    if method == "network" and not weights_trained:
+        logger.warning(
+            "UNTRAINED weights: %s not found, so the map written by this run is NOT a prediction", checkpoint
+        )
 
 
 def open_result_set(result_set: ResultSet) -> ResultSet:
