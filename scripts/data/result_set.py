@@ -287,7 +287,15 @@ class ResultSet:
 
 def verify_manifest(folder: str | os.PathLike, stem: str) -> Optional[Dict[str, Any]]:
     """The manifest ``<stem>_run.json`` in ``folder`` if every file it lists is there with its size and sha256,
-    else None (an incomplete, mixed or edited set)."""
+    else None (an incomplete, mixed or edited set).
+
+    Args:
+        folder: the output folder.
+        stem: the result set's stem (the moving image's).
+
+    Returns:
+        The manifest as a dictionary, or None.
+    """
     folder = Path(folder)
     try:
         manifest = json.loads((folder / f"{stem}_{MANIFEST_SUFFIX}").read_text())

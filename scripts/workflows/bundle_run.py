@@ -93,7 +93,16 @@ def _known_ids(parser: ConfigParser, parent: str) -> List[str]:
 
 
 def unknown_options(config: ConfigParser, overrides: Iterable[str], allowed: Iterable[str] = ()) -> List[str]:
-    """One message per override id the configs do not hold, with the closest known id."""
+    """One message per override id the configs do not hold, with the closest known id.
+
+    Args:
+        config: the loaded configs (``ConfigParser`` of every config file of the run).
+        overrides: the override ids (``fixed_image``, ``network_def#decoder``).
+        allowed: names that are not config ids but are accepted (``monai.bundle run``'s own arguments).
+
+    Returns:
+        One line per unknown id ("unknown option --x; did you mean --y?"); empty when all are known.
+    """
     allowed = set(allowed)
     problems = []
     for name in overrides:
@@ -135,7 +144,15 @@ def check_options(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def check_overrides(config_file: str | os.PathLike, overrides: Iterable[str]) -> None:
-    """``check_options`` for overrides given as a dictionary (batch QA's ``inference_overrides``)."""
+    """``check_options`` for overrides given as a dictionary (batch QA's ``inference_overrides``).
+
+    Args:
+        config_file: the config the overrides apply to.
+        overrides: their ids.
+
+    Raises:
+        UsageExit: one line per unknown id.
+    """
     config = ConfigParser(ConfigParser.load_config_files(str(config_file)))
     problems = unknown_options(config, overrides)
     if problems:
@@ -143,7 +160,16 @@ def check_overrides(config_file: str | os.PathLike, overrides: Iterable[str]) ->
 
 
 def check_choice(option: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else ``UsageExit`` listing them."""
+    """``value`` if it is one of ``choices``, else ``UsageExit`` listing them.
+
+    Args:
+        option: the option's name, for the message (``method``).
+        value: the value given.
+        choices: the accepted values.
+
+    Returns:
+        ``value`` as a string.
+    """
     if value not in choices:
         raise UsageExit(f"unknown --{option} {value!r}; choose one of: {', '.join(choices)}")
     return str(value)
@@ -151,7 +177,16 @@ def check_choice(option: str, value: Any, choices: Sequence[str]) -> str:
 
 def check_sample_pair(fixed_image: str, moving_image: str, sample_fixed: str, sample_moving: str) -> None:
     """Stop a run that pairs one shipped sample image with an image of the user's: the sample is a demonstration,
-    not a default (an option left out would otherwise score the user's image against the sample)."""
+    not a default (an option left out would otherwise score the user's image against the sample). The same file
+    given twice is a warning.
+
+    Args:
+        fixed_image, moving_image: the run's images.
+        sample_fixed, sample_moving: the shipped sample pair.
+
+    Raises:
+        UsageExit: exactly one of the two images is the shipped sample.
+    """
     same = [_same_file(path, sample) for path, sample in ((fixed_image, sample_fixed), (moving_image, sample_moving))]
     if same[0] != same[1]:
         sample, other = ("fixed_image", "moving_image") if same[0] else ("moving_image", "fixed_image")
@@ -177,7 +212,13 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def log_method(method: str, weights_trained: bool, checkpoint: str) -> None:
-    """Say in the log which method runs, and plainly when the network has no trained weights."""
+    """Say in the log which method runs, and plainly when the network has no trained weights.
+
+    Args:
+        method: the run's method.
+        weights_trained: whether ``checkpoint`` exists.
+        checkpoint: the network's weights file.
+    """
     logger.info("method: %s%s", method, " (the default)" if method == METHODS[0] else "")
     if method == "network" and not weights_trained:
         logger.warning(
@@ -196,7 +237,15 @@ def open_result_set(result_set: ResultSet) -> ResultSet:
 
 def run_into_result_set(evaluator: Any, result_set: ResultSet) -> Any:
     """Run ``evaluator`` (its writers write into ``result_set.staging_dir``) and move the set into place; on any
-    failure or interrupt nothing of the new set reaches its final names and the lock is released."""
+    failure or interrupt nothing of the new set reaches its final names and the lock is released.
+
+    Args:
+        evaluator: the run's ignite evaluator (its writers write into ``result_set.staging_dir``).
+        result_set: the opened result set.
+
+    Returns:
+        What ``evaluator.run()`` returns.
+    """
     try:
         output = run_reporting_input_errors(evaluator)
         try:
