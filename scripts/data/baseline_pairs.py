@@ -58,7 +58,18 @@ def write_class_predictions(
     extra: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """``<output_dir>/<moving stem>_landmarks.csv``: the input table plus ``pred``, one-hot ``p_correct, p_poor,
-    p_wrong`` (a thresholding baseline has no probabilities) and the ``extra`` columns (e.g. the score thresholded)."""
+    p_wrong`` (a thresholding baseline has no probabilities) and the ``extra`` columns (e.g. the score thresholded).
+
+    Args:
+        table: landmark table of the assessed points.
+        classes: ``[N]`` predicted class (0 correct, 1 poor, 2 wrong) per landmark.
+        moving_path: registered moving image; its stem names the CSV.
+        output_dir: folder of the CSV.
+        extra: optional column name -> ``[N]`` values added to the table.
+
+    Returns:
+        Path of the written CSV.
+    """
     for name, column in (extra or {}).items():
         table = table.with_column(name, np.asarray(column, dtype=np.float64))
     one_hot = np.eye(3)[np.asarray(classes, dtype=np.int64)]

@@ -74,7 +74,20 @@ def case_geometry(case: str) -> DirLabCase:
 
 def read_dirlab_image(path: str | Path, case: str, outside_value: float = BACKGROUND_HU) -> sitk.Image:
     """Read a raw DIR-Lab ``.img`` as an int16 HU SimpleITK image: z flipped, origin 0, identity direction; voxels
-    outside the scan field (HU <= -3024) set to ``outside_value``."""
+    outside the scan field (HU <= -3024) set to ``outside_value``.
+
+    Args:
+        path: raw DIR-Lab ``.img`` file.
+        case: case name, ``case1``..``case10`` or ``copd1``..``copd10``.
+        outside_value: value of the voxels outside the scan field, HU.
+
+    Returns:
+        int16 SimpleITK image (HU) with the case's published spacing.
+
+    Raises:
+        ValueError: for an unknown case or a file whose size does not fit the case.
+        FileNotFoundError: when ``path`` does not exist.
+    """
     path = Path(path)
     geometry = case_geometry(case)
     if not path.is_file():
@@ -119,7 +132,19 @@ def read_dirlab_indices(path: str | Path) -> np.ndarray:
 
 
 def dirlab_indices_to_points(indices: np.ndarray, case: str, source: str = "landmarks") -> np.ndarray:
-    """Physical points (LPS mm) of 1-based raw indices (x y z) on the flipped image of ``case``."""
+    """Physical points (LPS mm) of 1-based raw indices (x y z) on the flipped image of ``case``.
+
+    Args:
+        indices: ``[N, 3]`` 1-based raw voxel indices, x-y-z order.
+        case: case name.
+        source: name of the landmark file in the message.
+
+    Returns:
+        float64 array ``[N, 3]`` of physical points, mm (x-y-z order).
+
+    Raises:
+        ValueError: for an unknown case or an index outside the case's 1-based range.
+    """
     geometry = case_geometry(case)
     size = np.array(geometry.size, dtype=np.float64)
     if (indices < 1).any() or (indices > size).any():
@@ -133,7 +158,19 @@ def dirlab_indices_to_points(indices: np.ndarray, case: str, source: str = "land
 
 
 def read_dirlab_landmarks(path: str | Path, case: str) -> np.ndarray:
-    """``[N, 3]`` physical points (LPS mm) of a DIR-Lab landmark file, on the image made by ``read_dirlab_image``."""
+    """``[N, 3]`` physical points (LPS mm) of a DIR-Lab landmark file, on the image made by ``read_dirlab_image``.
+
+    Args:
+        path: DIR-Lab landmark text file.
+        case: case name.
+
+    Returns:
+        float64 array ``[N, 3]`` of physical points, mm (x-y-z order).
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: for a malformed or empty file, an unknown case or an index outside the image.
+    """
     return dirlab_indices_to_points(read_dirlab_indices(path), case, str(path))
 
 
@@ -153,7 +190,24 @@ def convert_pair(
     outside_value: float = BACKGROUND_HU,
 ) -> dict[str, str]:
     """Convert a DIR-Lab pair to ``<case>_fixed.nii.gz``, ``<case>_moving.nii.gz`` and, given the landmark files,
-    ``<case>_fixed_landmarks.csv`` / ``<case>_moving_landmarks.csv`` (id,x,y,z,voxel_x,voxel_y,voxel_z)."""
+    ``<case>_fixed_landmarks.csv`` / ``<case>_moving_landmarks.csv`` (id,x,y,z,voxel_x,voxel_y,voxel_z).
+
+    Args:
+        case: case name, ``case1``..``case10`` or ``copd1``..``copd10``.
+        fixed_image: raw ``.img`` of the fixed (inhale) image.
+        moving_image: raw ``.img`` of the moving (exhale) image.
+        output_dir: folder of the written files.
+        fixed_landmarks: optional landmark text file of the fixed image.
+        moving_landmarks: optional landmark text file of the moving image (both or neither).
+        outside_value: value of the voxels outside the scan field, HU.
+
+    Returns:
+        Dict ``fixed_image``, ``moving_image`` (and ``fixed_landmarks``, ``moving_landmarks``) -> written path.
+
+    Raises:
+        ValueError: for only one landmark file, landmark files of different length, or a bad image or landmark file.
+        FileNotFoundError: when an input file does not exist.
+    """
     case = str(case).strip().lower()
     out = Path(output_dir)
     if (fixed_landmarks is None) != (moving_landmarks is None):

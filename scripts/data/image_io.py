@@ -149,7 +149,16 @@ class Grid:
         )
 
     def resampler(self, interpolator: int, default_value: float, output_type: int) -> sitk.ResampleImageFilter:
-        """A SimpleITK resampler onto this grid."""
+        """A SimpleITK resampler onto this grid.
+
+        Args:
+            interpolator: SimpleITK interpolator, e.g. ``sitk.sitkLinear`` or ``sitk.sitkNearestNeighbor``.
+            default_value: value of output voxels outside the input image.
+            output_type: SimpleITK pixel type of the output, e.g. ``sitk.sitkFloat32``.
+
+        Returns:
+            A ``sitk.ResampleImageFilter`` with this grid's size, origin, spacing and direction.
+        """
         resampler = sitk.ResampleImageFilter()
         resampler.SetSize([int(v) for v in self.size])
         resampler.SetOutputOrigin(self.origin)
@@ -175,6 +184,18 @@ def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
     empty, wrongly oriented or NaN-holding file.
 
     ``role`` ("fixed image", "moving image", "mask") starts every message, followed by the path.
+
+    Args:
+        path: image file (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr`` or any SimpleITK format).
+        role: name of the image in error messages, e.g. "fixed image", "moving image", "mask".
+
+    Returns:
+        The 3-D float32 SimpleITK image (a singleton 4th axis is dropped).
+
+    Raises:
+        MissingInputError: when ``path`` is not a file.
+        InputError: when the file is truncated, corrupt or unreadable, not a scalar 3-D volume (at least
+            ``MIN_SIZE_VOXELS`` per axis), has a bad spacing or direction, or holds NaN or infinite values.
     """
     path = Path(path)
     if not path.is_file():
@@ -208,7 +229,16 @@ def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
 
 def check_geometry(image: sitk.Image, source: str) -> None:
     """Raise ``InputError`` naming ``source`` for a non-positive spacing or a singular direction matrix (a header
-    whose orientation maps the voxels onto a plane or a line, so no physical position is defined)."""
+    whose orientation maps the voxels onto a plane or a line, so no physical position is defined).
+
+    Args:
+        image: image whose header is checked.
+        source: what names the image in the message (e.g. "fixed image <path>").
+
+    Raises:
+        InputError: for a non-finite or non-positive spacing, or a direction matrix that is not finite or has
+            ``|det| < MIN_DIRECTION_DETERMINANT``.
+    """
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     if not (np.isfinite(spacing).all() and (spacing > 0).all()):
         raise InputError(f"{source}: the voxel spacing {spacing.tolist()} must be positive")
@@ -235,7 +265,17 @@ def _itk_read_problem(message: str) -> str:
 def check_image_file(path: str | os.PathLike, role: str = "image") -> None:
     """Refuse a truncated or corrupt image file before SimpleITK reads it (SimpleITK fills the missing part of a
     short NIfTI file with zeros without a word): a gzip stream is read to its end (CRC and length checked), a NIfTI
-    file must hold every voxel its header announces, and so must a MetaImage's data block (zlib stream verified)."""
+    file must hold every voxel its header announces, and so must a MetaImage's data block (zlib stream verified).
+
+    Args:
+        path: image file; NIfTI (``.nii``, ``.nii.gz``) and MetaImage (``.mha``, ``.mhd``) are checked, any gzip file
+            is read to its end.
+        role: name of the image in error messages.
+
+    Raises:
+        InputError: when the file is empty, a gzip or zlib stream is truncated or corrupt, a MetaImage data file is
+            missing, or the file holds fewer bytes than its header announces.
+    """
     path = Path(path)
     name = path.name.lower()
     if path.stat().st_size == 0:
@@ -354,7 +394,21 @@ def check_overlap(
     fixed: sitk.Image, moving: sitk.Image, fixed_path: str, moving_path: str, role: str = "moving image"
 ) -> float:
     """Fraction of the fixed image's bounding box covered by the moving image's (or mask's, ``role``); error when
-    they do not overlap in physical space."""
+    they do not overlap in physical space.
+
+    Args:
+        fixed: fixed image.
+        moving: moving image (or mask) to compare with it.
+        fixed_path: path of the fixed image, for the message.
+        moving_path: path of the moving image (or mask), for the message.
+        role: name of ``moving`` in the message, e.g. "moving image" or "mask".
+
+    Returns:
+        Fraction (0, 1] of the fixed image's physical bounding box inside the moving image's one.
+
+    Raises:
+        InputError: when the two bounding boxes do not overlap.
+    """
     f_lo, f_hi = Grid.of(fixed).bounds()
     m_lo, m_hi = Grid.of(moving).bounds()
     common = np.clip(np.minimum(f_hi, m_hi) - np.maximum(f_lo, m_lo), 0, None)
@@ -370,14 +424,31 @@ def check_overlap(
 
 
 def isotropic_grid(image: sitk.Image, spacing: float = 1.0) -> Grid:
-    """The grid of ``image`` re-oriented to LPS, resampled to ``spacing`` mm with the same origin and extent."""
+    """The grid of ``image`` re-oriented to LPS, resampled to ``spacing`` mm with the same origin and extent.
+
+    Args:
+        image: 3-D image whose extent is used.
+        spacing: isotropic voxel size, mm.
+
+    Returns:
+        The LPS ``Grid`` with the same origin and extent (size rounded down).
+    """
     return _resized(_lps_grid(image), (float(spacing),) * 3)
 
 
 def working_grid(image: sitk.Image, spacing: float | None = 1.0, min_spacing: float = MIN_WORKING_SPACING_MM) -> Grid:
     """The grid a pair is loaded on: ``image``'s extent re-oriented to LPS, at ``spacing`` mm isotropic (the
     network's 1 mm), or with ``spacing=None`` at the image's own voxel size, each axis no finer than ``min_spacing``
-    (thick slices stay thick, sub-millimetre voxels are coarsened: the re-registration's grid)."""
+    (thick slices stay thick, sub-millimetre voxels are coarsened: the re-registration's grid).
+
+    Args:
+        image: 3-D image (the fixed image) whose extent is used.
+        spacing: isotropic voxel size in mm, or None (or 0) for the image's own voxel size.
+        min_spacing: with ``spacing=None``, the smallest voxel size per axis, mm.
+
+    Returns:
+        The LPS ``Grid`` the pair is loaded on.
+    """
     if spacing:
         return isotropic_grid(image, spacing)
     oriented = _lps_grid(image)
@@ -403,20 +474,47 @@ def resample(
     default: float = BACKGROUND_HU,
     output_type: int = sitk.sitkFloat32,
 ) -> sitk.Image:
-    """``image`` resampled onto ``grid`` (cubic B-spline by default; voxels outside its field get ``default``)."""
+    """``image`` resampled onto ``grid`` (cubic B-spline by default; voxels outside its field get ``default``).
+
+    Args:
+        image: image to resample.
+        grid: target grid.
+        interpolator: SimpleITK interpolator (default cubic B-spline).
+        default: value outside ``image``'s field of view (default ``BACKGROUND_HU``).
+        output_type: SimpleITK pixel type of the result (default float32).
+
+    Returns:
+        The resampled SimpleITK image on ``grid``.
+    """
     return grid.resampler(interpolator, default, output_type).Execute(image)
 
 
 def hu_on_grid(image: sitk.Image, grid: Grid) -> np.ndarray:
     """The ``(z, y, x)`` HU array of ``image`` on ``grid``: its own voxels when it already lies on that grid (no
-    interpolation, no smoothing), cubic B-spline otherwise (``BACKGROUND_HU`` outside its field of view)."""
+    interpolation, no smoothing), cubic B-spline otherwise (``BACKGROUND_HU`` outside its field of view).
+
+    Args:
+        image: CT image, HU.
+        grid: target grid.
+
+    Returns:
+        float32 array ``(z, y, x)`` of ``grid``'s size.
+    """
     if Grid.of(image).same_as(grid):
         return sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     return sitk.GetArrayFromImage(resample(image, grid))
 
 
 def field_of_view(image: sitk.Image, grid: Grid) -> np.ndarray:
-    """Which voxels of ``grid`` lie inside ``image``'s field of view (bool ``(z, y, x)``)."""
+    """Which voxels of ``grid`` lie inside ``image``'s field of view (bool ``(z, y, x)``).
+
+    Args:
+        image: image whose field of view is used.
+        grid: target grid.
+
+    Returns:
+        bool array ``(z, y, x)`` of ``grid``'s size; all True when ``image`` lies on ``grid``.
+    """
     if Grid.of(image).same_as(grid):
         return np.ones(tuple(grid.size[::-1]), dtype=bool)
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
@@ -426,7 +524,15 @@ def field_of_view(image: sitk.Image, grid: Grid) -> np.ndarray:
 
 def body_mask(hu: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """Body mask of a ``(z, y, x)`` HU array (bool), from ``scripts.transforms.ct_masks`` (threshold, largest part,
-    holes, lungs cut open by the field of view)."""
+    holes, lungs cut open by the field of view).
+
+    Args:
+        hu: ``(z, y, x)`` CT array, HU.
+        spacing_zyx: voxel spacing in mm, z-y-x order.
+
+    Returns:
+        bool array of the same shape as ``hu``.
+    """
     return body_mask_array(hu, spacing_zyx)
 
 
@@ -435,7 +541,16 @@ MIN_LUNG_ML = 20.0  # less lung than this inside the region: the crop shows no l
 
 def lung_volume_ml(hu: np.ndarray, region: np.ndarray, spacing_zyx: Sequence[float]) -> float:
     """Millilitres of ``region`` that look like lung parenchyma after 2 mm smoothing (the lung range of
-    ``scripts.transforms.ct_masks``): bowel gas smooths to about -1000 HU and stays out, unlike a plain air count."""
+    ``scripts.transforms.ct_masks``): bowel gas smooths to about -1000 HU and stays out, unlike a plain air count.
+
+    Args:
+        hu: ``(z, y, x)`` CT array, HU.
+        region: bool ``(z, y, x)`` region in which lung is counted.
+        spacing_zyx: voxel spacing in mm, z-y-x order.
+
+    Returns:
+        Lung-like volume inside ``region``, ml.
+    """
     sigma = [CUT_LUNG_SMOOTHING_MM / float(s) for s in spacing_zyx]
     smooth = ndimage.gaussian_filter(np.maximum(hu, AIR_HU), sigma)
     lung_like = (smooth > CUT_LUNG_MIN_HU) & (smooth <= LUNG_THRESHOLD_HU) & region
@@ -466,7 +581,16 @@ class PairOnGrid:
 def check_hounsfield_units(image: sitk.Image, source: str) -> None:
     """Refuse an image that is not a CT in Hounsfield units, naming ``source`` and the likely cause: a CT shows air
     (``AIR_RANGE_HU``) and tissue (above -500 HU); raw stored values without the rescale slope and intercept show
-    neither air below -500 nor anything negative, an MR image no negative values, a label mask two or three values."""
+    neither air below -500 nor anything negative, an MR image no negative values, a label mask two or three values.
+
+    Args:
+        image: image to check (a strided subsample of about ``MIN_CT_CHECK_VOXELS`` voxels is read).
+        source: what names the image in the message (e.g. "fixed image <path>").
+
+    Raises:
+        InputError: when less than ``MIN_CT_FRACTION`` of the voxels lie in ``AIR_RANGE_HU`` or above -500 HU; the
+            message names the likely cause (label mask, raw stored values, MR image).
+    """
     values = sitk.GetArrayViewFromImage(image)
     stride = max(1, round((values.size / MIN_CT_CHECK_VOXELS) ** (1 / 3)))
     sample = np.asarray(values[::stride, ::stride, ::stride], dtype=np.float32)
@@ -512,6 +636,24 @@ def load_pair(
 
     A crop with no lung in it is refused with ``require_lung`` (the network was trained on lungs), else logged; a
     moving image covering less than half of the fixed image's region is logged with the fraction it covers.
+
+    Args:
+        fixed_path: fixed image file.
+        moving_path: moving image file.
+        mask_path: optional mask file (non-zero voxels are assessed); None predicts in the whole region.
+        spacing: isotropic working voxel size in mm, or None for the fixed image's own voxels (no finer than 1 mm).
+        mask_background: set both images to ``BACKGROUND_HU`` outside their body and lungs (the network's input).
+        require_lung: refuse a pair with less than ``MIN_LUNG_ML`` ml of lung in the region (else only logged).
+
+    Returns:
+        A ``PairOnGrid`` with ``image [2, z, y, x]`` float32 HU (fixed, moving), bool ``mask`` and ``region``, the
+        working ``grid``, the fixed image's ``fixed_grid`` and ``lung_ml``.
+
+    Raises:
+        MissingInputError: when an input file does not exist.
+        InputError: for an unreadable or invalid image, an image that is not a CT in HU, images or a mask that do not
+            overlap, a fixed image with no body, no lung with ``require_lung``, or a mask with no voxel inside the fixed
+            or the moving image.
     """
     fixed = read_image(fixed_path, "fixed image")
     moving = read_image(moving_path, "moving image")
@@ -573,7 +715,16 @@ def load_pair(
 
 
 def mask_to_fixed_grid(mask: np.ndarray, grid: Grid, fixed_grid: Grid) -> np.ndarray:
-    """A ``[z, y, x]`` mask on ``grid`` -> bool on ``fixed_grid`` (nearest neighbour)."""
+    """A ``[z, y, x]`` mask on ``grid`` -> bool on ``fixed_grid`` (nearest neighbour).
+
+    Args:
+        mask: ``(z, y, x)`` mask on ``grid``.
+        grid: working grid the mask lies on.
+        fixed_grid: the fixed image's original grid.
+
+    Returns:
+        bool array ``(z, y, x)`` of ``fixed_grid``'s size.
+    """
     image = resample(grid.image(mask.astype(np.uint8)), fixed_grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(image).astype(bool)
 
@@ -588,7 +739,19 @@ def to_fixed_grid(
     """Probabilities ``[3, z, y, x]`` and mask on the working ``grid`` -> (probabilities ``[z, y, x, 3]``, labels
     uint8, mask) on ``fixed_grid``: linear interpolation, renormalised to sum 1 inside the nearest-neighbour mask;
     labels = argmax(probabilities), or argmax(class_weights * probabilities) (the mean-F1 decision), and
-    ``UNASSESSED_LABEL`` outside the mask (never 0, "correct")."""
+    ``UNASSESSED_LABEL`` outside the mask (never 0, "correct").
+
+    Args:
+        probabilities: ``[3, z, y, x]`` class probabilities on ``grid``.
+        mask: ``(z, y, x)`` bool mask of assessed voxels on ``grid``.
+        grid: working grid.
+        fixed_grid: the fixed image's original grid.
+        class_weights: optional per-class weights of the mean-F1 decision; None takes the plain argmax.
+
+    Returns:
+        Tuple ``(probabilities, labels, mask)`` on ``fixed_grid``: float32 ``[z, y, x, 3]``, uint8 ``[z, y, x]``
+        (``UNASSESSED_LABEL`` outside the mask) and bool ``[z, y, x]``.
+    """
     mask_f = mask_to_fixed_grid(mask, grid, fixed_grid)
     channels = [
         sitk.GetArrayFromImage(resample(grid.image(p.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
@@ -604,6 +767,16 @@ def to_fixed_grid(
 def error_to_fixed_grid(error_mm: np.ndarray, grid: Grid, fixed_grid: Grid, mask_on_fixed: np.ndarray) -> np.ndarray:
     """An error map ``[z, y, x]`` (mm) on the working ``grid`` -> float32 on ``fixed_grid`` (linear),
     ``UNASSESSED_ERROR_MM`` outside ``mask_on_fixed`` (the mask already on the fixed grid, as ``to_fixed_grid``
-    returns it): no estimate there, and a value no reader takes for 0 mm (ITK reads a NIfTI NaN as 0)."""
+    returns it): no estimate there, and a value no reader takes for 0 mm (ITK reads a NIfTI NaN as 0).
+
+    Args:
+        error_mm: ``(z, y, x)`` error map on ``grid``, mm.
+        grid: working grid.
+        fixed_grid: the fixed image's original grid.
+        mask_on_fixed: bool ``(z, y, x)`` mask already on ``fixed_grid``.
+
+    Returns:
+        float32 array ``(z, y, x)`` of ``fixed_grid``'s size, mm.
+    """
     values = sitk.GetArrayFromImage(resample(grid.image(error_mm.astype(np.float32)), fixed_grid, sitk.sitkLinear, 0.0))
     return np.where(mask_on_fixed, values, UNASSESSED_ERROR_MM).astype(np.float32)

@@ -54,7 +54,19 @@ class LandmarkTable:
         )
 
     def with_column(self, name: str, column: list | np.ndarray, fmt: str = "{:.4f}") -> "LandmarkTable":
-        """A copy with column ``name`` added (or replaced); numbers are written with ``fmt``."""
+        """A copy with column ``name`` added (or replaced); numbers are written with ``fmt``.
+
+        Args:
+            name: column name.
+            column: one value per row; strings are kept as they are, numbers formatted with ``fmt``.
+            fmt: ``str.format`` pattern of the numbers.
+
+        Returns:
+            A new ``LandmarkTable`` (the column appended at the end if new).
+
+        Raises:
+            ValueError: when ``column`` does not have one value per row.
+        """
         if len(column) != len(self):
             raise ValueError(f"{self.source}: column {name!r} has {len(column)} values for {len(self)} landmarks")
         texts = [v if isinstance(v, str) else fmt.format(v) for v in column]
@@ -65,7 +77,15 @@ class LandmarkTable:
 
 
 def require_columns(table: LandmarkTable, names: tuple[str, ...] | list[str]) -> None:
-    """Raise ValueError naming the file and every missing column."""
+    """Raise ValueError naming the file and every missing column.
+
+    Args:
+        table: landmark table.
+        names: column names that must be present.
+
+    Raises:
+        ValueError: when a column is missing.
+    """
     missing = [n for n in names if n not in table.values]
     if missing:
         raise ValueError(f"{table.source}: missing column(s) {missing}; the file has {table.columns}")
@@ -74,7 +94,20 @@ def require_columns(table: LandmarkTable, names: tuple[str, ...] | list[str]) ->
 def read_landmarks(path: str | Path, required: tuple[str, ...] = POINT_COLUMNS) -> LandmarkTable:
     """Read a landmark CSV (header row, comma separated, UTF-8 with or without a BOM, any line ends); checks the
     ``required`` columns, the row lengths and that the points are finite numbers. Every problem is a ValueError
-    that names the file, the row and the column."""
+    that names the file, the row and the column.
+
+    Args:
+        path: landmark CSV file.
+        required: columns that must be present (default x, y, z; the points are checked when x is required).
+
+    Returns:
+        The ``LandmarkTable`` (values as stripped strings, ``source`` = the path).
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        ValueError: for a non-UTF-8, unreadable, empty or not comma-separated file, duplicate column names, rows of the
+            wrong length, missing columns or non-finite point coordinates.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: landmark file not found")
@@ -110,7 +143,18 @@ def read_landmarks(path: str | Path, required: tuple[str, ...] = POINT_COLUMNS) 
 
 
 def table_from_points(points: np.ndarray, extra: dict[str, list | np.ndarray] | None = None) -> LandmarkTable:
-    """A table with an ``id`` column (0-based), x,y,z from ``[N, 3]`` ``points`` and optional extra columns."""
+    """A table with an ``id`` column (0-based), x,y,z from ``[N, 3]`` ``points`` and optional extra columns.
+
+    Args:
+        points: ``[N, 3]`` physical points, LPS mm (x-y-z order).
+        extra: optional column name -> ``[N]`` values.
+
+    Returns:
+        A ``LandmarkTable`` with columns id, x, y, z and the extra ones.
+
+    Raises:
+        ValueError: when ``points`` is not ``[N, 3]`` or an extra column has the wrong length.
+    """
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3:
         raise ValueError(f"expected [N, 3] points, got shape {points.shape}")
@@ -123,7 +167,15 @@ def table_from_points(points: np.ndarray, extra: dict[str, list | np.ndarray] | 
 
 
 def write_landmarks(table: LandmarkTable, path: str | Path) -> Path:
-    """Write ``table`` as CSV atomically."""
+    """Write ``table`` as CSV atomically.
+
+    Args:
+        table: table to write (header and rows in column order).
+        path: output CSV file.
+
+    Returns:
+        The written path.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(table.columns)

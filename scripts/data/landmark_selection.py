@@ -37,7 +37,16 @@ def _lung_box_image(image: sitk.Image, lung: sitk.Image, spacing_mm: float, marg
 
 
 def forstner_measure(hu: np.ndarray, gradient_sigma: float = 1.0, window_sigma: float = 2.0) -> np.ndarray:
-    """Förstner interest det(S) / trace(S) of the structure tensor S of a (z, y, x) array (sigmas in voxels)."""
+    """Förstner interest det(S) / trace(S) of the structure tensor S of a (z, y, x) array (sigmas in voxels).
+
+    Args:
+        hu: ``(z, y, x)`` image, HU.
+        gradient_sigma: Gaussian sigma of the image gradient, voxels.
+        window_sigma: Gaussian sigma of the structure-tensor window, voxels.
+
+    Returns:
+        Array of the shape of ``hu``.
+    """
     grads = [ndimage.gaussian_filter(hu, gradient_sigma, order=tuple(int(a == b) for b in range(3))) for a in range(3)]
     tensor = {}
     for a in range(3):
@@ -63,7 +72,22 @@ def select_landmarks(
     spacing_mm: float = 1.0,
 ) -> np.ndarray:
     """``[count, 3]`` physical points (LPS mm) at Förstner maxima inside the lung, at least ``boundary_mm`` from
-    its border and ``min_spacing_mm`` from each other (spacing lowered by 10 % steps if the lungs are too small)."""
+    its border and ``min_spacing_mm`` from each other (spacing lowered by 10 % steps if the lungs are too small).
+
+    Args:
+        image: CT image, HU.
+        lung: lung mask on the grid of ``image``.
+        count: number of landmarks.
+        min_spacing_mm: initial minimum distance between landmarks, mm.
+        boundary_mm: minimum distance from the lung border, mm.
+        spacing_mm: isotropic grid the selection runs on, mm.
+
+    Returns:
+        Array ``[count, 3]`` of physical points, LPS mm (x-y-z order), strongest Förstner maxima first.
+
+    Raises:
+        ValueError: when the lung holds fewer than ``count`` candidates or they cannot be placed.
+    """
     hu_img, mask_img = _lung_box_image(image, lung, spacing_mm)
     hu = sitk.GetArrayFromImage(hu_img)
     inside = ndimage.binary_erosion(

@@ -25,7 +25,21 @@ INSIDE_COLUMN = "inside"  # 1: the landmark was assessed; 0: outside the region 
 def read_landmarks_in_image(path: str | os.PathLike, fixed_grid: Grid, fixed_path: str = "") -> LandmarkTable:
     """Read a landmark CSV (errors from ``scripts.data.landmark_csv`` for a missing file, missing x/y/z, non-numbers)
     and check that its points lie in the fixed image: an error names the file, the first row and point outside when
-    none lies inside (a table in other coordinates); points outside a partly covered image are only not assessed."""
+    none lies inside (a table in other coordinates); points outside a partly covered image are only not assessed.
+
+    Args:
+        path: landmark CSV file (x, y, z in LPS mm).
+        fixed_grid: grid of the fixed image.
+        fixed_path: fixed image path, named in the message.
+
+    Returns:
+        The ``LandmarkTable``.
+
+    Raises:
+        InputError: when the table has no rows or no point lies inside the fixed image.
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: for a malformed CSV (see ``scripts.data.landmark_csv.read_landmarks``).
+    """
     table = read_landmarks(path)
     if len(table) == 0:
         raise InputError(f"landmarks {path}: the table has a header but no rows")
@@ -74,6 +88,17 @@ def with_predictions(
     CNN decoders) and ``extra_columns`` (name -> ``[N]`` floats, e.g. ``error_mm``); every predicted column is empty
     where ``inside`` is 0 (default: where the probabilities are all 0). ``pred`` is argmax(class_weights * p) when
     ``class_weights`` are given (the probabilities are written as they are).
+
+    Args:
+        table: landmark table with N rows.
+        probabilities: ``[N, 3]`` class probabilities.
+        step_classes: optional ``[N, S]`` coarse group indices of the earlier LSTM steps.
+        extra_columns: optional column name -> ``[N]`` floats.
+        class_weights: optional per-class weights of the ``pred`` decision.
+        inside: optional bool ``[N]`` of the assessed rows.
+
+    Returns:
+        A new ``LandmarkTable``.
     """
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(table), 3)
     inside = probabilities.sum(axis=1) > 0 if inside is None else np.asarray(inside, dtype=bool).reshape(len(table))
@@ -117,7 +142,20 @@ def write_landmark_predictions(
     class_weights: Optional[Sequence[float]] = None,
     inside: Optional[np.ndarray] = None,
 ) -> Path:
-    """Write ``with_predictions(table, ...)`` to ``path`` atomically."""
+    """Write ``with_predictions(table, ...)`` to ``path`` atomically.
+
+    Args:
+        path: output CSV file.
+        table: landmark table with N rows.
+        probabilities: ``[N, 3]`` class probabilities.
+        step_classes: optional ``[N, S]`` coarse group indices of the earlier LSTM steps.
+        extra_columns: optional column name -> ``[N]`` floats.
+        class_weights: optional per-class weights of the ``pred`` decision.
+        inside: optional bool ``[N]`` of the assessed rows.
+
+    Returns:
+        The written path.
+    """
     return write_landmarks(
         with_predictions(table, probabilities, step_classes, extra_columns, class_weights, inside), path
     )
@@ -125,7 +163,16 @@ def write_landmark_predictions(
 
 def sample_nearest(volume: np.ndarray, grid: Grid, points: np.ndarray) -> np.ndarray:
     """Values of a ``[C, z, y, x]`` volume on ``grid`` at the voxels nearest to physical points ``[N, 3]`` (mm) ->
-    ``[N, C]``."""
+    ``[N, C]``.
+
+    Args:
+        volume: ``[C, z, y, x]`` array on ``grid``.
+        grid: grid of the volume.
+        points: ``[N, 3]`` physical points, LPS mm (x-y-z order); indices are clipped to the grid.
+
+    Returns:
+        Array ``[N, C]`` of ``volume``'s dtype.
+    """
     index = np.rint(grid.continuous_index(points)).astype(int)  # (x, y, z)
     index = np.clip(index, 0, np.asarray(grid.size) - 1)
     return np.asarray(volume)[:, index[:, 2], index[:, 1], index[:, 0]].T

@@ -48,7 +48,18 @@ def _axis_weights(index: np.ndarray, factor: int, size: int) -> tuple[np.ndarray
 
 def dvf_at_voxels(coarse: np.ndarray, factor: int, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Dense field ``[3, len(z), len(y), len(x)]`` at the 1 mm voxel grid ``z x y x x`` from the coarse ``[3, ...]``
-    field whose sample j lies on voxel ``factor * j`` (linear in between; outside: nearest edge)."""
+    field whose sample j lies on voxel ``factor * j`` (linear in between; outside: nearest edge).
+
+    Args:
+        coarse: coarse ``[3, cz, cy, cx]`` field (mm, components x-y-z).
+        factor: coarse-grid spacing in 1 mm voxels.
+        z: 1 mm voxel indices along z.
+        y: 1 mm voxel indices along y.
+        x: 1 mm voxel indices along x.
+
+    Returns:
+        float32 array ``[3, len(z), len(y), len(x)]``, mm.
+    """
     weights = [_axis_weights(np.asarray(i), factor, n) for i, n in zip((z, y, x), coarse.shape[1:])]
     box = tuple(slice(int(lo.min()), int(hi.max()) + 1) for lo, hi, _ in weights)
     out = coarse[(slice(None),) + box]  # only the block that is needed
@@ -61,26 +72,65 @@ def dvf_at_voxels(coarse: np.ndarray, factor: int, z: np.ndarray, y: np.ndarray,
 
 
 def centred_range(centre: int, count: int, step: int = 1) -> np.ndarray:
-    """``count`` (odd) indices spaced ``step`` centred on ``centre``."""
+    """``count`` (odd) indices spaced ``step`` centred on ``centre``.
+
+    Args:
+        centre: central index.
+        count: number of indices (odd).
+        step: spacing of the indices.
+
+    Returns:
+        int array of ``count`` indices.
+    """
     half = count // 2
     return centre + step * np.arange(-half, half + 1)
 
 
 def magnitude_patch(coarse: np.ndarray, factor: int, centre, size: int = LATENT_SIZE) -> np.ndarray:
-    """``[1, size, size, size]`` |u| (mm) on the 1 mm voxels around ``centre`` (z, y, x)."""
+    """``[1, size, size, size]`` |u| (mm) on the 1 mm voxels around ``centre`` (z, y, x).
+
+    Args:
+        coarse: coarse ``[3, cz, cy, cx]`` field (mm, components x-y-z).
+        factor: coarse-grid spacing in 1 mm voxels.
+        centre: 1 mm voxel index (z, y, x) of the patch centre.
+        size: patch edge in voxels (odd; default ``LATENT_SIZE``).
+
+    Returns:
+        float32 array ``[1, size, size, size]``, mm.
+    """
     dvf = dvf_at_voxels(coarse, factor, *(centred_range(c, size) for c in centre))
     return np.sqrt((dvf**2).sum(axis=0, keepdims=True))
 
 
 def dvf_patch(coarse: np.ndarray, factor: int, centre, level: int, size: int = REGNET_OUTPUT_SIZE) -> np.ndarray:
-    """``[3, size, size, size]`` DVF (mm, components x, y, z) on the level-``level`` samples around ``centre``."""
+    """``[3, size, size, size]`` DVF (mm, components x, y, z) on the level-``level`` samples around ``centre``.
+
+    Args:
+        coarse: coarse ``[3, cz, cy, cx]`` field (mm, components x-y-z).
+        factor: coarse-grid spacing in 1 mm voxels.
+        centre: 1 mm voxel index (z, y, x) of the patch centre.
+        level: sample spacing of the patch in 1 mm voxels (4, 2 or 1).
+        size: patch edge in samples (odd; default ``REGNET_OUTPUT_SIZE``).
+
+    Returns:
+        float32 array ``[3, size, size, size]``, mm.
+    """
     return dvf_at_voxels(coarse, factor, *(centred_range(c, size, level) for c in centre))
 
 
 # ---------------------------------------------------------------------------------------------- centre sampling
 def candidate_centres(mask: np.ndarray, margin: int, step: int = CENTRE_STEP) -> np.ndarray:
     """``[N, 3]`` voxel indices (z, y, x) on multiples of ``step`` inside ``mask`` and ``margin`` voxels from the
-    volume border."""
+    volume border.
+
+    Args:
+        mask: ``(z, y, x)`` bool mask of allowed centres.
+        margin: minimum distance from the volume border, voxels.
+        step: spacing of the candidate indices, voxels.
+
+    Returns:
+        int64 array ``[N, 3]`` (z, y, x); ``[0, 3]`` when the volume is smaller than the margins.
+    """
     axes = []
     for n in mask.shape:
         first = int(math.ceil(margin / step)) * step
@@ -94,7 +144,16 @@ def candidate_centres(mask: np.ndarray, margin: int, step: int = CENTRE_STEP) ->
 
 def magnitude_at(coarse: np.ndarray, factor: int, centres: np.ndarray) -> np.ndarray:
     """|u| (mm) at 1 mm voxels ``centres`` ``[N, 3]``; exact coarse samples when the indices are multiples of
-    ``factor``."""
+    ``factor``.
+
+    Args:
+        coarse: coarse ``[3, cz, cy, cx]`` field (mm, components x-y-z).
+        factor: coarse-grid spacing in 1 mm voxels.
+        centres: ``[N, 3]`` 1 mm voxel indices (z, y, x).
+
+    Returns:
+        float32 array ``[N]`` of |u|, mm.
+    """
     if len(centres) == 0:
         return np.zeros(0, dtype=np.float32)
     if np.all(centres % factor == 0):
@@ -106,7 +165,15 @@ def magnitude_at(coarse: np.ndarray, factor: int, centres: np.ndarray) -> np.nda
 
 
 def magnitude_classes(magnitude: np.ndarray, thresholds=CLASS_THRESHOLDS_MM) -> np.ndarray:
-    """Class index 0, 1, 2 of |u| for [0,3), [3,6), [6,inf) mm (the edge value belongs to the upper class)."""
+    """Class index 0, 1, 2 of |u| for [0,3), [3,6), [6,inf) mm (the edge value belongs to the upper class).
+
+    Args:
+        magnitude: |u| values, mm (any shape).
+        thresholds: increasing class boundaries, mm (default ``CLASS_THRESHOLDS_MM``).
+
+    Returns:
+        int array of the same shape as ``magnitude``.
+    """
     return np.searchsorted(np.asarray(thresholds), magnitude, side="right")
 
 
@@ -138,7 +205,15 @@ class BalancedCentreSampler:
         self.effective_probabilities = p / p.sum()
 
     def sample(self, rng: np.random.RandomState, count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """``count`` centres ``[count, 3]`` and their classes."""
+        """``count`` centres ``[count, 3]`` and their classes.
+
+        Args:
+            rng: random state.
+            count: number of centres to draw.
+
+        Returns:
+            Tuple ``(centres, classes)``: int64 ``[count, 3]`` voxel indices (z, y, x) and ``[count]`` class indices.
+        """
         classes = rng.choice(len(self.by_class), size=count, p=self.effective_probabilities)
         picks = np.array([self.by_class[k][rng.randint(len(self.by_class[k]))] for k in classes], dtype=np.int64)
         return self.centres[picks], classes
@@ -147,7 +222,17 @@ class BalancedCentreSampler:
 # ------------------------------------------------------------------------------------------------ image patches
 def crop_with_background(volume: torch.Tensor, centre, size: int = PATCH_SIZE, fill: float = BACKGROUND_HU):
     """``[C, size, size, size]`` crop of ``volume`` ``[C, z, y, x]`` centred on sample ``centre``; outside the
-    volume: ``fill``. (Copied through numpy: 2-4x faster than a strided torch copy on CPU.)"""
+    volume: ``fill``. (Copied through numpy: 2-4x faster than a strided torch copy on CPU.)
+
+    Args:
+        volume: ``[C, z, y, x]`` tensor or array.
+        centre: sample index (z, y, x) of the crop centre.
+        size: crop edge in samples (default ``PATCH_SIZE``).
+        fill: value outside the volume (default ``BACKGROUND_HU``).
+
+    Returns:
+        Tensor ``[C, size, size, size]`` with the dtype of ``volume``.
+    """
     half = size // 2
     source = volume.numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     out = np.full((source.shape[0], size, size, size), fill, dtype=source.dtype)
@@ -165,7 +250,16 @@ def crop_with_background(volume: torch.Tensor, centre, size: int = PATCH_SIZE, f
 
 def pair_pyramid(fixed: np.ndarray, deformed: np.ndarray, levels=LEVELS) -> dict[int, torch.Tensor]:
     """Levels ``{s: [2, z_s, y_s, x_s]}`` of the pair (channel 0 fixed, 1 deformed), each from the 1 mm images with
-    the smoothing down-sampling of scripts.transforms.pyramid."""
+    the smoothing down-sampling of scripts.transforms.pyramid.
+
+    Args:
+        fixed: ``(z, y, x)`` fixed image at 1 mm, HU.
+        deformed: ``(z, y, x)`` deformed image on the same grid, HU.
+        levels: down-sampling factors (default ``LEVELS`` = 4, 2, 1).
+
+    Returns:
+        Dict level -> float32 tensor ``[2, z_s, y_s, x_s]``.
+    """
     pair = torch.stack([torch.as_tensor(fixed, dtype=torch.float32), torch.as_tensor(deformed, dtype=torch.float32)])
     if FIXED_CHANNEL != 0:
         pair = pair.flip(0)
@@ -177,7 +271,22 @@ def misalignment_sample(
 ) -> dict:
     """Inputs and target of the misalignment network at 1 mm voxel ``centre`` (multiples of 4): the encoder windows
     of every level (101^3 for the paper's 25^3 output block; ``window_sizes`` for a larger ``output_size``) and
-    |u| on the ``output_size``^3 block."""
+    |u| on the ``output_size``^3 block.
+
+    Args:
+        pyramid: ``pair_pyramid`` of the pair (levels 4, 2, 1).
+        coarse_dvf: coarse ``[3, cz, cy, cx]`` field (mm, components x-y-z).
+        factor: coarse-grid spacing in 1 mm voxels.
+        centre: 1 mm voxel index (z, y, x), multiples of ``CENTRE_STEP``.
+        output_size: edge of the |u| block in voxels (default ``LATENT_SIZE``).
+
+    Returns:
+        Dict with ``image_4mm``, ``image_2mm``, ``image_1mm`` (``[2, n, n, n]`` tensors), ``magnitude``
+        (``[1, output_size, output_size, output_size]`` float32, mm) and ``centre`` (tensor of 3 indices).
+
+    Raises:
+        ValueError: when ``centre`` is not a multiple of ``CENTRE_STEP`` on every axis.
+    """
     centre = [int(c) for c in centre]
     if any(c % CENTRE_STEP for c in centre):
         raise ValueError(f"patch centre {centre} must be a multiple of {CENTRE_STEP} on every axis")
@@ -189,7 +298,21 @@ def misalignment_sample(
 
 
 def regnet_sample(pyramid: dict[int, torch.Tensor], coarse_dvf: np.ndarray, factor: int, centre, level: int) -> dict:
-    """RegNet pre-training sample of level ``level``: ``image`` [2,101^3] and ``dvf`` [3,21^3] (mm, x y z)."""
+    """RegNet pre-training sample of level ``level``: ``image`` [2,101^3] and ``dvf`` [3,21^3] (mm, x y z).
+
+    Args:
+        pyramid: ``pair_pyramid`` of the pair.
+        coarse_dvf: coarse ``[3, cz, cy, cx]`` field (mm, components x-y-z).
+        factor: coarse-grid spacing in 1 mm voxels.
+        centre: 1 mm voxel index (z, y, x), multiples of ``level``.
+        level: pyramid level (4, 2 or 1 mm).
+
+    Returns:
+        Dict with ``image`` (``[2, 101, 101, 101]`` tensor), ``dvf`` (``[3, 21, 21, 21]`` float32, mm) and ``centre``.
+
+    Raises:
+        ValueError: when ``centre`` is not a multiple of ``level`` on every axis.
+    """
     centre = [int(c) for c in centre]
     if any(c % level for c in centre):
         raise ValueError(f"patch centre {centre} must be a multiple of the level {level}")
@@ -202,7 +325,19 @@ def regnet_sample(pyramid: dict[int, torch.Tensor], coarse_dvf: np.ndarray, fact
 
 # --------------------------------------------------------------------------------------------- loading of pairs
 def read_datalist(datalist: str | Path, split: str = "training") -> list[dict]:
-    """Entries of ``split`` in a prepare_data datalist with paths made absolute."""
+    """Entries of ``split`` in a prepare_data datalist with paths made absolute.
+
+    Args:
+        datalist: JSON datalist written by ``scripts.data.prepare_data``.
+        split: key of the entries to read, e.g. "training" or "validation".
+
+    Returns:
+        List of entry dicts; ``fixed``, ``deformed``, ``dvf``, ``body_mask`` and ``lung_mask`` are absolute paths.
+
+    Raises:
+        FileNotFoundError: when ``datalist`` does not exist.
+        ValueError: when it holds no entries under ``split``.
+    """
     path = Path(datalist)
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist; run python -m scripts.data.prepare_data first")
@@ -214,7 +349,19 @@ def read_datalist(datalist: str | Path, split: str = "training") -> list[dict]:
 
 
 def load_pair(entry: dict, levels=LEVELS) -> dict:
-    """Read one prepared pair: pyramid of (fixed, deformed), coarse DVF ``[3, ...]`` and its factor, masks."""
+    """Read one prepared pair: pyramid of (fixed, deformed), coarse DVF ``[3, ...]`` and its factor, masks.
+
+    Args:
+        entry: datalist entry with ``fixed``, ``deformed``, ``dvf``, ``body_mask`` and ``lung_mask`` paths.
+        levels: not used; the pyramid always has ``LEVELS``.
+
+    Returns:
+        Dict with ``pyramid`` (``pair_pyramid``), ``dvf`` (float32 ``[3, cz, cy, cx]``, mm), ``factor`` (int) and
+        ``body_mask``, ``lung_mask`` (bool ``(z, y, x)``).
+
+    Raises:
+        FileNotFoundError: when one of the entry's files does not exist.
+    """
     for key in ("fixed", "deformed", "dvf", "body_mask", "lung_mask"):
         if not Path(entry[key]).is_file():
             raise FileNotFoundError(f"{entry[key]} ({key} of scan {entry.get('scan')}) does not exist")

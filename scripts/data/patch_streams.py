@@ -20,7 +20,17 @@ PAIR_FILE_KEYS = ("fixed", "deformed", "dvf", "body_mask", "lung_mask")
 
 def check_pair_files(entries: list, source: str = "datalist", keys: tuple = PAIR_FILE_KEYS) -> None:
     """Raise FileNotFoundError naming the missing files of datalist ``entries`` (absolute paths under ``keys``), if
-    any, or ValueError if entries lack keys (a datalist of another kind)."""
+    any, or ValueError if entries lack keys (a datalist of another kind).
+
+    Args:
+        entries: datalist entries with absolute paths.
+        source: name of the datalist in the message.
+        keys: entry keys that must name existing files.
+
+    Raises:
+        ValueError: when an entry lacks one of ``keys``.
+        FileNotFoundError: when a named file does not exist.
+    """
     missing = [str(e[k]) for e in entries for k in keys if k in e and not Path(e[k]).is_file()]
     absent_keys = sorted({k for e in entries for k in keys if k not in e})
     if absent_keys:

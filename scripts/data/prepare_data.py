@@ -47,7 +47,18 @@ def scan_name(path: Path) -> str:
 
 
 def find_scans(data_dir: str | Path, scans=None) -> list[Path]:
-    """CT files in ``data_dir`` (optionally only the named ones), with clear errors for missing ones."""
+    """CT files in ``data_dir`` (optionally only the named ones), with clear errors for missing ones.
+
+    Args:
+        data_dir: folder of the CT files (``SCAN_SUFFIXES``).
+        scans: optional scan name or list of names (file names without suffix); None takes every scan.
+
+    Returns:
+        Paths of the scans, sorted by name (or in the order of ``scans``).
+
+    Raises:
+        FileNotFoundError: when ``data_dir`` is not a folder, holds no scan, or lacks a named scan.
+    """
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir {root} is not a directory")
@@ -64,12 +75,22 @@ def find_scans(data_dir: str | Path, scans=None) -> list[Path]:
 
 
 def write_image(image: sitk.Image, path: Path) -> None:
-    """Atomic write with fast compression (level 1: the dataset is large and rewritten rarely)."""
+    """Atomic write with fast compression (level 1: the dataset is large and rewritten rarely).
+
+    Args:
+        image: image to write.
+        path: output file.
+    """
     atomic_write_image(image, path, level=1)
 
 
 def write_json(data, path: Path) -> None:
-    """Atomic JSON write."""
+    """Atomic JSON write.
+
+    Args:
+        data: JSON-serialisable object.
+        path: output file (indent 1).
+    """
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
@@ -77,7 +98,17 @@ def resample_isotropic(
     image: sitk.Image, spacing_mm: float = 1.0, interpolator=sitk.sitkBSpline, default_value: float = -1024.0
 ) -> sitk.Image:
     """``image`` on an axis-aligned (identity direction) grid of ``spacing_mm`` covering its bounding box; cubic
-    B-spline for images (float32), nearest neighbour for masks (pass ``sitk.sitkNearestNeighbor``)."""
+    B-spline for images (float32), nearest neighbour for masks (pass ``sitk.sitkNearestNeighbor``).
+
+    Args:
+        image: 3-D image or mask.
+        spacing_mm: isotropic output voxel size, mm.
+        interpolator: SimpleITK interpolator; ``sitk.sitkNearestNeighbor`` keeps the pixel type (masks).
+        default_value: value outside the image, HU.
+
+    Returns:
+        The resampled SimpleITK image (float32 unless nearest neighbour).
+    """
     size = np.array(image.GetSize())
     corners = [
         image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
@@ -100,13 +131,34 @@ def resample_isotropic(
 
 
 def pair_seed(seed: int, scan: str, index: int, max_deformation_mm: float) -> int:
-    """Seed of one pair from the run seed, scan name, pair index and M: reproducible and order-independent."""
+    """Seed of one pair from the run seed, scan name, pair index and M: reproducible and order-independent.
+
+    Args:
+        seed: run seed.
+        scan: scan name.
+        index: pair index within the scan.
+        max_deformation_mm: maximum deformation M, mm (rounded to 0.01 mm).
+
+    Returns:
+        A 32-bit unsigned seed.
+    """
     words = [int(seed), zlib.crc32(scan.encode()), int(index), int(round(100 * max_deformation_mm))]
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def prepare_scan(path: Path, scan_dir: Path) -> dict:
-    """1 mm image, body and lung masks of a scan (cached in ``scan_dir``); the masked fixed image too."""
+    """1 mm image, body and lung masks of a scan (cached in ``scan_dir``); the masked fixed image too.
+
+    Args:
+        path: CT file.
+        scan_dir: cache folder of the scan.
+
+    Returns:
+        Dict with the paths ``image_1mm``, ``body_mask``, ``lung_mask`` and ``fixed`` (all NIfTI in ``scan_dir``).
+
+    Raises:
+        ValueError: for a scan that is not 3-D, is empty or has no lung (from ``check_3d_image`` and ``ct_masks``).
+    """
     files = {k: scan_dir / f"{k}.nii.gz" for k in ("image_1mm", "body_mask", "lung_mask", "fixed")}
     if not all(f.is_file() for f in files.values()):
         raw = sitk.ReadImage(str(path), sitk.sitkFloat32)
@@ -121,7 +173,20 @@ def prepare_scan(path: Path, scan_dir: Path) -> dict:
 
 
 def make_pair(scan_files: dict, dvf_type: str, variant: int, next_image: bool, seed: int, settings, options: dict):
-    """Generate one pair; returns SimpleITK images fixed, deformed, dvf, body, lung (fixed None: the scan's)."""
+    """Generate one pair; returns SimpleITK images fixed, deformed, dvf, body, lung (fixed None: the scan's).
+
+    Args:
+        scan_files: the scan's files from ``prepare_scan``.
+        dvf_type: one of ``DVF_TYPES``.
+        variant: parameter variant of the DVF type.
+        next_image: first warp the scan by a random "next image" field.
+        seed: seed of every random draw of the pair.
+        settings: ``DVFSettings`` for the pair's maximum deformation.
+        options: keyword arguments of ``scripts.transforms.artificial_intensity.deform_image`` (sponge, noise).
+
+    Returns:
+        Tuple ``(fixed, deformed, dvf, body, lung)`` of SimpleITK images; ``fixed`` is None unless ``next_image``.
+    """
     data = {
         "image": sitk.ReadImage(str(scan_files["image_1mm"]), sitk.sitkFloat32),
         "body_mask": sitk.ReadImage(str(scan_files["body_mask"])),
@@ -159,6 +224,28 @@ def run(
     ``max_deformation_mm`` defaults to 10 (misalignment network) or, with ``regnet_level`` 4/2/1, to 20/15/7.
     ``validation_scans`` go to the "validation" list, the others to "training". A scan that is 2-D, empty or has
     no lung stops the run with its file named (``skip_bad_scans=True``: skipped with a message instead).
+
+    Args:
+        data_dir: folder of the CT scans.
+        output_dir: folder of the scans' cache (``scans/``), the pairs (``pairs/``) and ``datalist.json``.
+        dvfs_per_scan: pairs per scan (at least 1; 28 is the paper's).
+        max_deformation_mm: maximum deformation M per axis, mm (default see above).
+        seed: run seed (each pair's seed comes from ``pair_seed``).
+        scans: optional scan name or names to use (default: every scan in ``data_dir``).
+        validation_scans: scan name(s) listed under "validation".
+        regnet_level: None for misalignment-network pairs, or 4, 2, 1 for RegNet pre-training pairs.
+        noise_sigma_hu: sigma of the Gaussian noise added to the deformed image, HU.
+        noise_mean_range_hu: the noise mean is drawn from U(-range, range), HU; 0 keeps it 0.
+        sponge: apply the sponge model (mass preservation in the lung).
+        skip_bad_scans: skip a bad scan with a message instead of stopping.
+
+    Returns:
+        Path of the datalist.
+
+    Raises:
+        ValueError: for a bad ``regnet_level`` or ``dvfs_per_scan``, a bad scan (without ``skip_bad_scans``), or when
+            every scan was skipped.
+        FileNotFoundError: when ``data_dir`` is not a folder, holds no scan, or lacks a named scan.
     """
     if regnet_level is not None and regnet_level not in REGNET_MAX_DEFORMATION_MM:
         raise ValueError(f"regnet_level must be one of {sorted(REGNET_MAX_DEFORMATION_MM)}, got {regnet_level}")

@@ -47,7 +47,20 @@ def _locate(name: str, folder: Path) -> str:
 
 def read_registered_datalist(datalist: str | Path, split: str = "training", estimate_key: str = ESTIMATE_KEY) -> list:
     """Entries of ``split`` in a registered-pairs datalist, each with ``residual`` (the path of its estimate r);
-    a ValueError or FileNotFoundError names the datalist and the pair that lacks a file."""
+    a ValueError or FileNotFoundError names the datalist and the pair that lacks a file.
+
+    Args:
+        datalist: registered-pairs datalist (JSON).
+        split: datalist key, e.g. "training" or "validation".
+        estimate_key: record key of the re-registration estimate.
+
+    Returns:
+        List of entries with absolute paths under ``PAIR_KEYS`` and ``residual``.
+
+    Raises:
+        FileNotFoundError: when the datalist or a pair's file does not exist.
+        ValueError: when ``split`` has no entries or a pair lacks its estimate or a key.
+    """
     path = Path(datalist)
     if not path.is_file():
         raise FileNotFoundError(
@@ -85,7 +98,16 @@ def read_vector(path: str) -> np.ndarray:
 def load_registered_pair(entry: dict, residual_pyramid: bool = False) -> dict:
     """Pyramid of (F, D), the exact residual e (``residual_true``, the target field, factor 1), the estimate r
     (``residual``) and the masks of one registered pair; with ``residual_pyramid`` also r's levels
-    (``residual_pyramid``, the images' smoothing down-sampling) for encoders that read r."""
+    (``residual_pyramid``, the images' smoothing down-sampling) for encoders that read r.
+
+    Args:
+        entry: datalist entry from ``read_registered_datalist``.
+        residual_pyramid: also compute r's levels 4, 2, 1 mm.
+
+    Returns:
+        Dict with ``pyramid``, ``residual_true`` and ``residual`` (float32 ``[3, z, y, x]``, mm), ``factor`` (1),
+        ``body_mask``, ``lung_mask`` (bool ``(z, y, x)``) and, if asked, ``residual_pyramid`` (level -> tensor).
+    """
     fixed = sitk.GetArrayFromImage(sitk.ReadImage(entry["fixed"]))
     residual = read_vector(entry["residual"])
     pair = {

@@ -39,7 +39,16 @@ MARGIN_MM = 30.0  # the simulated second time point extends this far beyond the 
 
 
 def crop_and_resample(scan: sitk.Image, box: Tuple[Sequence[float], Sequence[float]], spacing: float) -> sitk.Image:
-    """The part of ``scan`` inside the physical ``box`` on an identity-direction grid of ``spacing`` mm (int16)."""
+    """The part of ``scan`` inside the physical ``box`` on an identity-direction grid of ``spacing`` mm (int16).
+
+    Args:
+        scan: CT image, HU.
+        box: lower and upper corner of the crop, LPS mm (x-y-z order).
+        spacing: isotropic output voxel size, mm.
+
+    Returns:
+        int16 SimpleITK image, HU clamped to [-1024, 3071] (``AIR_HU`` outside the scan).
+    """
     lower, upper = np.asarray(box[0], float), np.asarray(box[1], float)
     size = [int(v) for v in np.floor((upper - lower) / spacing) + 1]
     reference = sitk.Image(size, sitk.sitkInt16)
@@ -58,7 +67,19 @@ def true_deformation(
     local_mm: float = 9.0,
 ) -> sitk.DisplacementFieldTransform:
     """The known deformation S as a displacement field on the fixed grid: cranio-caudal diaphragm motion fading from
-    the lung base to the lung top, antero-posterior expansion, plus a random smooth local field; inside the body."""
+    the lung base to the lung top, antero-posterior expansion, plus a random smooth local field; inside the body.
+
+    Args:
+        fixed: image whose grid the field lies on.
+        body: body mask on the same grid.
+        lung: lung mask on the same grid (must not be empty).
+        seed: seed of the random local field.
+        breathing_mm: cranio-caudal motion at the lung base, mm.
+        local_mm: amplitude of the random local control points, mm.
+
+    Returns:
+        The deformation S as a ``sitk.DisplacementFieldTransform`` (float64 field on ``fixed``'s grid, mm).
+    """
     rng = np.random.default_rng(seed)
     spacing = np.asarray(fixed.GetSpacing())
     shape = sitk.GetArrayViewFromImage(fixed).shape  # (z, y, x)
@@ -85,7 +106,17 @@ def true_deformation(
 
 
 def make_moving(fixed: sitk.Image, body: sitk.Image, deformation: sitk.Transform, seed: int) -> sitk.Image:
-    """The second time point: ``fixed`` warped by ``deformation`` (cubic B-spline) plus 10 HU noise in the body."""
+    """The second time point: ``fixed`` warped by ``deformation`` (cubic B-spline) plus 10 HU noise in the body.
+
+    Args:
+        fixed: image to warp, HU.
+        body: body mask on the same grid (noise is added inside the warped body).
+        deformation: the deformation S (e.g. from ``true_deformation``).
+        seed: the noise uses ``seed + 1``.
+
+    Returns:
+        int16 SimpleITK image on ``fixed``'s grid, HU clipped to [-1024, 3071].
+    """
     moving = sitk.Resample(sitk.Cast(fixed, sitk.sitkFloat32), fixed, deformation, sitk.sitkBSpline, AIR_HU)
     moved_body = sitk.Resample(body, fixed, deformation, sitk.sitkNearestNeighbor, 0)
     array = sitk.GetArrayFromImage(moving)
@@ -98,7 +129,17 @@ def make_moving(fixed: sitk.Image, body: sitk.Image, deformation: sitk.Transform
 
 def register(fixed: sitk.Image, moving: sitk.Image, bspline_iterations: int = 20, seed: int = 0) -> sitk.Transform:
     """A quick SimpleITK registration (fixed -> moving points): affine, then a 40 mm B-spline with few iterations,
-    both Mattes mutual information on a 3-level pyramid."""
+    both Mattes mutual information on a 3-level pyramid.
+
+    Args:
+        fixed: fixed image.
+        moving: moving image.
+        bspline_iterations: L-BFGS-B iterations of the B-spline stage.
+        seed: seed of the random metric sampling (5 % of the voxels).
+
+    Returns:
+        ``sitk.CompositeTransform`` of the affine and B-spline transforms (maps fixed to moving points).
+    """
     f, m = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
 
     def method(iterations: int) -> sitk.ImageRegistrationMethod:
@@ -126,7 +167,19 @@ def register(fixed: sitk.Image, moving: sitk.Image, bspline_iterations: int = 20
 
 
 def invert_at_points(transform: sitk.Transform, points: np.ndarray, iterations: int = 50) -> np.ndarray:
-    """``S^-1(x)`` for ``S(y) = y + u(y)`` at points ``[N, 3]`` by fixed-point iteration ``y <- x - u(y)``."""
+    """``S^-1(x)`` for ``S(y) = y + u(y)`` at points ``[N, 3]`` by fixed-point iteration ``y <- x - u(y)``.
+
+    Args:
+        transform: the transform S.
+        points: ``[N, 3]`` physical points, LPS mm.
+        iterations: number of fixed-point iterations.
+
+    Returns:
+        float array ``[N, 3]`` of ``S^-1(points)``, LPS mm.
+
+    Raises:
+        RuntimeError: when ``S`` of the result misses ``points`` by more than 0.01 mm.
+    """
     out = np.array(points, dtype=float)
     for _ in range(iterations):
         displaced = np.array([transform.TransformPoint(tuple(p)) for p in out])
@@ -146,7 +199,20 @@ def make_sample_pair(
     box: Tuple[Sequence[float], Sequence[float]] = DEFAULT_BOX,
 ) -> dict:
     """Write ``fixed.nii.gz``, ``moving.nii.gz`` (registered, on the fixed grid) and ``landmarks.csv``
-    (id, x, y, z, tre) to ``output_dir``; returns a summary of the true residual errors."""
+    (id, x, y, z, tre) to ``output_dir``; returns a summary of the true residual errors.
+
+    Args:
+        scan_path: source CT file.
+        output_dir: folder of the written files.
+        spacing: isotropic voxel size of the pair, mm.
+        seed: seed of the deformation, noise and registration sampling.
+        landmark_count: number of landmarks to select in the lungs.
+        box: crop box of the fixed image, lower and upper corner, LPS mm.
+
+    Returns:
+        Dict with ``size`` (x, y, z voxels), ``tre_before_mean``, ``tre_mean``, ``tre_max`` (mm) and ``classes``
+        (landmark counts per class).
+    """
     scan = sitk.ReadImage(str(scan_path))
     fixed = crop_and_resample(scan, box, spacing)
     _, lung = ct_masks(fixed, str(scan_path))

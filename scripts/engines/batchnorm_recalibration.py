@@ -29,6 +29,17 @@ def recalibrate_batchnorm(network: nn.Module, batches: Iterable, forward) -> int
     """Replace every BatchNorm's running mean/variance by the average over ``forward(network, batch)`` calls.
 
     Returns the number of batches seen; the network is left in eval mode with its momenta restored.
+
+    Args:
+        network: the network (modified in place).
+        batches: iterable of inputs passed to ``forward``.
+        forward: callable ``forward(network, batch)`` that runs the network on one batch.
+
+    Returns:
+        Number of batches seen.
+
+    Raises:
+        ValueError: when ``batches`` yields nothing.
     """
     norms = [m for m in network.modules() if isinstance(m, _BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -60,6 +71,16 @@ def run(
 
     ``checkpoint`` may be an exported state_dict or a trainer checkpoint (its ``network`` entry). Other keyword
     arguments override config ids as on the ``monai.bundle run`` command line (e.g. ``--dataset_dir D``).
+
+    Args:
+        config_file: training config.
+        checkpoint: weights to load (state_dict or trainer checkpoint).
+        output: state_dict file to write.
+        num_batches: maximum number of training batches used.
+        **overrides: config ids and values, e.g. ``dataset_dir``.
+
+    Returns:
+        ``output``.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
     parser = ConfigParser()

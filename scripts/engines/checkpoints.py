@@ -32,7 +32,15 @@ def cpu_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def atomic_torch_save(obj: object, path: Union[str, Path]) -> Path:
-    """``torch.save`` through ``scripts.utils.atomic_write.atomic_output`` (no half-written checkpoint on failure)."""
+    """``torch.save`` through ``scripts.utils.atomic_write.atomic_output`` (no half-written checkpoint on failure).
+
+    Args:
+        obj: object to save (e.g. a state_dict).
+        path: destination file.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     with atomic_output(path) as temporary:
         torch.save(obj, temporary)
     return Path(path)
@@ -53,7 +61,17 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, object]:
 
 
 def check_state_dict(state: Mapping[str, object], module: nn.Module, path: Union[str, Path], what: str) -> None:
-    """Raise ValueError naming ``path`` unless ``state`` has exactly ``module``'s keys and tensor shapes."""
+    """Raise ValueError naming ``path`` unless ``state`` has exactly ``module``'s keys and tensor shapes.
+
+    Args:
+        state: state_dict to check.
+        module: network it must fit.
+        path: checkpoint file, named in the message.
+        what: what ``module`` is, named in the message (e.g. "the 4 mm RegNet encoder").
+
+    Raises:
+        ValueError: listing missing keys, unexpected keys and shape mismatches.
+    """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -78,6 +96,16 @@ def load_regnet_encoders(net: nn.Module, checkpoint_pattern: str) -> nn.Module:
 
     A missing file leaves that encoder at its random initialisation (with a warning); a file of another
     architecture raises ValueError. Returns ``net``.
+
+    Args:
+        net: misalignment network with ``factors`` and ``encoders``.
+        checkpoint_pattern: path pattern with a ``{factor}`` field, e.g. ``models/regnet_{factor}mm.pt``.
+
+    Returns:
+        ``net``, initialised in place.
+
+    Raises:
+        ValueError: when a checkpoint cannot be read or does not fit its encoder.
     """
     for factor, encoder in zip(net.factors, net.encoders):
         path = Path(checkpoint_pattern.format(factor=factor))
@@ -96,7 +124,15 @@ def load_regnet_encoders(net: nn.Module, checkpoint_pattern: str) -> nn.Module:
 
 
 def zero_extend_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """A convolution ``weight [out, c, ...]`` with zero weights appended for ``in_channels - c`` more inputs."""
+    """A convolution ``weight [out, c, ...]`` with zero weights appended for ``in_channels - c`` more inputs.
+
+    Args:
+        weight: convolution weight ``[out, c, ...]``.
+        in_channels: number of input channels of the result (at least ``c``).
+
+    Returns:
+        Tensor ``[out, in_channels, ...]`` of ``weight``'s dtype and device.
+    """
     zeros = weight.new_zeros((weight.shape[0], in_channels - weight.shape[1]) + tuple(weight.shape[2:]))
     return torch.cat([weight, zeros], dim=1)
 
@@ -105,7 +141,15 @@ def widen_for_residual(state: Mapping[str, torch.Tensor], net: nn.Module) -> Dic
     """A 2-channel (``residual_input="none"``) MisalignmentNet state_dict fitted to ``net``'s residual-informed decoder:
     zero weights for the residual features after each 112-channel latent map, and for r in the encoders' first layer
     (``residual_input="encoders"``), so ``net`` starts with the old network's output. Tensors that already fit are
-    kept. Returns the new dict."""
+    kept. Returns the new dict.
+
+    Args:
+        state: state_dict of the image-only network.
+        net: residual-informed MisalignmentNet the state must fit.
+
+    Returns:
+        New state_dict (unchanged tensors are the same objects; ``residual_gate`` added as zeros if missing).
+    """
     features = RESIDUAL_FEATURES
     blocks = 3 if getattr(net, "decoder_name", "lstm") == "multi_cnn" else 1
     expected = net.state_dict()
@@ -132,7 +176,19 @@ def widen_for_residual(state: Mapping[str, torch.Tensor], net: nn.Module) -> Dic
 def load_network_weights(net: nn.Module, path: Union[str, Path] = "") -> nn.Module:
     """Initialise all of ``net`` from ``path`` (an exported state_dict or a trainer checkpoint; "" for none), e.g. to
     continue training the shipped ``models/model.pt`` in a fresh output folder on another machine. A residual-informed
-    ``net`` also takes the weights of the image-only network (its residual inputs start at zero). Returns ``net``."""
+    ``net`` also takes the weights of the image-only network (its residual inputs start at zero). Returns ``net``.
+
+    Args:
+        net: network to initialise.
+        path: exported state_dict or trainer checkpoint (its ``network`` entry is used); "" leaves ``net`` as it is.
+
+    Returns:
+        ``net``, initialised in place.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file is not a readable state_dict or does not fit ``net``.
+    """
     if not path:
         return net
     state = load_state_dict_file(path)
@@ -165,6 +221,17 @@ def resumable_checkpoint(directory: Union[str, Path], network: nn.Module, key: s
     """Path of the latest checkpoint in ``directory`` after checking ``checkpoint[key]`` fits ``network``; else None.
 
     Meant for ``CheckpointLoader(load_path=...)``, disabled when this returns None (a fresh run).
+
+    Args:
+        directory: checkpoint folder of the run.
+        network: network the checkpoint must fit.
+        key: entry of the checkpoint that holds the network's state_dict.
+
+    Returns:
+        Path of the latest checkpoint as a string, or None when there is none.
+
+    Raises:
+        ValueError: when the checkpoint has no ``key`` state_dict or it does not fit ``network``.
     """
     path = latest_checkpoint(directory)
     if path is None:

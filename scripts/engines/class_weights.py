@@ -32,7 +32,19 @@ logger = logging.getLogger(__name__)
 def write_class_weights(weights: str, labels: np.ndarray, probabilities: np.ndarray, fitted_on: dict, output: str):
     """Fit the class weights on training voxels ``labels [N]``, ``probabilities [N, 3]`` and write ``output`` with the
     sha256 of ``weights`` and what they were fitted on (``fitted_on`` plus voxel and class counts); returns the
-    record."""
+    record.
+
+    Args:
+        weights: network checkpoint the weights are fitted for (its sha256 is recorded).
+        labels: ``[N]`` true classes of the training voxels.
+        probabilities: ``[N, 3]`` the network's probabilities at those voxels.
+        fitted_on: description of the voxels (datalist, patches, seed, ...).
+        output: JSON file to write.
+
+    Returns:
+        The written record (``weights``, ``classes``, ``weights_sha256``, ``fitted_on``, ``mean_f1_fitted``,
+        ``mean_f1_argmax``).
+    """
     class_weights, score, plain = fit_class_weights(labels, probabilities)
     record = {
         "weights": class_weights,
@@ -61,7 +73,20 @@ def fit(
     **overrides,
 ) -> dict:
     """Predict ``num_patches`` generated patches of the config's TRAINING pairs (``patches_per_pair`` from each, the
-    training class balance) in eval mode, fit the class weights on their voxels and write ``output``."""
+    training class balance) in eval mode, fit the class weights on their voxels and write ``output``.
+
+    Args:
+        weights: network checkpoint.
+        output: JSON file to write.
+        config_file: training config.
+        num_patches: number of patches predicted.
+        patches_per_pair: patches drawn per training pair.
+        seed: seed of the patch draw.
+        **overrides: further config ids and values, e.g. ``dataset_dir``.
+
+    Returns:
+        The written record (see ``write_class_weights``).
+    """
     overrides = {
         "validate#patches#split": "training",
         "val_patches_per_pair": patches_per_pair,

@@ -19,6 +19,13 @@ def step_labels(magnitude: torch.Tensor, edges: Sequence[float]) -> torch.Tensor
 
     Same convention as ``scripts.networks.hierarchical_labels.hierarchical_labels`` (which takes a split name, not a
     decoder's edges).
+
+    Args:
+        magnitude: misalignment magnitudes, mm (any shape).
+        edges: the step's thresholds, mm (sorted here).
+
+    Returns:
+        int64 tensor of the shape of ``magnitude`` with group indices ``0 .. len(edges)``.
     """
     boundaries = torch.tensor(sorted(edges), dtype=magnitude.dtype, device=magnitude.device)
     return torch.bucketize(magnitude, boundaries, right=True)
@@ -70,11 +77,30 @@ class HierarchicalCrossEntropyLoss(nn.Module):
     def from_decoder(
         cls, decoder: nn.Module, class_weights: Optional[Sequence[float]] = None
     ) -> "HierarchicalCrossEntropyLoss":
-        """The loss matching a ``scripts.networks.decoders.MisalignmentDecoder`` (its steps, edges and groupings)."""
+        """The loss matching a ``scripts.networks.decoders.MisalignmentDecoder`` (its steps, edges and groupings).
+
+        Args:
+            decoder: the decoder (``step_edges``, ``num_steps``, ``step_grouping``).
+            class_weights: optional weights of the classes correct, poor, wrong (three positive numbers).
+
+        Returns:
+            The ``HierarchicalCrossEntropyLoss``.
+        """
         return cls(decoder.step_edges, [decoder.step_grouping(k) for k in range(decoder.num_steps)], class_weights)
 
     def step_losses(self, logits: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-        """Per-step mean NLL ``[steps]``; ``logits [B, steps, n_fine, D, H, W]``, ``magnitude [B, 1, D, H, W]`` mm."""
+        """Per-step mean NLL ``[steps]``; ``logits [B, steps, n_fine, D, H, W]``, ``magnitude [B, 1, D, H, W]`` mm.
+
+        Args:
+            logits: ``[B, steps, n_fine, D, H, W]`` logits.
+            magnitude: ``[B, 1, D, H, W]`` or ``[B, D, H, W]`` true misalignment magnitude, mm.
+
+        Returns:
+            float32 tensor ``[steps]``.
+
+        Raises:
+            ValueError: when the shapes of ``logits`` and ``magnitude`` do not fit the loss or each other.
+        """
         if logits.ndim != 6 or logits.shape[1] != len(self.step_edges):
             raise ValueError(f"expected logits [B, {len(self.step_edges)}, n_fine, D, H, W], got {tuple(logits.shape)}")
         if magnitude.ndim == logits.ndim - 1:
@@ -99,7 +125,15 @@ class HierarchicalCrossEntropyLoss(nn.Module):
         return torch.stack(losses)
 
     def forward(self, logits: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-        """Summed over steps, averaged over voxels and batch."""
+        """Summed over steps, averaged over voxels and batch.
+
+        Args:
+            logits: ``[B, steps, n_fine, D, H, W]`` logits.
+            magnitude: ``[B, 1, D, H, W]`` true misalignment magnitude, mm.
+
+        Returns:
+            Scalar tensor.
+        """
         return self.step_losses(logits, magnitude).sum()
 
 
@@ -143,7 +177,18 @@ class RegNetLoss(nn.Module):
         self.bending_weight = bending_weight
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``pred`` and ``target`` ``[B, 3, D, H, W]`` in mm."""
+        """``pred`` and ``target`` ``[B, 3, D, H, W]`` in mm.
+
+        Args:
+            pred: predicted DVF ``[B, 3, D, H, W]``, mm.
+            target: true DVF of the same shape, mm.
+
+        Returns:
+            Scalar float32 tensor.
+
+        Raises:
+            ValueError: when the two shapes differ.
+        """
         if pred.shape != target.shape:
             raise ValueError(f"predicted DVF {tuple(pred.shape)} and target DVF {tuple(target.shape)} differ in shape")
         pred = pred.float()

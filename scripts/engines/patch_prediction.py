@@ -21,7 +21,20 @@ def predict_patches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """True classes ``[N]`` and probabilities ``[N, 3]`` of every voxel of the config's ``validate#dataloader``
     patches, ``weights`` (exported state_dict or trainer checkpoint) loaded into ``network_def``, eval mode. Other
-    keyword arguments override config ids as on the ``monai.bundle run`` command line (``--dataset_dir``, ...)."""
+    keyword arguments override config ids as on the ``monai.bundle run`` command line (``--dataset_dir``, ...).
+
+    Args:
+        weights: network checkpoint (state_dict or trainer checkpoint).
+        config_file: training config.
+        threads: torch CPU threads; 0 leaves torch's setting.
+        **overrides: config ids and values, e.g. ``dataset_dir``.
+
+    Returns:
+        Tuple ``(labels, probabilities)``: int ``[N]`` true classes and float32 ``[N, 3]``.
+
+    Raises:
+        ValueError: when the dataloader gives no patch.
+    """
     if threads > 0:
         torch.set_num_threads(threads)
     parser = ConfigParser()

@@ -30,7 +30,16 @@ logger = logging.getLogger(__name__)
 
 
 def voxel_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
-    """Scores of ``probabilities [N, 3]`` (correct, poor, wrong) against true classes ``labels [N]``."""
+    """Scores of ``probabilities [N, 3]`` (correct, poor, wrong) against true classes ``labels [N]``.
+
+    Args:
+        labels: ``[N]`` true classes (0, 1, 2).
+        probabilities: ``[N, 3]`` class probabilities (their argmax is scored).
+
+    Returns:
+        Dict with ``voxels``, ``true_counts``, ``predicted_counts``, ``accuracy``, ``kappa``, ``f1_<class>``,
+        ``mean_f1`` and ``auc_<class>`` (None when a class is absent or the only one).
+    """
     predicted = probabilities.argmax(axis=1)
     scores: dict = {
         "voxels": int(labels.size),
@@ -58,7 +67,18 @@ def run(
     **overrides,
 ) -> dict:
     """Score ``weights`` on the config's validation patches (see ``predict_patches``) and print the scores as JSON;
-    with ``class_weights_file`` (scripts.engines.class_weights) also the scores of the class-weighted decision."""
+    with ``class_weights_file`` (scripts.engines.class_weights) also the scores of the class-weighted decision.
+
+    Args:
+        weights: network checkpoint.
+        config_file: training config.
+        threads: torch CPU threads; 0 leaves torch's setting.
+        class_weights_file: class-weights JSON; "" for the argmax only.
+        **overrides: config ids and values, e.g. ``dataset_dir``.
+
+    Returns:
+        The printed scores (``voxel_scores`` plus ``weights``, ``patches`` and, with weights, ``class_weighted``).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
     labels, probabilities = predict_patches(weights, config_file, threads, **overrides)
     scores = voxel_scores(labels, probabilities)

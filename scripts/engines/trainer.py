@@ -38,7 +38,16 @@ def as_bool(value: Union[bool, str, int]) -> bool:
 def to_device(
     module: nn.Module, device: Union[str, torch.device], channels_last: Union[bool, str] = False
 ) -> nn.Module:
-    """``module`` moved to ``device``, its 5-D weights in channels-last order if ``channels_last`` (config helper)."""
+    """``module`` moved to ``device``, its 5-D weights in channels-last order if ``channels_last`` (config helper).
+
+    Args:
+        module: network to move (in place).
+        device: target device.
+        channels_last: channels-last-3d memory format; a bool or a string such as "true".
+
+    Returns:
+        ``module``.
+    """
     memory_format = torch.channels_last_3d if as_bool(channels_last) else torch.contiguous_format
     return module.to(device=device, memory_format=memory_format)
 
@@ -73,7 +82,17 @@ class PatchTrainingNetwork(nn.Module):
         residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Three ``[B, 2, 101, 101, 101]`` HU patches (fixed, moving) centred on one point, and for a
-        residual-informed network the residual field ``[B, 3, 25, 25, 25]`` (mm) on the output voxels."""
+        residual-informed network the residual field ``[B, 3, 25, 25, 25]`` (mm) on the output voxels.
+
+        Args:
+            image_4mm: ``[B, 2, 101, 101, 101]`` patch of the 4 mm level, HU.
+            image_2mm: ``[B, 2, 101, 101, 101]`` patch of the 2 mm level, HU.
+            image_1mm: ``[B, 2, 101, 101, 101]`` patch of the 1 mm level, HU.
+            residual: ``[B, 3, 25, 25, 25]`` residual field (mm), or None.
+
+        Returns:
+            Logits ``[B, steps, n_fine, 25, 25, 25]``.
+        """
         return self.net.forward_patches(image_4mm, image_2mm, image_1mm, residual)
 
 

@@ -53,7 +53,15 @@ class MethodSpec:
 
 def residual_thresholds(source_csv: Path, output_csv: Path) -> Path:
     """What a user of plain re-registration does: |r| at each landmark (``residual_mm``) thresholded at 3 and
-    6 mm, one-hot probabilities and ``error_mm`` = |r| (from the calibrated re-registration's CSV)."""
+    6 mm, one-hot probabilities and ``error_mm`` = |r| (from the calibrated re-registration's CSV).
+
+    Args:
+        source_csv: prediction CSV of the calibrated re-registration (with a ``residual_mm`` column).
+        output_csv: CSV to write.
+
+    Returns:
+        The written path.
+    """
     table = read_landmarks(source_csv)
     magnitude = table.float_columns(["residual_mm"])[:, 0]
     one_hot = np.eye(3)[np.digitize(magnitude, CLASS_THRESHOLDS_MM)]
@@ -158,7 +166,22 @@ def run_bundle_predictor(
     ``python -m monai.bundle run --config_file C --fixed_image F --moving_image M --landmarks P --output_dir D``;
     the weights go in as ``--checkpoint``; "not run" when the config or the weights are missing (untrained output
     is never scored), "failed" when no ``<stem>_landmarks.csv`` appears. ``mask`` restricts the prediction to the
-    landmarks' neighbourhoods (``--mask``): the same values there, a fraction of the tiles."""
+    landmarks' neighbourhoods (``--mask``): the same values there, a fraction of the tiles.
+
+    Args:
+        fixed: fixed image file.
+        moving: registered moving image file.
+        landmarks: landmark CSV of fixed-image points.
+        output_dir: folder of the prediction CSV.
+        config_file: bundle config, relative to the bundle root.
+        weights: network weights relative to the bundle root, or None to pass no ``--checkpoint``.
+        overrides: extra command-line arguments of the bundle run.
+        timeout_s: time limit of the subprocess, seconds.
+        mask: optional mask file passed as ``--mask``.
+
+    Returns:
+        A ``PredictorRun`` with status "ran" (and the CSV), "not run" or "failed" (and the reason).
+    """
     config_file = BUNDLE_ROOT / config_file
     if not config_file.is_file():
         return PredictorRun("not run", reason=f"{config_file} does not exist yet")
@@ -201,7 +224,16 @@ def run_bundle_predictor(
 
 
 def run_majority(landmarks: Path, moving: Path, output_dir: Path) -> PredictorRun:
-    """The majority-class baseline: ``MAJORITY_CLASS`` for every landmark, one-hot probabilities."""
+    """The majority-class baseline: ``MAJORITY_CLASS`` for every landmark, one-hot probabilities.
+
+    Args:
+        landmarks: landmark CSV of fixed-image points.
+        moving: registered moving image file (its stem names the CSV).
+        output_dir: folder of the prediction CSV.
+
+    Returns:
+        A ``PredictorRun`` with status "ran" and the written CSV.
+    """
     start = time.perf_counter()
     table = read_landmarks(landmarks)
     n = len(table)
@@ -215,7 +247,17 @@ def run_majority(landmarks: Path, moving: Path, output_dir: Path) -> PredictorRu
 
 def run_baseline(spec: MethodSpec, fixed: Path, registration: dict, folder: Path) -> dict[str, PredictorRun]:
     """A "baseline" method on every setting at once (the fixed image is prepared once): "not run" when one of its
-    files is missing, "failed" (with the error) when it raises."""
+    files is missing, "failed" (with the error) when it raises.
+
+    Args:
+        spec: the method (its ``files`` and ``runner``).
+        fixed: fixed image file.
+        registration: registration log with ``image`` and ``points`` per setting.
+        folder: folder of the method's prediction CSVs.
+
+    Returns:
+        Dict setting -> ``PredictorRun``; a single entry for the first setting when it did not run or failed.
+    """
     missing = [f for f in spec.files if not (BUNDLE_ROOT / f).is_file()]
     first = next(iter(registration["settings"]))
     if missing:
@@ -234,7 +276,16 @@ def run_baseline(spec: MethodSpec, fixed: Path, registration: dict, folder: Path
 
 
 def run_derived(spec: MethodSpec, source: dict, folder: Path) -> dict[str, PredictorRun]:
-    """Re-label the CSVs of the method ``spec.source`` (it must have run before, in the same call)."""
+    """Re-label the CSVs of the method ``spec.source`` (it must have run before, in the same call).
+
+    Args:
+        spec: the method (its ``source``, ``files`` and ``relabel``).
+        source: the source method's entry (``status``, ``csv`` and ``seconds`` per setting).
+        folder: folder of the re-labelled CSVs.
+
+    Returns:
+        Dict setting -> ``PredictorRun`` (its seconds include the source's); a single "all" entry when it did not run.
+    """
     if source.get("status") != "ran" or spec.relabel is None:
         return {"all": PredictorRun("not run", reason=f"needs {spec.source!r}, which did not run")}
     missing = [f for f in spec.files if not bundle_path(f).is_file()]

@@ -46,7 +46,16 @@ def _array(path: str) -> np.ndarray:
 
 
 def local_ncc(a: np.ndarray, b: np.ndarray, size: int = WINDOW) -> np.ndarray:
-    """Normalised cross-correlation of ``a`` and ``b`` in ``size^3`` windows (0 where either is flat)."""
+    """Normalised cross-correlation of ``a`` and ``b`` in ``size^3`` windows (0 where either is flat).
+
+    Args:
+        a: ``(z, y, x)`` image, HU.
+        b: ``(z, y, x)`` image of the same shape, HU.
+        size: window edge, voxels.
+
+    Returns:
+        float32 array of the same shape.
+    """
     a, b = a.astype(np.float32), b.astype(np.float32)
     mean_a, mean_b = ndimage.uniform_filter(a, size), ndimage.uniform_filter(b, size)
     cov = ndimage.uniform_filter(a * b, size) - mean_a * mean_b
@@ -58,7 +67,16 @@ def local_ncc(a: np.ndarray, b: np.ndarray, size: int = WINDOW) -> np.ndarray:
 
 def jacobian_at(field: np.ndarray, points: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
     """det(I + dr/dx) at ``points`` [N, 3] (z, y, x) of a displacement ``field`` [z, y, x, 3] (x, y, z in mm), by
-    central differences; the points must lie at least one voxel inside the grid."""
+    central differences; the points must lie at least one voxel inside the grid.
+
+    Args:
+        field: ``[z, y, x, 3]`` displacement field (components x-y-z), mm.
+        points: ``[N, 3]`` integer voxel indices, z-y-x order.
+        spacing_zyx: voxel spacing in mm, z-y-x order.
+
+    Returns:
+        float array ``[N]`` of determinants.
+    """
     gradient = np.zeros((len(points), 3, 3))
     for axis in range(3):  # array axis z, y, x -> physical axis 2, 1, 0
         step = np.zeros(3, dtype=int)
@@ -70,7 +88,17 @@ def jacobian_at(field: np.ndarray, points: np.ndarray, spacing_zyx: np.ndarray) 
 
 
 def pair_features(record: dict, per_pair: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``[N, len(FEATURES)]`` and true |e| (mm) at ``per_pair`` random lung voxels of one pair."""
+    """Features ``[N, len(FEATURES)]`` and true |e| (mm) at ``per_pair`` random lung voxels of one pair.
+
+    Args:
+        record: registered-pair record with ``fixed``, ``registered``, ``lung_mask``, ``residual_true`` paths and
+            ``residual_estimate`` (its ``path``).
+        per_pair: number of lung voxels to draw (from those at least one voxel inside the grid).
+        rng: random generator that picks the voxels.
+
+    Returns:
+        Tuple ``(features, e)``: ``[n, len(FEATURES)]`` features and ``[n]`` true |e| in mm.
+    """
     image = sitk.ReadImage(record["fixed"])
     spacing_zyx = np.array(image.GetSpacing()[::-1])
     fixed = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -113,7 +141,18 @@ def compare(
     output: str = "",
 ) -> dict:
     """Gradient boosting on |r| alone against |r| + local features (see the module); ``datalist``: one path or
-    several separated by commas."""
+    several separated by commas.
+
+    Args:
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        per_pair: lung voxels drawn per pair.
+        seed: seed of the voxel choice and the models.
+        output: JSON file to write; "" writes nothing.
+
+    Returns:
+        Dict of the features, voxel and class counts, per feature set the leave-one-scan-out and validation scores,
+        permutation importances and seconds.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
     start = time.perf_counter()
     data: dict[str, dict[str, list]] = {}

@@ -27,7 +27,22 @@ def compare_settings(
 ) -> dict:
     """Estimator settings side by side on the TRAINING pairs that have every estimate in ``suffixes`` (written by
     ``registered_pairs estimate --suffix S ...``): |r| against the truth at lung voxels (MAE, Spearman, mean F1 and
-    kappa of |r| thresholds and of leave-one-scan-out isotonic calibration) and the median seconds per pair."""
+    kappa of |r| thresholds and of leave-one-scan-out isotonic calibration) and the median seconds per pair.
+
+    Args:
+        datalist: registered-pairs datalist (JSON, one path).
+        suffixes: record keys of the estimates to compare, a comma-separated string or a tuple.
+        per_pair: lung voxels drawn per pair (the same voxels for every setting).
+        seed: seed of the voxel choice.
+        output: JSON file to write; "" writes nothing.
+
+    Returns:
+        Dict with ``pairs`` and per suffix ``mae_mm``, ``spearman``, ``thresholds``, ``calibrated_leave_one_scan_out``
+        and ``median_seconds``.
+
+    Raises:
+        ValueError: when no training pair has every estimate.
+    """
     from scipy.stats import spearmanr
 
     names = suffixes.split(",") if isinstance(suffixes, str) else list(suffixes)
@@ -69,7 +84,17 @@ def adapt_priors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posteriors ``[N, 3]`` fitted under class priors ``fitted_priors`` moved to the class priors of these very
     voxels, estimated from them by EM (Saerens, Latinne and Decaestecker, Neural Computation 2002; a few lines, no
-    library offers it). Returns the adapted posteriors and the estimated priors."""
+    library offers it). Returns the adapted posteriors and the estimated priors.
+
+    Args:
+        probabilities: ``[N, 3]`` posteriors.
+        fitted_priors: ``[3]`` class priors the posteriors were fitted under.
+        iterations: maximum number of EM iterations.
+        tolerance: stop when no estimated prior changes by more than this.
+
+    Returns:
+        Tuple ``(adapted, priors)``: ``[N, 3]`` adapted posteriors and ``[3]`` estimated priors.
+    """
     fitted_priors = np.asarray(fitted_priors, dtype=np.float64).clip(1e-9)
     priors = fitted_priors.copy()
     adapted = probabilities
@@ -88,7 +113,18 @@ def compare_priors(datalist: str, per_pair: int = 20000, seed: int = 0, output: 
     """Is a pair's class mix what the calibrated decision gets wrong? Leave-one-scan-out on the TRAINING pairs: on each
     held-out pair the calibrated argmax and mean-F1 decision, the argmax after EM prior adaptation to the pair
     (``adapt_priors``), and after its TRUE class mix (an oracle no user has), beside |r| thresholds; mean F1 and kappa
-    over all held-out voxels pooled (as ``fit`` reports them), and per scan averaged over the scans."""
+    over all held-out voxels pooled (as ``fit`` reports them), and per scan averaged over the scans.
+
+    Args:
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        per_pair: lung voxels drawn per training pair.
+        seed: seed of the voxel choice.
+        output: JSON file to write; "" writes nothing.
+
+    Returns:
+        Dict with the datalist, voxels per pair, pair count, scans and per decision the ``pooled`` and
+        ``mean_over_scans`` class scores.
+    """
     options = ReregistrationOptions()
     magnitude, error, scans, pair_of = load_samples(datalist, "training", per_pair, seed, options)
     labels = true_classes(error)

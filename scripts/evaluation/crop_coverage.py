@@ -65,7 +65,16 @@ def scan_coverage(path: str | Path) -> dict[str, dict]:
 
 
 def main(data_dir: str, output: str = "", scans=None) -> dict:
-    """Every crop of every scan in ``data_dir``; prints one line per crop and the worst coverage, writes ``output``."""
+    """Every crop of every scan in ``data_dir``; prints one line per crop and the worst coverage, writes ``output``.
+
+    Args:
+        data_dir: folder of the CT scans.
+        output: JSON file of the results; "" writes nothing.
+        scans: optional scan name or names (default: every scan in ``data_dir``).
+
+    Returns:
+        Dict scan name -> crop name -> coverage row (``scan_coverage``).
+    """
     results = {}
     for path in find_scans(data_dir, scans):
         results[scan_name(path)] = scan_coverage(path)

@@ -48,7 +48,20 @@ def gallery(
     variant: int = 3,
     dpi: int = 60,
 ) -> list[str]:
-    """Write ``gallery_<type>.png`` for each type ("next_image": a single-frequency DVF on the next image)."""
+    """Write ``gallery_<type>.png`` for each type ("next_image": a single-frequency DVF on the next image).
+
+    Args:
+        scan: CT file.
+        output_dir: folder of the PNGs (created if missing).
+        max_deformation_mm: maximum deformation M, mm.
+        seed: seed of each type's draw.
+        types: DVF type name(s) (``DVF_TYPES`` or "next_image"), a string or a sequence.
+        variant: parameter variant, taken modulo the type's number of variants.
+        dpi: resolution of the PNGs.
+
+    Returns:
+        Paths of the written PNGs.
+    """
     image, body, lung = _load(scan)
     settings = dvf_settings(max_deformation_mm)
     out_dir = Path(output_dir)
@@ -110,7 +123,16 @@ def gallery(
 
 
 def masks(data_dir: str, output_dir: str = "/tmp/mask_check", dpi: int = 60) -> list[str]:
-    """Write ``mask_<scan>.png``: body (yellow) and lung (red) contours on three slices of each scan at 1 mm."""
+    """Write ``mask_<scan>.png``: body (yellow) and lung (red) contours on three slices of each scan at 1 mm.
+
+    Args:
+        data_dir: folder of the CT scans.
+        output_dir: folder of the PNGs (created if missing).
+        dpi: resolution of the PNGs.
+
+    Returns:
+        Paths of the written PNGs.
+    """
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

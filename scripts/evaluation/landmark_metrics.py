@@ -80,7 +80,21 @@ def load_predictions(
     split: str = "6-3-1",
 ) -> LandmarkPredictions:
     """Read one prediction CSV; the setting comes from ``setting``, a ``setting`` column or the file name; the
-    true error from ``tre`` or from x/y/z_moving and the true ``moving_landmarks`` (x,y,z, same row order)."""
+    true error from ``tre`` or from x/y/z_moving and the true ``moving_landmarks`` (x,y,z, same row order).
+
+    Args:
+        path: prediction CSV.
+        setting: registration setting of the file; None takes it from the CSV or the file name ("unknown" if neither).
+        moving_landmarks: optional CSV of the true moving landmarks, used when the file has no ``tre`` column.
+        split: LSTM split, e.g. "6-3-1" (defines the ``step1``, ``step2`` groups).
+
+    Returns:
+        ``LandmarkPredictions`` of the assessed rows (the others counted in ``unassessed``).
+
+    Raises:
+        ValueError: for missing columns, non-integer or out-of-range classes, negative or non-finite errors, or a moving
+            landmark file of another length.
+    """
     table = read_landmarks(path, required=())
     source = table.source
     assessed = assessed_rows(table)
@@ -120,7 +134,17 @@ def load_predictions(
 
 def classification_scores(true: np.ndarray, pred: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES) -> dict:
     """F1 per class, mean F1, accuracy, Cohen's kappa (unweighted), cw count and confusion matrix (rows = actual,
-    columns = predicted; the paper's Table 3 prints its transpose). Kappa is NaN when only one class occurs."""
+    columns = predicted; the paper's Table 3 prints its transpose). Kappa is NaN when only one class occurs.
+
+    Args:
+        true: ``[N]`` true class indices.
+        pred: ``[N]`` predicted class indices.
+        class_names: names of the classes, in index order.
+
+    Returns:
+        Dict with ``f1_<name>`` per class, ``mean_f1``, ``accuracy``, ``kappa``, ``n``, ``confusion`` and, for three or
+        more classes, ``cw``.
+    """
     labels = list(range(len(class_names)))
     f1 = f1_score(true, pred, labels=labels, average=None, zero_division=0.0)
     matrix = confusion_matrix(true, pred, labels=labels)
@@ -150,7 +174,16 @@ def group_names(edges: tuple[float, ...]) -> tuple[str, ...]:
 
 
 def step_scores(tre: np.ndarray, steps: dict[int, np.ndarray], split: str = "6-3-1") -> dict[str, dict]:
-    """Scores of every earlier LSTM step on its own coarse groups (true groups from ``hierarchical_labels``)."""
+    """Scores of every earlier LSTM step on its own coarse groups (true groups from ``hierarchical_labels``).
+
+    Args:
+        tre: ``[N]`` true errors, mm.
+        steps: step number (1-based) -> ``[N]`` predicted group indices.
+        split: LSTM split, e.g. "6-3-1".
+
+    Returns:
+        Dict ``step<k>`` -> ``classification_scores`` on that step's groups.
+    """
     truth = hierarchical_labels(torch.as_tensor(tre, dtype=torch.float64), split).numpy()
     edges = step_edges(split)
     return {
@@ -178,7 +211,18 @@ def _score_group(items: list[LandmarkPredictions], split: str) -> dict:
 
 
 def evaluate(predictions: list[LandmarkPredictions], split: str = "6-3-1") -> dict[str, dict]:
-    """Scores per registration setting (protocol order, then any others) and ``total`` over all landmarks."""
+    """Scores per registration setting (protocol order, then any others) and ``total`` over all landmarks.
+
+    Args:
+        predictions: loaded prediction files.
+        split: LSTM split of the step scores.
+
+    Returns:
+        Dict setting (and ``total``) -> ``classification_scores`` plus ``steps``, ``sources`` and ``unassessed``.
+
+    Raises:
+        ValueError: when ``predictions`` is empty.
+    """
     if not predictions:
         raise ValueError("no prediction files to score")
     order = [s for s in SETTINGS if any(p.setting == s for p in predictions)]
@@ -225,7 +269,17 @@ def main(
     moving_landmarks: str | None = None,
 ) -> None:
     """CLI: score prediction CSVs (a list, or a folder whose ``*_landmarks.csv`` are taken); print the table and
-    optionally write the JSON."""
+    optionally write the JSON.
+
+    Args:
+        predictions: prediction CSV path(s), or one folder.
+        output: optional JSON file of the scores.
+        split: LSTM split, e.g. "6-3-1".
+        moving_landmarks: optional CSV of the true moving landmarks (for files without ``tre``).
+
+    Raises:
+        FileNotFoundError: when a folder holds no ``*_landmarks.csv``.
+    """
     paths = [predictions] if isinstance(predictions, str) else list(predictions)
     if len(paths) == 1 and Path(paths[0]).is_dir():
         paths = sorted(str(p) for p in Path(paths[0]).glob("*_landmarks.csv"))

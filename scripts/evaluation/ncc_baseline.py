@@ -43,7 +43,20 @@ NCC_EPSILON = 1.0  # HU^2
 
 
 def local_ncc(fixed: np.ndarray, moving: np.ndarray, window: int, epsilon: float = NCC_EPSILON) -> np.ndarray:
-    """Local NCC (float32, in [-1, 1]) of two (z, y, x) arrays in a ``window``^3 voxel box (float64 moments)."""
+    """Local NCC (float32, in [-1, 1]) of two (z, y, x) arrays in a ``window``^3 voxel box (float64 moments).
+
+    Args:
+        fixed: ``(z, y, x)`` fixed image, HU.
+        moving: ``(z, y, x)`` moving image of the same shape, HU.
+        window: edge of the cubic window, voxels.
+        epsilon: added to the covariance and both variances, HU^2 (default ``NCC_EPSILON``).
+
+    Returns:
+        float32 array of the same shape, values in [-1, 1].
+
+    Raises:
+        ValueError: when the two arrays differ in shape.
+    """
     if fixed.shape != moving.shape:
         raise ValueError(f"local NCC needs arrays of one shape, got {fixed.shape} and {moving.shape}")
     f = np.asarray(fixed, dtype=np.float64)
@@ -65,7 +78,17 @@ def _box(points: np.ndarray, shape: tuple[int, ...], margin: int) -> tuple[slice
 
 def ncc_at_points(fixed: np.ndarray, moving: np.ndarray, points: np.ndarray, window: int) -> np.ndarray:
     """Local NCC ``[N]`` at 1 mm points ``[N, 3]`` (z, y, x), linear between voxels; computed only on the points'
-    bounding box plus the window."""
+    bounding box plus the window.
+
+    Args:
+        fixed: ``(z, y, x)`` fixed image on a 1 mm grid, HU.
+        moving: ``(z, y, x)`` moving image on the same grid, HU.
+        points: ``[N, 3]`` continuous voxel coordinates, z-y-x order.
+        window: edge of the cubic window, voxels (1 mm).
+
+    Returns:
+        float array ``[N]`` of local NCC values.
+    """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     box = _box(points, fixed.shape, window // 2 + 2)
     ncc = local_ncc(fixed[box], moving[box], window)
@@ -74,12 +97,28 @@ def ncc_at_points(fixed: np.ndarray, moving: np.ndarray, points: np.ndarray, win
 
 
 def score_classes(score: np.ndarray, thresholds: tuple[float, float]) -> np.ndarray:
-    """Correct (0) / poor (1) / wrong (2) of a dissimilarity ``score`` (1 - NCC): below t1, [t1, t2), from t2 on."""
+    """Correct (0) / poor (1) / wrong (2) of a dissimilarity ``score`` (1 - NCC): below t1, [t1, t2), from t2 on.
+
+    Args:
+        score: dissimilarity values (1 - NCC), any shape.
+        thresholds: ``(t1, t2)`` with ``t1 <= t2``.
+
+    Returns:
+        int64 array of the same shape with classes 0, 1, 2.
+    """
     return magnitude_classes(np.asarray(score, dtype=np.float64), thresholds).astype(np.int64)
 
 
 def class_weights(true: np.ndarray, proportions: tuple[float, ...] | None) -> np.ndarray:
-    """Per-class sample weights ``[3]`` that make the classes of ``true`` count in ``proportions`` (None: all 1)."""
+    """Per-class sample weights ``[3]`` that make the classes of ``true`` count in ``proportions`` (None: all 1).
+
+    Args:
+        true: true classes (0, 1, 2), any shape.
+        proportions: target share of each class (three numbers), or None for unit weights.
+
+    Returns:
+        float64 array ``[3]``; 0 for a class absent from ``true``.
+    """
     counts = np.bincount(np.asarray(true, dtype=np.int64).ravel(), minlength=3).astype(np.float64)
     if proportions is None:
         return np.ones(3)
@@ -94,7 +133,20 @@ def fit_thresholds(
     """Thresholds ``t1 <= t2`` on ``score`` maximising the mean F1 of the 3 classes ``true`` (each sample of class
     k weighted ``weights[k]``); returns (t1, t2, mean F1). Candidates are score quantiles; all pairs are scored at
     once from per-class cumulative counts (own code: exact, and ~1000x faster than calling sklearn's f1_score per
-    pair, which checks the winner)."""
+    pair, which checks the winner).
+
+    Args:
+        score: dissimilarity per sample (1 - NCC).
+        true: true class (0, 1, 2) per sample, as many as ``score``.
+        candidates: number of quantile steps from which the candidate thresholds are taken.
+        weights: per-class sample weights ``[3]`` (see ``class_weights``); None weighs every sample 1.
+
+    Returns:
+        Tuple ``(t1, t2, mean_f1)``: the thresholds and sklearn's weighted macro F1 of the resulting classes.
+
+    Raises:
+        ValueError: when there are no scores or the numbers of scores and classes differ.
+    """
     score = np.asarray(score, dtype=np.float64).ravel()
     true = np.asarray(true, dtype=np.int64).ravel()
     if score.size == 0 or score.size != true.size:
@@ -120,7 +172,20 @@ def training_samples(
     entry: dict, windows: tuple[int, ...], count: int, rng: np.random.Generator
 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """``1 - NCC`` per window and |u| (mm) at ``count`` random lung voxels of one prepared pair (voxels on the DVF's
-    coarse grid, where |u| is the exact sample)."""
+    coarse grid, where |u| is the exact sample).
+
+    Args:
+        entry: prepared datalist entry with ``fixed``, ``deformed``, ``lung_mask`` and ``dvf`` paths.
+        windows: NCC window edges, voxels (1 mm).
+        count: number of lung voxels to draw (fewer if the lung has fewer coarse-grid voxels).
+        rng: random generator that picks the voxels.
+
+    Returns:
+        Tuple ``(scores, magnitude)``: dict window -> ``[n]`` array of 1 - NCC, and float32 ``[n]`` |u| in mm.
+
+    Raises:
+        ValueError: when the images and lung mask differ in shape or the lung mask is empty.
+    """
     fixed_image = sitk.ReadImage(entry["fixed"])
     fixed = sitk.GetArrayFromImage(fixed_image).astype(np.float32)
     deformed = sitk.GetArrayFromImage(sitk.ReadImage(entry["deformed"])).astype(np.float32)
@@ -157,7 +222,24 @@ def fit(
 ) -> dict:
     """Choose the window and the two thresholds on the datalist's ``training`` pairs (mean F1 at random lung voxels,
     classes weighted to the misalignment network's training proportions 60/20/20 with ``balance="training"``, as
-    drawn with ``"none"``) and write them with how they were chosen to ``output`` (JSON); returns that dictionary."""
+    drawn with ``"none"``) and write them with how they were chosen to ``output`` (JSON); returns that dictionary.
+
+    Args:
+        datalist: prepare_data datalist (JSON) whose ``training`` entries are used.
+        output: JSON file to write.
+        windows_mm: candidate window edges in 1 mm voxels (odd, at least 3), a comma-separated string or a tuple.
+        samples_per_pair: random lung voxels per training pair.
+        seed: seed of the random voxel choice.
+        balance: "training" (classes weighted to ``MISALIGNMENT_PROBABILITIES``) or "none" (as drawn).
+
+    Returns:
+        The written dict: ``window_mm``, ``thresholds``, ``mean_f1_on_training_pairs``, per-window results and how
+        they were chosen.
+
+    Raises:
+        ValueError: for an unknown ``balance``, bad windows or an unusable training pair.
+        FileNotFoundError: when the datalist does not exist.
+    """
     if balance not in BALANCE:
         raise ValueError(f"balance must be one of {sorted(BALANCE)}, got {balance!r}")
     start = time.perf_counter()
@@ -232,7 +314,21 @@ def predict_settings(
 ) -> dict[str, tuple[Path, float]]:
     """The NCC baseline on every ``setting -> (registered moving image, landmark CSV)``; writes
     ``<moving stem>_landmarks.csv`` (input columns + pred, one-hot p_*, ``ncc``) and returns ``setting -> (csv,
-    seconds)`` (the fixed image's loading is counted in the first setting)."""
+    seconds)`` (the fixed image's loading is counted in the first setting).
+
+    Args:
+        fixed: fixed image file.
+        pairs: setting name -> (registered moving image file, landmark CSV of fixed-image points).
+        output_dir: folder of the written CSV files.
+        thresholds_file: fitted JSON (``fit``); a relative path is taken from the bundle root.
+
+    Returns:
+        Dict setting -> (path of the written CSV, seconds).
+
+    Raises:
+        FileNotFoundError: when the thresholds file does not exist.
+        ValueError: when it is not a valid thresholds file.
+    """
     start = time.perf_counter()
     window, thresholds = read_thresholds(thresholds_file)
     reference = OneMillimetreFixed(fixed)
@@ -250,7 +346,15 @@ def predict_settings(
 def predict(
     fixed: str, moving: str, landmarks: str, output_dir: str, thresholds_file: str = DEFAULT_THRESHOLDS
 ) -> None:
-    """CLI: NCC classes at the landmarks of one (fixed, registered moving) pair."""
+    """CLI: NCC classes at the landmarks of one (fixed, registered moving) pair.
+
+    Args:
+        fixed: fixed image file.
+        moving: registered moving image file.
+        landmarks: landmark CSV of fixed-image points.
+        output_dir: folder of the written CSV.
+        thresholds_file: fitted JSON (``fit``); a relative path is taken from the bundle root.
+    """
     ((csv, seconds),) = predict_settings(fixed, {"pair": (moving, landmarks)}, output_dir, thresholds_file).values()
     print(f"{csv} ({seconds:.1f} s)")
 

@@ -45,7 +45,17 @@ logger = logging.getLogger(__name__)
 
 
 def network_probabilities(prepared: torch.nn.Module, net: MisalignmentNet, batch: list, precision: torch.dtype):
-    """``[B, 3, 25, 25, 25]`` probabilities of the prepared network for a list of RegisteredPatchd samples."""
+    """``[B, 3, 25, 25, 25]`` probabilities of the prepared network for a list of RegisteredPatchd samples.
+
+    Args:
+        prepared: the network prepared for inference (``inference_copy``).
+        net: the original ``MisalignmentNet`` (its factors, ``residual_input`` and ``probabilities``).
+        batch: ``RegisteredPatchd`` samples with ``image_4mm``, ``image_2mm``, ``image_1mm`` and ``residual``.
+        precision: dtype the inputs are cast to (the prepared network's).
+
+    Returns:
+        float32 tensor ``[B, 3, 25, 25, 25]``.
+    """
     stack = {k: torch.stack([s[k] for s in batch]) for k in ("image_4mm", "image_2mm", "image_1mm", "residual")}
     levels = {4: stack["image_4mm"], 2: stack["image_2mm"], 1: stack["image_1mm"]}
     windows = [levels[f].to(precision).contiguous(memory_format=torch.channels_last_3d) for f in net.factors]
@@ -70,7 +80,26 @@ def collect(
     """True classes, network probabilities ``[N, 3]`` and |r| of the lung voxels of uniformly drawn patches of the
     ``split`` pairs of ``datalist`` (one path, or several separated by commas). ``weights``: one checkpoint, or a
     list of them (same architecture) scored on the same voxels, each pair loaded once: then ``networks`` holds
-    ``[len(weights), N, 3]`` and ``network`` the first."""
+    ``[len(weights), N, 3]`` and ``network`` the first.
+
+    Args:
+        weights: one checkpoint or a sequence of checkpoints of the same architecture.
+        residual_input: the network's ``residual_input`` ("none", "lstm", "lstm_prior" or "encoders").
+        decoder: the network's decoder ("lstm", "multi_cnn" or "single_cnn").
+        hidden_channels: ConvLSTM hidden size.
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        split: datalist split, e.g. "training" or "validation".
+        patches_per_pair: patch centres drawn per pair (fewer if the lung has fewer candidates).
+        batch_size: patches per network call.
+        seed: seed of the patch centres.
+
+    Returns:
+        Dict with ``labels`` ``[N]``, ``residual`` ``[N]`` (|r|, mm), ``networks`` ``[len(weights), N, 3]``,
+        ``network`` ``[N, 3]`` and ``pairs`` (count).
+
+    Raises:
+        ValueError: when ``datalist`` is empty.
+    """
     if not str(datalist):
         raise ValueError("no --datalist: give <work_dir>/registered/datalist.json (from registered_pairs)")
     checkpoints = [weights] if isinstance(weights, str) else list(weights)
@@ -113,7 +142,16 @@ def reregistration_scores(
     labels: np.ndarray, residual: np.ndarray, calibration: ResidualCalibration | None
 ) -> dict[str, dict]:
     """The re-registration's voxel scores on the collected voxels: |r| thresholds, and with a ``calibration`` its
-    argmax and, if it has class weights, the bundle's default mean-F1 decision (AUCs: of the reweighted p)."""
+    argmax and, if it has class weights, the bundle's default mean-F1 decision (AUCs: of the reweighted p).
+
+    Args:
+        labels: ``[N]`` true classes.
+        residual: ``[N]`` |r| at the same voxels, mm.
+        calibration: calibration tables, or None for the thresholds only.
+
+    Returns:
+        Dict method name -> ``voxel_scores`` (with ``class_weights`` for the mean-F1 decision).
+    """
     thresholds = ResidualCalibration.thresholds().predict(residual)[0].T
     results = {"re-registration (|r| thresholds)": voxel_scores(labels, thresholds)}
     if calibration is not None:
@@ -142,7 +180,25 @@ def score(
     seed: int = 0,
     output: str = "",
 ) -> dict:
-    """Scores of the network ``weights`` and of the re-registration on the same lung voxels (see the module)."""
+    """Scores of the network ``weights`` and of the re-registration on the same lung voxels (see the module).
+
+    Args:
+        weights: network checkpoint.
+        residual_input: the network's ``residual_input``.
+        decoder: the network's decoder.
+        hidden_channels: ConvLSTM hidden size.
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        split: datalist split to score.
+        patches_per_pair: patch centres drawn per pair.
+        batch_size: patches per network call.
+        calibration_file: calibration JSON of the re-registration; "" scores only the |r| thresholds.
+        class_weights_file: class-weights JSON of the network; "" scores only its argmax.
+        seed: seed of the patch centres.
+        output: JSON file to write; "" writes nothing.
+
+    Returns:
+        Dict of the run's settings and per method the ``voxel_scores``.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
     calibration = ResidualCalibration.read(calibration_file, ReregistrationOptions()) if calibration_file else None
     class_weights = read_class_weights(class_weights_file, weights) if class_weights_file else None
@@ -184,7 +240,22 @@ def fit_weights(
     seed: int = 4321,
 ) -> dict:
     """Fit the class-weighted decision (``scripts.engines.class_weights``) on the TRAINING registered pairs' lung
-    voxels, in their own class mix, and write ``output`` with the hash of ``weights``."""
+    voxels, in their own class mix, and write ``output`` with the hash of ``weights``.
+
+    Args:
+        weights: network checkpoint.
+        output: class-weights JSON to write.
+        residual_input: the network's ``residual_input``.
+        decoder: the network's decoder.
+        hidden_channels: ConvLSTM hidden size.
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        patches_per_pair: patch centres drawn per training pair.
+        batch_size: patches per network call.
+        seed: seed of the patch centres.
+
+    Returns:
+        The written record (see ``scripts.engines.class_weights.write_class_weights``).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
     found = collect(
         weights, residual_input, decoder, hidden_channels, datalist, "training", patches_per_pair, batch_size, seed
@@ -220,7 +291,25 @@ def compare(
 ) -> dict:
     """Several checkpoints of one architecture on the same lung voxels (each pair loaded once: choosing among a run's
     checkpoints on the TRAINING pairs costs one pass): per checkpoint its argmax scores and the mean F1 of a
-    class-weight decision fitted on these very voxels (in-sample), beside |r| thresholds and the calibration."""
+    class-weight decision fitted on these very voxels (in-sample), beside |r| thresholds and the calibration.
+
+    Args:
+        weights: checkpoints of one architecture, a sequence or a comma-separated string.
+        residual_input: their ``residual_input``.
+        decoder: their decoder.
+        hidden_channels: ConvLSTM hidden size.
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        split: datalist split to score.
+        patches_per_pair: patch centres drawn per pair.
+        batch_size: patches per network call.
+        calibration_file: calibration JSON of the re-registration; "" for the |r| thresholds only.
+        seed: seed of the patch centres.
+        output: JSON file to write; "" writes nothing.
+
+    Returns:
+        Dict of the run's settings, the re-registration's scores and per checkpoint its argmax scores, fitted class
+        weights and in-sample mean F1.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(message)s")
     if isinstance(weights, str):
         weights = [w for w in weights.split(",") if w]

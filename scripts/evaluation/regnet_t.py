@@ -54,7 +54,15 @@ COMPOSITIONS = ("exact", "sum")
 
 
 def displacement_classes(displacement: np.ndarray, thresholds=CLASS_THRESHOLDS_MM) -> np.ndarray:
-    """Correct (0) / poor (1) / wrong (2) of ``[N, 3]`` displacements (mm): |u| < 3, 3 <= |u| < 6, |u| >= 6."""
+    """Correct (0) / poor (1) / wrong (2) of ``[N, 3]`` displacements (mm): |u| < 3, 3 <= |u| < 6, |u| >= 6.
+
+    Args:
+        displacement: ``[N, 3]`` displacements, mm.
+        thresholds: increasing class boundaries, mm (default ``CLASS_THRESHOLDS_MM``).
+
+    Returns:
+        int64 array ``[N]`` of classes 0, 1, 2.
+    """
     magnitude = np.linalg.norm(np.asarray(displacement, dtype=np.float64).reshape(-1, 3), axis=1)
     return magnitude_classes(magnitude, thresholds).astype(np.int64)
 
@@ -63,7 +71,17 @@ def sample_volume(
     volume: torch.Tensor, factor: int, points: torch.Tensor, fill: str | float = "border"
 ) -> torch.Tensor:
     """Trilinear values ``[M, C]`` of a level-``factor`` volume ``[C, Z, Y, X]`` (sample j on 1 mm voxel
-    ``factor * j``) at 1 mm points ``[M, 3]`` (z, y, x); outside: edge value (``"border"``) or the number ``fill``."""
+    ``factor * j``) at 1 mm points ``[M, 3]`` (z, y, x); outside: edge value (``"border"``) or the number ``fill``.
+
+    Args:
+        volume: ``[C, Z, Y, X]`` tensor on level ``factor``.
+        factor: sample spacing of the level in 1 mm voxels.
+        points: ``[M, 3]`` 1 mm voxel coordinates, z-y-x order.
+        fill: "border" for the edge value outside, or a number (e.g. ``BACKGROUND_HU``).
+
+    Returns:
+        Tensor ``[M, C]`` in the dtype of ``volume``.
+    """
     shape = torch.tensor(volume.shape[1:], dtype=points.dtype)
     index = points / factor
     normalised = 2 * index / torch.clamp(shape - 1, min=1) - 1  # align_corners=True
@@ -77,7 +95,19 @@ def sample_volume(
 
 def total_displacement(fields: list[tuple[torch.Tensor, int]], points: torch.Tensor, compose: str = "exact"):
     """Total displacement ``[M, 3]`` (mm, x y z) at 1 mm points ``[M, 3]`` (z, y, x) of level fields ``(r [3, Z, Y,
-    X], factor)`` listed coarse to fine: exact ``U_k(x) = r_k(x) + U_{k-1}(x + r_k(x))`` or the plain ``sum``."""
+    X], factor)`` listed coarse to fine: exact ``U_k(x) = r_k(x) + U_{k-1}(x + r_k(x))`` or the plain ``sum``.
+
+    Args:
+        fields: list of ``(r, factor)``, coarse to fine; ``r`` is a ``[3, Z, Y, X]`` tensor (mm, components x-y-z).
+        points: ``[M, 3]`` 1 mm voxel coordinates, z-y-x order.
+        compose: "exact" or "sum".
+
+    Returns:
+        Tensor ``[M, 3]`` (mm, components x-y-z) in the dtype of ``points``; zeros for no fields.
+
+    Raises:
+        ValueError: when ``compose`` is not one of ``COMPOSITIONS``.
+    """
     if compose not in COMPOSITIONS:
         raise ValueError(f"compose must be one of {COMPOSITIONS}, got {compose!r}")
     total = torch.zeros(points.shape[0], 3, dtype=points.dtype)
@@ -105,7 +135,17 @@ def plan_tiles(
     """Output tiles (first sample index, z y x) per level that the points need: at the finest level the tiles within
     1 mm of a point; at a coarser level the tiles meeting the region read by the finer level's tiles (their input
     context, or ``margin_mm`` for the composition's ``x + r(x)`` if larger). ``shapes``: level sample counts
-    (z, y, x)."""
+    (z, y, x).
+
+    Args:
+        points: ``[N, 3]`` 1 mm voxel coordinates, z-y-x order.
+        shapes: level factor -> sample counts (z, y, x) of that level.
+        tile: output tile edge, samples.
+        margin_mm: minimum reach of a finer level into the coarser one, mm.
+
+    Returns:
+        Dict level factor -> list of tile start indices (z, y, x).
+    """
     needed = [(p - 1.0, p + 1.0) for p in np.asarray(points, dtype=np.float64).reshape(-1, 3)]
     plan = {}
     for factor in sorted(shapes):  # fine to coarse
@@ -148,7 +188,22 @@ def regnet_t_displacement(
     compose: str = "exact",
 ) -> np.ndarray:
     """Total RegNet displacement ``[N, 3]`` (mm, x y z) at ``points`` ``[N, 3]`` (1 mm voxel coordinates z y x) of
-    the pair ``fixed``, ``moving`` (HU, (z, y, x), 1 mm, background outside the body); ``networks`` {4, 2, 1}."""
+    the pair ``fixed``, ``moving`` (HU, (z, y, x), 1 mm, background outside the body); ``networks`` {4, 2, 1}.
+
+    Args:
+        fixed: ``(z, y, x)`` fixed image on a 1 mm grid, HU.
+        moving: ``(z, y, x)`` registered moving image on the same grid, HU.
+        points: ``[N, 3]`` 1 mm voxel coordinates, z-y-x order.
+        networks: level factor (4, 2, 1) -> RegNet.
+        tile: output tile edge, ``21 + 4k`` samples.
+        compose: "exact" or "sum" (see ``total_displacement``).
+
+    Returns:
+        float64 array ``[N, 3]`` (mm, components x-y-z).
+
+    Raises:
+        ValueError: for a bad ``tile``, ``compose`` or set of levels in ``networks``.
+    """
     if tile < 21 or (tile - 21) % 4:
         raise ValueError(f"tile must be 21 + 4k output samples, got {tile}")
     if set(networks) != set(LEVELS):
@@ -193,7 +248,19 @@ def load_regnets(
     """The three RegNets in eval mode from their state dicts; FileNotFoundError naming any missing file. With
     ``precision`` ("float32", "bfloat16" or "auto": bf16 where the CPU has it natively) each is prepared by
     scripts.inferers.misalignment_inferer.inference_copy (BatchNorm folded, conv + ReLU fused, channels-last; native
-    bfloat16 is ~3x faster on CPU than plain float32, output within 1 %)."""
+    bfloat16 is ~3x faster on CPU than plain float32, output within 1 %).
+
+    Args:
+        weights: level factor -> state-dict file (relative paths from the bundle root); default ``DEFAULT_WEIGHTS``.
+        precision: None (plain float32 networks in eval mode), "float32", "bfloat16" or "auto".
+
+    Returns:
+        Dict level factor -> network.
+
+    Raises:
+        FileNotFoundError: when a weight file is missing.
+        ValueError: when a file does not hold RegNet weights.
+    """
     weights = weights or DEFAULT_WEIGHTS
     missing = missing_weights(weights)
     if missing:
@@ -217,7 +284,24 @@ def predict_settings(
 ) -> dict[str, tuple[Path, float]]:
     """RegNet-t on every ``setting -> (registered moving image, landmark CSV)`` against one fixed image; writes
     ``<moving stem>_landmarks.csv`` (input columns + pred, one-hot p_*, ``regnet_mm``, ``regnet_ux/uy/uz``) and
-    returns ``setting -> (csv, seconds)`` (the fixed image's loading is counted in the first setting)."""
+    returns ``setting -> (csv, seconds)`` (the fixed image's loading is counted in the first setting).
+
+    Args:
+        fixed: fixed image file.
+        pairs: setting name -> (registered moving image file, landmark CSV of fixed-image points).
+        output_dir: folder of the written CSV files.
+        weights: level factor -> state-dict file; default ``DEFAULT_WEIGHTS``.
+        tile: output tile edge, ``21 + 4k`` samples.
+        compose: "exact" or "sum" (see ``total_displacement``).
+        threads: torch CPU threads, or None to leave torch's setting.
+        precision: "float32", "bfloat16" or "auto".
+
+    Returns:
+        Dict setting -> (path of the written CSV, seconds).
+
+    Raises:
+        FileNotFoundError: when a weight file is missing.
+    """
     if threads:
         torch.set_num_threads(int(threads))
     start = time.perf_counter()
@@ -252,7 +336,21 @@ def main(
     weights_2mm: str = DEFAULT_WEIGHTS[2],
     weights_1mm: str = DEFAULT_WEIGHTS[1],
 ) -> None:
-    """CLI: RegNet-t classes at the landmarks of one (fixed, registered moving) pair; prints the CSV and seconds."""
+    """CLI: RegNet-t classes at the landmarks of one (fixed, registered moving) pair; prints the CSV and seconds.
+
+    Args:
+        fixed: fixed image file.
+        moving: registered moving image file.
+        landmarks: landmark CSV of fixed-image points.
+        output_dir: folder of the written CSV.
+        tile: output tile edge, ``21 + 4k`` samples.
+        compose: "exact" or "sum".
+        threads: torch CPU threads, or None.
+        precision: "float32", "bfloat16" or "auto".
+        weights_4mm: state-dict file of the 4 mm RegNet.
+        weights_2mm: state-dict file of the 2 mm RegNet.
+        weights_1mm: state-dict file of the 1 mm RegNet.
+    """
     weights = {4: weights_4mm, 2: weights_2mm, 1: weights_1mm}
     pairs = {"pair": (moving, landmarks)}
     ((csv, seconds),) = predict_settings(fixed, pairs, output_dir, weights, tile, compose, threads, precision).values()

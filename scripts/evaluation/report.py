@@ -89,7 +89,16 @@ def table4_markdown(scores: dict) -> str:
 
 
 def plot_confusion(scores: dict, title: str, path: Path) -> Path:
-    """Confusion-matrix PNG of the total (rows actual, columns predicted)."""
+    """Confusion-matrix PNG of the total (rows actual, columns predicted).
+
+    Args:
+        scores: a method's scores (``scripts.evaluation.landmark_metrics.evaluate``) with a ``total`` entry.
+        title: figure title.
+        path: PNG file to write (its folder is created).
+
+    Returns:
+        ``path``.
+    """
     matrix = np.array(scores[TOTAL]["confusion"])
     fig = Figure(figsize=(4, 3.6))
     ax = fig.subplots()
@@ -132,7 +141,15 @@ def error_markdown(methods: dict[str, dict]) -> str:
 
 
 def plot_mean_f1(methods: dict[str, dict], path: Path) -> Path:
-    """Bar chart of the mean F1 (%) per registration setting and in total, one bar per method that ran."""
+    """Bar chart of the mean F1 (%) per registration setting and in total, one bar per method that ran.
+
+    Args:
+        methods: method name -> entry with ``status`` and, when it ran, ``scores`` per setting.
+        path: PNG file to write (its folder is created).
+
+    Returns:
+        ``path``.
+    """
     ran = {name: m["scores"] for name, m in methods.items() if m.get("status") == "ran"}
     settings: list[str] = []
     for scores in ran.values():
@@ -180,7 +197,16 @@ def timing_markdown(timing: dict) -> str:
 
 
 def write_report(result: dict, output_dir: str | Path) -> dict[str, str]:
-    """Write ``report.md``, ``report.json`` and the confusion PNGs of every method that ran into ``output_dir``."""
+    """Write ``report.md``, ``report.json`` and the confusion PNGs of every method that ran into ``output_dir``.
+
+    Args:
+        result: the benchmark result (``description``, ``setup``, ``ground_truth``, ``methods``, ``figures``,
+            ``timing``).
+        output_dir: report folder (created if missing).
+
+    Returns:
+        Dict file role -> written path (``markdown``, ``json``, the PNGs).
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -251,7 +277,20 @@ def plot_landmark_slices(
     path: Path,
 ) -> Path:
     """Fig. 4-style view: fixed and deformed moving (z, y, x) on the axial and coronal slice holding most
-    landmarks, landmarks within 3 slices coloured by class (green/yellow/red); ``landmark_voxels`` are (x, y, z)."""
+    landmarks, landmarks within 3 slices coloured by class (green/yellow/red); ``landmark_voxels`` are (x, y, z).
+
+    Args:
+        fixed: ``(z, y, x)`` fixed image, HU.
+        deformed: ``(z, y, x)`` deformed moving image on the same grid, HU.
+        landmark_voxels: ``[N, 3]`` continuous voxel indices, x-y-z order.
+        classes: ``[N]`` class per landmark (0, 1, 2).
+        spacing: voxel spacing in mm, x-y-z order (sets the coronal aspect ratio).
+        title: figure title.
+        path: PNG file to write (its folder is created).
+
+    Returns:
+        ``path``.
+    """
     z = int(np.bincount(np.round(landmark_voxels[:, 2]).astype(int).clip(0, fixed.shape[0] - 1)).argmax())
     y = int(np.bincount(np.round(landmark_voxels[:, 1]).astype(int).clip(0, fixed.shape[1] - 1)).argmax())
     fig = Figure(figsize=(9, 8))

@@ -104,7 +104,20 @@ def _check_work_dir(work_dir: Path) -> None:
 
 
 def make_pair(scan: Path, work_dir: Path, seed: int, landmarks: int, min_spacing_mm: float) -> dict:
-    """Second time point, masks, landmarks and their true partners; returns paths, parameters and seconds."""
+    """Second time point, masks, landmarks and their true partners; returns paths, parameters and seconds.
+
+    Args:
+        scan: CT file of the fixed time point.
+        work_dir: folder of the written moving image and landmark CSVs.
+        seed: seed of the deformation and of the intensity changes.
+        landmarks: number of landmarks to select in the lungs.
+        min_spacing_mm: minimum distance between landmarks, mm.
+
+    Returns:
+        Dict with ``fixed``, ``moving``, ``fixed_landmarks``, ``moving_landmarks`` paths, ``deformation`` parameters,
+        ``landmarks`` (count, partners outside the image dropped), ``landmark_displacement_mm`` (mean, max) and
+        ``seconds``.
+    """
     start = time.perf_counter()
     fixed = read_image(scan, "scan")
     body, lung = ct_masks(fixed, str(scan))
@@ -138,7 +151,19 @@ def crop_pair(pair: dict, work_dir: Path, crop: str) -> dict:
     """The simulated pair cut as users crop scans for registration: ``"one_lung"`` keeps one lung of the fixed scan
     (x from 15 voxels inside the lungs' box to its middle, y 20/10 voxels inside it, every slice), cut through the lung
     on three sides; the moving image on the same box, the landmarks whose fixed point and true partner lie inside.
-    Returns the pair's record with the cropped files."""
+    Returns the pair's record with the cropped files.
+
+    Args:
+        pair: record of ``make_pair``.
+        work_dir: folder of the cropped images and landmark CSVs.
+        crop: "" (the pair unchanged) or "one_lung".
+
+    Returns:
+        The record with cropped ``fixed``, ``moving``, landmark files, ``landmarks`` count and ``crop`` (name, size).
+
+    Raises:
+        ValueError: when ``crop`` is not one of ``CROPS``.
+    """
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r}; choose one of {CROPS}")
     if not crop:
@@ -222,7 +247,17 @@ def _ground_truth(registration: dict) -> dict:
 
 def landmark_mask(fixed: Path, landmarks: Path, path: Path, radius_mm: float = LANDMARK_MASK_RADIUS_MM) -> Path:
     """A mask on the fixed image's grid of the balls of ``radius_mm`` around the landmarks: the predictors only need
-    these voxels, and the tiled inferer gives them the same values as a whole-image run (only fewer tiles)."""
+    these voxels, and the tiled inferer gives them the same values as a whole-image run (only fewer tiles).
+
+    Args:
+        fixed: fixed image file.
+        landmarks: landmark CSV of fixed-image points (LPS mm).
+        path: mask file to write.
+        radius_mm: ball radius, mm.
+
+    Returns:
+        The written path (uint8 mask, 1 inside the balls).
+    """
     image = read_image(fixed, "fixed image")
     spacing = np.array(image.GetSpacing())
     mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
@@ -284,7 +319,20 @@ def run_methods(
 ) -> dict:
     """Run every method on every registered pair (the bundle predictors inside ``mask`` if given); score those that
     ran (per setting and total). With ``stage_inputs`` (the registration stage's inputs) each method's predictions
-    are recorded in its folder and used again, marked "reused", while those inputs, its files and the code match."""
+    are recorded in its folder and used again, marked "reused", while those inputs, its files and the code match.
+
+    Args:
+        registration: log of ``scripts.registration.elastix.register_pair`` (per setting ``image`` and ``points``).
+        fixed: fixed image file.
+        work_dir: work folder; predictions go to ``work_dir/predictions/<method>``.
+        methods: the methods to run, in order (a "derived" method follows its source).
+        mask: optional landmark mask given to the bundle predictors that use one.
+        stage_inputs: the registration stage's inputs; None disables recording and reuse of predictions.
+
+    Returns:
+        Dict method name -> entry with ``kind``, ``status`` ("ran", "not run" or "failed"), ``seconds`` per setting
+        and, when it ran, ``scores``, ``csv`` and the files' hashes (plus ``error_mm`` for error estimators).
+    """
     out = {}
     code_sha256 = prediction_code_sha256() if stage_inputs is not None else ""
     for spec in methods:
@@ -383,7 +431,18 @@ def _landmark_figure(registration: dict, setting: str, fixed: Path, report_dir: 
 
 
 def select_methods(methods: tuple[MethodSpec, ...], only: str | list[str] | tuple[str, ...]) -> tuple:
-    """``methods`` with those not named in ``only`` turned into "pending" entries ("" or empty: all run)."""
+    """``methods`` with those not named in ``only`` turned into "pending" entries ("" or empty: all run).
+
+    Args:
+        methods: the methods of the comparison.
+        only: names to run, comma-separated or a list; "" or empty runs all.
+
+    Returns:
+        Tuple of ``MethodSpec`` in the same order.
+
+    Raises:
+        ValueError: when ``only`` names an unknown method.
+    """
     names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
     unknown = [n for n in names if n not in {m.name for m in methods}]
     if unknown:
@@ -397,7 +456,19 @@ def carry_rows(methods: dict[str, dict], ground_truth: dict, earlier_report: str
     """``methods`` with the rows not selected for this run (``only=``) taken from ``earlier_report`` (its
     report.json) where they ran there, marked ``carried_from``; refused unless that run scored the same landmarks
     (the same true classes per setting and mean TRE within 0.01 mm), so only rows this run did not re-predict and
-    whose inputs did not change should be carried."""
+    whose inputs did not change should be carried.
+
+    Args:
+        methods: this run's method entries (``run_methods``).
+        ground_truth: this run's true classes and TRE per setting (``counts``, ``mean``, ...).
+        earlier_report: an earlier ``report.json``.
+
+    Returns:
+        New dict of method entries with the carried rows replaced.
+
+    Raises:
+        ValueError: when ``earlier_report`` is not a readable benchmark report or its landmarks differ.
+    """
     path = Path(earlier_report)
     try:
         earlier = json.loads(path.read_text())
@@ -451,7 +522,36 @@ def run_benchmark(
     measured then and the report says which stages were reused. New weights thus re-run only their own method.
     ``only``: names of the methods to run (comma-separated or a list); the others are listed as not run, or, with
     ``carry_from`` (an earlier report.json of the same landmarks), taken from it and marked as carried. ``crop``
-    ("one_lung"): register and predict on the pair cut through the lungs as users crop scans (``crop_pair``)."""
+    ("one_lung"): register and predict on the pair cut through the lungs as users crop scans (``crop_pair``).
+
+    Args:
+        output_dir: report folder (relative to the bundle root unless absolute).
+        work_dir: folder of the derived images and cached stages (outside the repository); None for a temporary one.
+        scan: held-out CT file (required).
+        seed: seed of the simulated deformation.
+        landmarks: number of landmarks to select.
+        min_spacing_mm: minimum distance between landmarks, mm.
+        setting: registration setting(s), see ``scripts.registration.elastix.parse_settings``.
+        working_spacing_mm: elastix working grid, mm.
+        threads: elastix threads.
+        samples: elastix random samples per iteration.
+        allow_training_scan: allow a scan of ``TRAINING_SCANS``.
+        keep_work_dir: keep a temporary work folder after the run.
+        reuse: reuse cached stages whose inputs are unchanged.
+        slices_in_report: put the slice figure in the report folder.
+        methods: the methods of the comparison (default ``DEFAULT_METHODS``).
+        only: names of the methods to run (comma-separated or a list); "" runs all.
+        carry_from: earlier ``report.json`` to take the other rows from; "" for none.
+        crop: "" or "one_lung" (see ``crop_pair``).
+
+    Returns:
+        The report dictionary (description, setup, ground truth, methods, figures, timing and written ``files``).
+
+    Raises:
+        ValueError: for a missing ``scan`` argument, a training scan, a work folder inside the repository, an
+            unknown setting, method or crop, or a report that cannot be carried from.
+        FileNotFoundError: when ``scan`` does not exist.
+    """
     total_start = time.perf_counter()
     load_at_start = [round(v, 1) for v in os.getloadavg()]  # the timings mean little on a busy machine
     if not scan:

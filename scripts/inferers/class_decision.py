@@ -19,7 +19,16 @@ logger = logging.getLogger(__name__)
 
 def apply_class_weights(probabilities: torch.Tensor, weights: Sequence[float] | None, dim: int = 1) -> torch.Tensor:
     """``probabilities`` (correct, poor, wrong along ``dim``) times ``weights``, renormalised; None: unchanged.
-    Voxels whose probabilities are all 0 (outside the mask) stay 0."""
+    Voxels whose probabilities are all 0 (outside the mask) stay 0.
+
+    Args:
+        probabilities: class probabilities, classes along ``dim``.
+        weights: three class weights, or None.
+        dim: the class axis.
+
+    Returns:
+        Tensor of the same shape and dtype.
+    """
     if weights is None:
         return probabilities
     shape = [1] * probabilities.ndim
@@ -33,7 +42,19 @@ def apply_class_weights(probabilities: torch.Tensor, weights: Sequence[float] | 
 
 def read_class_weights(path: str | Path, checkpoint: str | Path = "") -> list[float] | None:
     """The weights of a ``class_weights.json``; ``""`` gives None (the paper's argmax). A clear error names a missing
-    or bad file; a file fitted for other weights than ``checkpoint`` is ignored with a warning (argmax)."""
+    or bad file; a file fitted for other weights than ``checkpoint`` is ignored with a warning (argmax).
+
+    Args:
+        path: class-weights JSON; "" for none.
+        checkpoint: network weights the file must have been fitted for; "" skips the check.
+
+    Returns:
+        The three weights, or None (no file, or fitted for other weights).
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when it is not a class-weights file or its weights are not three positive finite numbers.
+    """
     if not str(path):
         return None
     path = Path(path)

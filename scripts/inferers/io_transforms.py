@@ -138,7 +138,16 @@ def decision_weights(pred: Any) -> Optional[np.ndarray]:
 
 def landmark_columns(pred: Any, grid: Grid, points: np.ndarray) -> Dict[str, np.ndarray]:
     """Extra landmark columns of methods with a misalignment estimate: ``error_mm`` (expected misalignment) and
-    ``residual_mm`` (|r| of the re-registration, before calibration)."""
+    ``residual_mm`` (|r| of the re-registration, before calibration).
+
+    Args:
+        pred: the inferer's output (a mapping with ``error_mm`` and/or ``residual_mm`` for methods that estimate them).
+        grid: working grid of the prediction.
+        points: ``[N, 3]`` landmark points, LPS mm (x-y-z order).
+
+    Returns:
+        Dict column name -> ``[N]`` values in mm; empty for methods without an estimate.
+    """
     columns = {}
     error = expected_error(pred)
     if error is not None:
@@ -152,7 +161,15 @@ def landmark_columns(pred: Any, grid: Grid, points: np.ndarray) -> Dict[str, np.
 
 def assessed_landmarks(data: Mapping[Hashable, Any], points: np.ndarray) -> np.ndarray:
     """Which landmarks ``[N, 3]`` were assessed (bool ``[N]``): inside the fixed image, the working grid and the
-    prediction mask (the region: body and lungs inside the moving image's field of view)."""
+    prediction mask (the region: body and lungs inside the moving image's field of view).
+
+    Args:
+        data: data dictionary with ``grid``, ``fixed_grid`` and ``mask`` (``LoadMisalignmentPaird``).
+        points: ``[N, 3]`` landmark points, LPS mm (x-y-z order).
+
+    Returns:
+        bool array ``[N]``.
+    """
     grid = Grid.from_arrays(data["grid"])
     inside = Grid.from_arrays(data["fixed_grid"]).contains(points) & grid.contains(points)
     mask = _numpy(data["mask"]).reshape((1,) + tuple(grid.size[::-1]))
@@ -176,7 +193,15 @@ class _OutputWriter(MapTransform):
         self.moving_key = moving_key
 
     def output_path(self, data: Mapping[Hashable, Any], suffix: str) -> Path:
-        """``<output_dir>/<stem of the moving image>_<suffix>``."""
+        """``<output_dir>/<stem of the moving image>_<suffix>``.
+
+        Args:
+            data: data dictionary holding the moving image path under ``moving_key``.
+            suffix: file name suffix, e.g. "landmarks.csv".
+
+        Returns:
+            The output path.
+        """
         return self.output_dir / f"{image_stem(_path(data[self.moving_key]))}_{suffix}"
 
 
@@ -309,7 +334,16 @@ def run_reporting_input_errors(evaluator: Any) -> Any:
 
 
 def log_weights_status(trained: bool, checkpoint: str, log: Callable[..., None] = logger.warning) -> bool:
-    """Say plainly in the log whether trained weights were found (returns ``trained``)."""
+    """Say plainly in the log whether trained weights were found (returns ``trained``).
+
+    Args:
+        trained: whether trained weights were found.
+        checkpoint: path of the weights, logged when trained.
+        log: logging function of the untrained warning.
+
+    Returns:
+        ``trained``.
+    """
     if trained:
         logger.info("loading trained weights from %s", checkpoint)
     else:

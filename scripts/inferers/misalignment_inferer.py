@@ -107,7 +107,15 @@ class FastConvLSTM3dCell(nn.Module):
     def forward(
         self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Advance one step; returns the new ``(h, c)``."""
+        """Advance one step; returns the new ``(h, c)``.
+
+        Args:
+            x: input ``[B, C_in, D, H, W]``.
+            state: previous ``(h, c)``, each ``[B, hidden_channels, D, H, W]``, or None for the zero state.
+
+        Returns:
+            Tuple ``(h, c)`` of tensors ``[B, hidden_channels, D, H, W]``.
+        """
         if state is None:
             i, j, o = torch.chunk(self.first(x), 3, dim=1)
             c = torch.sigmoid(i) * torch.tanh(j)
@@ -141,7 +149,20 @@ def inference_copy(
 ) -> nn.Module:
     """An eval-mode copy of ``network`` prepared for fast inference, same results up to rounding: BatchNorm folded
     into the convolutions, (with ``fuse``) convolution + ReLU fused and the ConvLSTM's zero-state step shortened,
-    weights in ``precision`` ("float32" or "bfloat16"), channels-last-3d memory format."""
+    weights in ``precision`` ("float32" or "bfloat16"), channels-last-3d memory format.
+
+    Args:
+        network: network to copy (left unchanged).
+        precision: "float32" or "bfloat16".
+        channels_last: convert to the channels-last-3d memory format.
+        fuse: fuse convolution + ReLU and use ``FastConvLSTM3dCell``.
+
+    Returns:
+        The prepared copy.
+
+    Raises:
+        ValueError: for an unknown ``precision``.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
     prepared = fold_batch_norm(copy.deepcopy(network).eval())
@@ -155,14 +176,31 @@ def inference_copy(
 
 def axis_blocks(lo: int, hi: int, block_max: int) -> Tuple[List[int], int]:
     """Split ``[lo, hi)`` (``lo`` a multiple of 4) into equal blocks of at most ``block_max`` voxels, each a multiple
-    of 4 long; returns the block starts and the block length (the last block may end past ``hi``)."""
+    of 4 long; returns the block starts and the block length (the last block may end past ``hi``).
+
+    Args:
+        lo: first voxel of the range (a multiple of 4).
+        hi: end of the range (exclusive).
+        block_max: largest block length, voxels.
+
+    Returns:
+        Tuple ``(starts, length)``: block start indices and the common block length.
+    """
     count = math.ceil((hi - lo) / block_max)
     length = GRID_ALIGN * math.ceil((hi - lo) / count / GRID_ALIGN)
     return [lo + b * length for b in range(count)], length
 
 
 def latent_size_for(block: int, halo: int) -> int:
-    """Smallest latent tile ``1 + 8k`` holding a block and the decoder's halo on both sides."""
+    """Smallest latent tile ``1 + 8k`` holding a block and the decoder's halo on both sides.
+
+    Args:
+        block: block length, voxels.
+        halo: decoder halo on each side, voxels.
+
+    Returns:
+        Tile edge ``1 + 8k``, voxels.
+    """
     return 1 + TILE_ALIGN * math.ceil((block + 2 * halo - 1) / TILE_ALIGN)
 
 
@@ -207,7 +245,19 @@ class MisalignmentInferer(Inferer):
             raise ValueError(f"class_weights must be 3 positive numbers, got {class_weights}")
 
     def plan(self, mask: torch.Tensor, halo: int) -> Tuple[List[Tuple[int, int, int]], Tuple[int, int, int]]:
-        """Block starts (z, y, x) of the tiles to run for a ``[z, y, x]`` bool mask, and the block size per axis."""
+        """Block starts (z, y, x) of the tiles to run for a ``[z, y, x]`` bool mask, and the block size per axis.
+
+        Args:
+            mask: bool ``[z, y, x]`` mask of the voxels to predict.
+            halo: the network's decoder halo, voxels.
+
+        Returns:
+            Tuple ``(starts, size)``: block starts (z, y, x) of the tiles touching the mask and the block size
+            (z, y, x); ``([], (0, 0, 0))`` for an empty mask.
+
+        Raises:
+            ValueError: when ``tile_size`` leaves no block inside the halo.
+        """
         block_max = GRID_ALIGN * ((self.tile_size - 2 * halo) // GRID_ALIGN)
         if block_max < GRID_ALIGN:
             raise ValueError(f"tile_size {self.tile_size} leaves no room inside the decoder halo of {halo} voxels")

@@ -37,7 +37,16 @@ ERROR_PERCENTILE = 99.0  # the colour bar ends at this percentile of the error i
 def choose_slices(labels: np.ndarray, landmark_index: Optional[np.ndarray], slab: float = SLAB_MM) -> Tuple[int, int]:
     """Axial (z) and coronal (y) slice: the ones with the most landmarks within ``slab`` voxels, else the mask's
     centre of mass. ``labels``: ``(z, y, x)`` with -1 outside the mask; ``landmark_index``: ``[N, 3]`` continuous
-    (x, y, z) indices."""
+    (x, y, z) indices.
+
+    Args:
+        labels: ``(z, y, x)`` class map, -1 outside the mask.
+        landmark_index: optional ``[N, 3]`` continuous voxel indices, x-y-z order.
+        slab: half thickness of the slab counted around a slice, voxels.
+
+    Returns:
+        Tuple ``(z, y)`` of slice indices.
+    """
     if landmark_index is not None and len(landmark_index):
         z, y = landmark_index[:, 2], landmark_index[:, 1]
         counts_z = [np.sum(np.abs(z - k) <= slab) for k in range(labels.shape[0])]
@@ -162,7 +171,19 @@ def overlay_figure(
 
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, grid: Grid, *args, **kwargs) -> Path:
-    """Write the overlay PNG atomically (arguments of ``overlay_figure``)."""
+    """Write the overlay PNG atomically (arguments of ``overlay_figure``).
+
+    Args:
+        path: PNG file to write.
+        image: ``[2, z, y, x]`` HU (fixed, deformed moving) on ``grid``.
+        labels: ``(z, y, x)`` 0/1/2, -1 outside the mask.
+        grid: the 1 mm working grid.
+        *args: further positional arguments of ``overlay_figure``.
+        **kwargs: further keyword arguments of ``overlay_figure``.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     fig = overlay_figure(image, labels, grid, *args, **kwargs)
     with atomic_output(path) as temporary:
         fig.savefig(temporary, format="png")
@@ -179,7 +200,16 @@ def _error_range(error_mm: np.ndarray, mask: np.ndarray) -> Tuple[float, float]:
 
 def overlay_title(title: str, trained: bool, note: str = "") -> Tuple[str, str]:
     """The PNG's title and its colour: plainly "UNTRAINED WEIGHTS - NOT A PREDICTION" (red) without trained weights;
-    a ``note`` (warning) is added on a second line and turns the title red too."""
+    a ``note`` (warning) is added on a second line and turns the title red too.
+
+    Args:
+        title: title text (e.g. the moving image's stem).
+        trained: whether trained weights were used.
+        note: optional warning for a second line.
+
+    Returns:
+        Tuple ``(text, colour)``.
+    """
     if not trained:
         return (
             f"{title}: UNTRAINED WEIGHTS - NOT A PREDICTION\n(models/model.pt not found; the map only shows that the "

@@ -24,7 +24,15 @@ class ConvLSTM3dCell(nn.Module):
     def forward(
         self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Advance one step; returns the new ``(h, c)``."""
+        """Advance one step; returns the new ``(h, c)``.
+
+        Args:
+            x: input ``[B, C_in, D, H, W]``.
+            state: previous ``(h, c)``, each ``[B, hidden_channels, D, H, W]``, or None for the zero state.
+
+        Returns:
+            Tuple ``(h, c)`` of tensors ``[B, hidden_channels, D, H, W]``.
+        """
         if state is None:
             shape = [x.shape[0], self.hidden_channels, x.shape[2], x.shape[3], x.shape[4]]
             h = torch.zeros(shape, dtype=x.dtype, device=x.device)

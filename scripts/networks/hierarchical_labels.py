@@ -55,7 +55,18 @@ def misalignment_classes(magnitude: torch.Tensor) -> torch.Tensor:
 
 
 def hierarchical_labels(magnitude: torch.Tensor, split: str = "6-3-1") -> torch.Tensor:
-    """Group index of every voxel at every LSTM step: shape ``[steps, *magnitude.shape]``, int64."""
+    """Group index of every voxel at every LSTM step: shape ``[steps, *magnitude.shape]``, int64.
+
+    Args:
+        magnitude: misalignment magnitudes, mm (any shape).
+        split: LSTM split name, e.g. "6-3-1" (a key of ``SPLITS``).
+
+    Returns:
+        int64 tensor ``[steps, *magnitude.shape]``.
+
+    Raises:
+        ValueError: for an unknown ``split``.
+    """
     return torch.stack([_bucketize(magnitude, edges) for edges in step_edges(split)])
 
 

@@ -30,7 +30,17 @@ RESIDUAL_SCALE_MM = 10.0
 
 
 def crop_with_padding(image: torch.Tensor, start: List[int], size: List[int], value: float) -> torch.Tensor:
-    """``image[..., start:start+size]`` on the 3 spatial axes, filled with ``value`` outside the image."""
+    """``image[..., start:start+size]`` on the 3 spatial axes, filled with ``value`` outside the image.
+
+    Args:
+        image: ``[B, C, D, H, W]`` tensor.
+        start: first index on each spatial axis (may be negative), z-y-x order.
+        size: crop size on each spatial axis, voxels.
+        value: fill value outside the image (e.g. background HU, or 0 for r).
+
+    Returns:
+        Tensor ``[B, C, *size]``.
+    """
     pads: List[int] = []
     slices: List[Tuple[int, int]] = []
     for axis in range(3):
@@ -137,6 +147,17 @@ class MisalignmentNet(nn.Module):
         all centred on one 1 mm point, with ``self.encoder_channels`` channels (the pair in HU, then r in mm); the
         tile size ``n`` is the 1 mm window's size minus 76. ``residual``: the residual field r ``[B, 3, n, n, n]``
         (mm) on the tile, required with any ``residual_input`` but "none".
+
+        Args:
+            level_inputs: windows ``[B, encoder_channels, ...]``, one per factor of ``self.factors`` (coarse to fine).
+            residual: residual field ``[B, 3, n, n, n]`` (mm, x-y-z) on the tile, or None for ``residual_input="none"``.
+
+        Returns:
+            Logits ``[B, steps, n_fine, n, n, n]``.
+
+        Raises:
+            ValueError: when ``residual`` is missing for a residual-informed network, given to one with
+                ``residual_input="none"``, or does not match the latent tile.
         """
         if residual is None and self.residual_input != "none":
             raise ValueError(
@@ -190,7 +211,17 @@ class MisalignmentNet(nn.Module):
         residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Training path: three ``[B, 2, 101, 101, 101]`` patches centred on one point (and the residual field
-        ``[B, 3, 25, 25, 25]`` on its 25^3, for ``residual_input="lstm"``) -> logits on its 25^3."""
+        ``[B, 3, 25, 25, 25]`` on its 25^3, for ``residual_input="lstm"``) -> logits on its 25^3.
+
+        Args:
+            image_4mm: ``[B, 2, 101, 101, 101]`` patch of the 4 mm level, HU.
+            image_2mm: ``[B, 2, 101, 101, 101]`` patch of the 2 mm level, HU.
+            image_1mm: ``[B, 2, 101, 101, 101]`` patch of the 1 mm level, HU.
+            residual: ``[B, 3, 25, 25, 25]`` residual field (mm), or None for ``residual_input="none"``.
+
+        Returns:
+            Logits ``[B, steps, n_fine, 25, 25, 25]``.
+        """
         levels = {4: image_4mm, 2: image_2mm, 1: image_1mm}
         return self.forward_tile([levels[f] for f in self.factors], residual)
 
@@ -201,7 +232,16 @@ class MisalignmentNet(nn.Module):
 
     def tile_inputs(self, levels: List[torch.Tensor], center: List[int], latent_size: List[int]) -> List[torch.Tensor]:
         """Encoder windows of one tile cut from the pyramid ``levels`` (the pair padded with background HU, r with
-        zeros)."""
+        zeros).
+
+        Args:
+            levels: the pyramid from ``pyramid``, ``[B, C, ...]`` per factor, coarse to fine.
+            center: 1 mm voxel index of the tile centre, z-y-x order.
+            latent_size: tile size on the 1 mm grid, z-y-x order, voxels.
+
+        Returns:
+            One window per factor in ``self.factors``, ``[B, C, ...]`` each (sizes from ``level_window``).
+        """
         inputs: List[torch.Tensor] = []
         for k, factor in enumerate(self.factors):
             start: List[int] = []
@@ -231,7 +271,16 @@ class MisalignmentNet(nn.Module):
         return out
 
     def residual_tile(self, residual: torch.Tensor, center: List[int], latent_size: List[int]) -> torch.Tensor:
-        """The residual field ``[B, 3, n, n, n]`` (mm) on one 1 mm latent tile, zero beyond the image."""
+        """The residual field ``[B, 3, n, n, n]`` (mm) on one 1 mm latent tile, zero beyond the image.
+
+        Args:
+            residual: ``[B, 3, D, H, W]`` residual field on the 1 mm grid, mm.
+            center: 1 mm voxel index of the tile centre, z-y-x order.
+            latent_size: tile size, z-y-x order, voxels.
+
+        Returns:
+            Tensor ``[B, 3, *latent_size]``.
+        """
         start = [c - (n - 1) // 2 for c, n in zip(center, latent_size)]
         return crop_with_padding(residual, start, latent_size, 0.0)
 

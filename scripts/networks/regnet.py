@@ -38,7 +38,15 @@ def _stack(in_channels: int, widths: Sequence[int], dilation: int = 1) -> nn.Seq
 
 
 def center_crop(x: torch.Tensor, border: int) -> torch.Tensor:
-    """Remove ``border`` voxels from each side of the three spatial axes."""
+    """Remove ``border`` voxels from each side of the three spatial axes.
+
+    Args:
+        x: ``[B, C, D, H, W]`` tensor.
+        border: voxels removed on each side (0 returns ``x`` itself).
+
+    Returns:
+        Tensor ``[B, C, D - 2 border, H - 2 border, W - 2 border]`` (a view).
+    """
     if border == 0:
         return x
     return x[:, :, border:-border, border:-border, border:-border]

@@ -53,7 +53,17 @@ def fit_isotonic(
     magnitude: np.ndarray, error: np.ndarray, options_digest: str = "", labels: np.ndarray | None = None
 ) -> ResidualCalibration:
     """The calibration tables from voxel samples of |r| and the true misalignment |e| (mm); with ``labels`` (the
-    true classes of the samples) also the mean-F1 class weights of its probabilities on them."""
+    true classes of the samples) also the mean-F1 class weights of its probabilities on them.
+
+    Args:
+        magnitude: ``[N]`` residual magnitudes |r| found by the second registration, mm.
+        error: ``[N]`` true misalignments |e| at the same voxels, mm.
+        options_digest: sha256 of the estimator settings the samples come from (stored with the tables).
+        labels: optional ``[N]`` true classes (0, 1, 2); given, the mean-F1 class weights are fitted too.
+
+    Returns:
+        A ``ResidualCalibration`` with knots, P(>=3 mm), P(>=6 mm), expected error and, with ``labels``, class weights.
+    """
     lo, hi = CLASS_THRESHOLDS_MM
     knots, p3 = _table(magnitude, (error >= lo).astype(float))
     p6 = np.interp(knots, *_table(magnitude, (error >= hi).astype(float)))
@@ -72,7 +82,16 @@ def true_classes(error: np.ndarray) -> np.ndarray:
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """Top-label ECE: the |accuracy - confidence| of the predicted class, averaged over confidence bins by count."""
+    """Top-label ECE: the |accuracy - confidence| of the predicted class, averaged over confidence bins by count.
+
+    Args:
+        probabilities: ``[N, C]`` class probabilities.
+        labels: ``[N]`` true classes.
+        bins: number of equal-width confidence bins on [0, 1].
+
+    Returns:
+        The ECE, a float in [0, 1].
+    """
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -86,7 +105,17 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 
 
 def sample_voxels(record: dict, per_pair: int, rng: np.random.Generator, region: str = "lung_mask"):
-    """|r| and |e| (mm) at ``per_pair`` random voxels of a registered pair's ``region`` mask."""
+    """|r| and |e| (mm) at ``per_pair`` random voxels of a registered pair's ``region`` mask.
+
+    Args:
+        record: registered-pair record with ``residual_estimate``, ``residual_true`` and ``region`` image paths.
+        per_pair: number of voxels to draw (fewer if the region has fewer).
+        rng: random generator that picks the voxels.
+        region: record key of the mask the voxels are drawn from.
+
+    Returns:
+        Tuple ``(r, e)`` of float ``[n]`` arrays: |r| and |e| in mm.
+    """
     region_mask = sitk.GetArrayFromImage(sitk.ReadImage(record[region])) > 0  # a copy: a view would outlive its image
     idx = np.flatnonzero(region_mask)
     idx = rng.choice(idx, size=min(per_pair, idx.size), replace=False)
@@ -98,7 +127,15 @@ def sample_voxels(record: dict, per_pair: int, rng: np.random.Generator, region:
 
 
 def class_scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
-    """Mean F1 (macro over the three classes), accuracy and Cohen's kappa (scikit-learn)."""
+    """Mean F1 (macro over the three classes), accuracy and Cohen's kappa (scikit-learn).
+
+    Args:
+        labels: ``[N]`` true classes (0, 1, 2).
+        predicted: ``[N]`` predicted classes.
+
+    Returns:
+        Dict with float ``mean_f1``, ``accuracy`` and ``kappa``.
+    """
     from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 
     return {
@@ -109,7 +146,15 @@ def class_scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
 
 
 def probability_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
-    """``class_scores`` of the argmax of ``probabilities [N, 3]``, their log loss (clipped at 1e-6) and ECE."""
+    """``class_scores`` of the argmax of ``probabilities [N, 3]``, their log loss (clipped at 1e-6) and ECE.
+
+    Args:
+        labels: ``[N]`` true classes (0, 1, 2).
+        probabilities: ``[N, 3]`` class probabilities.
+
+    Returns:
+        Dict with ``mean_f1``, ``accuracy``, ``kappa``, ``log_loss`` and ``ece`` (floats).
+    """
     from sklearn.metrics import log_loss
 
     scores = class_scores(labels, probabilities.argmax(axis=1))
@@ -123,7 +168,22 @@ def load_samples(
     datalist: str | Path, split: str, per_pair: int, seed: int, options: ReregistrationOptions
 ) -> tuple[np.ndarray, ...]:
     """|r|, |e|, the scan name and the pair index of voxel samples of the ``split`` pairs, whose estimates must be of
-    ``options``; ``datalist``: one path, or several separated by commas (their pairs are pooled)."""
+    ``options``; ``datalist``: one path, or several separated by commas (their pairs are pooled).
+
+    Args:
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        split: datalist key, e.g. "training" or "validation".
+        per_pair: voxels drawn per pair (from its lung mask).
+        seed: seed of the voxel choice.
+        options: re-registration settings the pairs' estimates must have been computed with.
+
+    Returns:
+        Tuple ``(r, e, scans, pairs)`` of ``[N]`` arrays: |r| and |e| (mm), scan name and pair index per voxel.
+
+    Raises:
+        ValueError: when the datalists hold no ``split`` pairs or a pair has no estimate for ``options``.
+        FileNotFoundError: when a pair's estimate, true residual or lung mask file is missing.
+    """
     names = [d for d in str(datalist).split(",") if d]
     records = [r for name in names for r in json.loads(Path(name).read_text()).get(split, [])]
     if not records:
@@ -159,7 +219,18 @@ def load_samples(
 
 def compare_models(magnitude: np.ndarray, error: np.ndarray, scans: np.ndarray, seed: int = 0) -> dict:
     """Leave-one-scan-out scores of |r| thresholds, isotonic tables, logistic regression and gradient boosting
-    (both on log1p|r|): mean F1 of the argmax, kappa, log loss, ECE and the MAE of the expected error."""
+    (both on log1p|r|): mean F1 of the argmax, kappa, log loss, ECE and the MAE of the expected error.
+
+    Args:
+        magnitude: ``[N]`` residual magnitudes |r|, mm.
+        error: ``[N]`` true misalignments |e|, mm.
+        scans: ``[N]`` scan name per sample (the leave-one-out groups).
+        seed: random state of the gradient-boosting models.
+
+    Returns:
+        Dict model name -> scores (``probability_scores`` plus ``error_mae_mm``), and the class scores of the isotonic
+        tables with the mean-F1 decision.
+    """
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.linear_model import LinearRegression, LogisticRegression
 
@@ -206,7 +277,22 @@ def fit(
     **changes,
 ) -> dict:
     """Fit the isotonic tables on the training pairs of ``datalist`` (estimates of the default settings, or of
-    ``changes`` to them), compare models leave-one-scan-out, write ``output`` (with the comparison); returns it."""
+    ``changes`` to them), compare models leave-one-scan-out, write ``output`` (with the comparison); returns it.
+
+    Args:
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        output: calibration JSON file to write.
+        per_pair: voxels drawn per training pair.
+        seed: seed of the voxel choice and of the compared models.
+        **changes: ``ReregistrationOptions`` fields that differ from the defaults.
+
+    Returns:
+        The extra content written with the tables: ``fitted_on``, ``estimator_options`` and ``leave_one_scan_out``.
+
+    Raises:
+        ValueError: when the datalists hold no training pairs or their estimates are of other settings.
+        FileNotFoundError: when a pair's files are missing.
+    """
     options = ReregistrationOptions(**changes)
     magnitude, error, scans, _ = load_samples(datalist, "training", per_pair, seed, options)
     comparison = compare_models(magnitude, error, scans, seed)
@@ -235,7 +321,19 @@ def report(
     seed: int = 1,
 ) -> dict:
     """Reliability diagram (PNG) and scores of the calibration on the VALIDATION pairs of ``datalist`` (one path, or
-    several separated by commas)."""
+    several separated by commas).
+
+    Args:
+        datalist: registered-pairs datalist (JSON), or several separated by commas.
+        calibration_file: calibration JSON written by ``fit``.
+        output_dir: folder of ``reliability.png`` and ``calibration_validation.json``.
+        per_pair: voxels drawn per validation pair.
+        seed: seed of the voxel choice.
+
+    Returns:
+        The scores written to ``calibration_validation.json`` (voxel and class counts, thresholds, calibrated and
+        mean-F1 decision scores).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

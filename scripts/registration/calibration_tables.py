@@ -62,7 +62,15 @@ class ResidualCalibration:
         )
 
     def decide(self, probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
-        """Labels of ``probabilities`` (classes along ``axis``): argmax(class_weights * p), or the plain argmax."""
+        """Labels of ``probabilities`` (classes along ``axis``): argmax(class_weights * p), or the plain argmax.
+
+        Args:
+            probabilities: class probabilities, classes along ``axis``.
+            axis: the class axis.
+
+        Returns:
+            int array of labels.
+        """
         return weighted_argmax(probabilities, self.class_weights, axis)
 
     def predict(self, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +88,20 @@ class ResidualCalibration:
     @classmethod
     def read(cls, path: str | Path, options: ReregistrationOptions | None = None) -> "ResidualCalibration":
         """The calibration of a JSON file; a clear error names a missing or malformed file. A file fitted for other
-        estimator settings than ``options`` is refused with a warning: plain thresholds are used instead."""
+        estimator settings than ``options`` is refused with a warning: plain thresholds are used instead.
+
+        Args:
+            path: calibration JSON file.
+            options: estimator settings the file must have been fitted for; None skips the check.
+
+        Returns:
+            The ``ResidualCalibration``, or ``ResidualCalibration.thresholds()`` for a file of other settings.
+
+        Raises:
+            FileNotFoundError: when ``path`` does not exist.
+            ValueError: when the file is not a calibration file, its tables are inconsistent or its class weights are
+                invalid.
+        """
         path = Path(path)
         try:
             record = json.loads(path.read_text())

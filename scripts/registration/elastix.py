@@ -101,7 +101,19 @@ def read_parameter_file(path: str | Path) -> dict[str, list[str]]:
 def stage_parameter_map(stage: str, options: RegistrationOptions, iterations: int) -> dict[str, list[str]]:
     """The parameter map of ``stage`` ("affine" or "bspline"): ``configs/elastix/<family>_<stage>.txt`` (the family of
     ``options``: the protocol's or the re-registration's settings), with the parameters the options control set from
-    them; with the options' defaults the map is the file itself."""
+    them; with the options' defaults the map is the file itself.
+
+    Args:
+        stage: "affine" or "bspline" (names the parameter file).
+        options: registration options; ``parameter_family`` picks the file, the other fields override its values.
+        iterations: ``MaximumNumberOfIterations`` per resolution.
+
+    Returns:
+        elastix parameter map (parameter name -> list of string values).
+
+    Raises:
+        FileNotFoundError: when the parameter file does not exist.
+    """
     out = read_parameter_file(ELASTIX_PARAMETER_DIR / f"{options.parameter_family}_{stage}.txt")
     out.update(
         {
@@ -129,7 +141,18 @@ def affine_parameter_map(options: RegistrationOptions) -> dict[str, list[str]]:
 
 def linear_parameter_map(transform: str, options: RegistrationOptions) -> dict[str, list[str]]:
     """elastix parameter map of a translation, rigid (Euler) or affine stage: the affine file with its transform
-    replaced."""
+    replaced.
+
+    Args:
+        transform: "translation", "rigid" or "affine".
+        options: registration options (see ``stage_parameter_map``).
+
+    Returns:
+        elastix parameter map (parameter name -> list of string values).
+
+    Raises:
+        ValueError: when ``transform`` is not one of the three.
+    """
     transforms = {"translation": "TranslationTransform", "rigid": "EulerTransform", "affine": "AffineTransform"}
     if transform not in transforms:
         raise ValueError(f"unknown linear transform {transform!r}; choose from {sorted(transforms)}")
@@ -144,19 +167,47 @@ def linear_parameter_map(transform: str, options: RegistrationOptions) -> dict[s
 
 
 def bspline_parameter_map(iterations: int, options: RegistrationOptions) -> dict[str, list[str]]:
-    """elastix parameter map of the B-spline stage: ``iterations`` per resolution, grid spacing halved per level."""
+    """elastix parameter map of the B-spline stage: ``iterations`` per resolution, grid spacing halved per level.
+
+    Args:
+        iterations: ``MaximumNumberOfIterations`` per resolution.
+        options: registration options (final grid spacing ``grid_spacing_mm``, number of resolutions, ...).
+
+    Returns:
+        elastix parameter map (parameter name -> list of string values).
+    """
     return stage_parameter_map("bspline", options, iterations)
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     """Read a 3-D scalar image (float32) through ``scripts.data.image_io.read_image``: one set of checks (missing,
     truncated or corrupt file, not 3-D, zero-size axis, singular direction, NaN), errors naming ``what`` and the
-    file."""
+    file.
+
+    Args:
+        path: image file.
+        what: name of the image in error messages, e.g. "fixed image".
+
+    Returns:
+        The 3-D float32 SimpleITK image.
+
+    Raises:
+        MissingInputError: when the file does not exist.
+        InputError: when the file fails one of the checks above.
+    """
     return image_io.read_image(path, what)
 
 
 def sitk_to_itk(image: sitk.Image, pixel_type: type = np.float32) -> itk.Image:
-    """Same voxels and geometry as an itk image (numpy order (z, y, x) is shared by both libraries)."""
+    """Same voxels and geometry as an itk image (numpy order (z, y, x) is shared by both libraries).
+
+    Args:
+        image: 3-D SimpleITK image.
+        pixel_type: numpy dtype of the itk image's voxels (default float32; uint8 for masks).
+
+    Returns:
+        itk image with the same origin, spacing and direction (voxels copied).
+    """
     out = itk.image_from_array(np.array(sitk.GetArrayViewFromImage(image), dtype=pixel_type))  # a copy, never a view
     out.SetOrigin(image.GetOrigin())
     out.SetSpacing(image.GetSpacing())
@@ -175,7 +226,17 @@ def itk_to_sitk(image: itk.Image) -> sitk.Image:
 
 def resample_to_working_grid(image: sitk.Image, spacing_mm: float, is_mask: bool = False) -> sitk.Image:
     """Resample to an isotropic ``spacing_mm`` grid over the same extent; images are Gaussian-smoothed first
-    (sigma = half the spacing increase) against aliasing, masks use nearest neighbour."""
+    (sigma = half the spacing increase) against aliasing, masks use nearest neighbour.
+
+    Args:
+        image: 3-D image or mask.
+        spacing_mm: isotropic voxel size of the working grid, mm.
+        is_mask: nearest-neighbour resampling to uint8 (no smoothing, 0 outside) instead of linear float32 (the
+            image's minimum outside).
+
+    Returns:
+        The resampled SimpleITK image (same direction, same physical box).
+    """
     old = np.array(image.GetSpacing())
     size = np.maximum(1, np.round(old * np.array(image.GetSize()) / spacing_mm)).astype(int)
     if not is_mask:
@@ -235,7 +296,16 @@ class ElastixPair:
         self.moving_mask = sitk_to_itk(prepare(moving_mask, True), np.uint8) if moving_mask is not None else None
 
     def register(self, maps: list[dict[str, list[str]]], initial: list[dict[str, list[str]]] | None = None):
-        """Run elastix with ``maps`` after the ``initial`` transform; returns all maps (initial ones first)."""
+        """Run elastix with ``maps`` after the ``initial`` transform; returns all maps (initial ones first).
+
+        Args:
+            maps: elastix parameter maps to run, in order.
+            initial: transform parameter maps of an earlier registration to start from (e.g. the affine result).
+                None starts from the identity.
+
+        Returns:
+            List of transform parameter maps, the ``initial`` ones first.
+        """
         itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(self.options.threads)
         method = itk.ElastixRegistrationMethod.New(self.fixed, self.moving)
         method.SetParameterObject(_parameter_object(maps))
@@ -253,7 +323,16 @@ class ElastixPair:
 
 
 def transform_points(transform_maps: list[dict[str, list[str]]], points: np.ndarray, moving: itk.Image) -> np.ndarray:
-    """Map ``[N, 3]`` FIXED-space physical points (LPS mm) to MOVING space with transformix: T(x_F)."""
+    """Map ``[N, 3]`` FIXED-space physical points (LPS mm) to MOVING space with transformix: T(x_F).
+
+    Args:
+        transform_maps: transform parameter maps of a registration; empty for the identity (setting "none").
+        points: ``[N, 3]`` fixed-space physical points, LPS mm (x-y-z order).
+        moving: the moving itk image (transformix needs one).
+
+    Returns:
+        float64 array ``[N, 3]`` of T(x_F) in moving space, LPS mm.
+    """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if not transform_maps:  # setting "none": the identity
         return points.copy()
@@ -272,7 +351,15 @@ def transform_points(transform_maps: list[dict[str, list[str]]], points: np.ndar
 
 def on_grid(transform_maps: list[dict[str, list[str]]], reference: sitk.Image) -> list[dict[str, list[str]]]:
     """The transform maps with their output grid set to ``reference``'s (full resolution, whatever grid
-    the registration ran on)."""
+    the registration ran on).
+
+    Args:
+        transform_maps: transform parameter maps of a registration.
+        reference: image whose size, spacing, origin and direction become the maps' output grid.
+
+    Returns:
+        New list of maps with the grid entries replaced and ``ResultImagePixelType`` "float".
+    """
     grid = {
         "Size": [str(s) for s in reference.GetSize()],
         "Spacing": [repr(float(s)) for s in reference.GetSpacing()],
@@ -285,7 +372,15 @@ def on_grid(transform_maps: list[dict[str, list[str]]], reference: sitk.Image) -
 
 def displacement_field(transform_maps: list[dict[str, list[str]]], fixed: sitk.Image) -> sitk.Image:
     """``T(x) - x`` in mm (physical x, y, z components) at every voxel ``x`` of ``fixed``'s grid: a float32
-    SimpleITK vector image with ``fixed``'s geometry (transformix's deformation field)."""
+    SimpleITK vector image with ``fixed``'s geometry (transformix's deformation field).
+
+    Args:
+        transform_maps: transform parameter maps of a registration.
+        fixed: image whose grid the field is computed on.
+
+    Returns:
+        float32 SimpleITK vector image (components x-y-z, mm) with ``fixed``'s geometry.
+    """
     placeholder = sitk_to_itk(sitk.Image([2, 2, 2], sitk.sitkFloat32))
     transformix = itk.TransformixFilter[type(placeholder)].New()
     transformix.SetMovingImage(placeholder)
@@ -303,7 +398,16 @@ def displacement_field(transform_maps: list[dict[str, list[str]]], fixed: sitk.I
 
 def deform_image(transform_maps: list[dict[str, list[str]]], moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
     """The moving image resampled through the transform on the full-resolution fixed grid (cubic B-spline),
-    rounded to int16 HU; no maps (setting "none"): the identity."""
+    rounded to int16 HU; no maps (setting "none"): the identity.
+
+    Args:
+        transform_maps: transform parameter maps of a registration; empty for the identity.
+        moving: moving image, HU.
+        fixed: fixed image whose full-resolution grid the result takes.
+
+    Returns:
+        int16 SimpleITK image (HU, clipped to the int16 range) on ``fixed``'s grid.
+    """
     if not transform_maps:
         resampled = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkBSpline, BACKGROUND_HU, sitk.sitkFloat32)
         return sitk.Cast(sitk.Round(sitk.Clamp(resampled, sitk.sitkFloat32, -32768, 32767)), sitk.sitkInt16)
@@ -332,7 +436,19 @@ def _stem(path: str | Path) -> str:
 def landmark_errors(
     fixed_table: LandmarkTable, mapped: np.ndarray, moving_table: LandmarkTable | None = None
 ) -> LandmarkTable:
-    """The fixed landmark table plus columns x/y/z_moving = T(x_F) and, given moving landmarks, ``tre`` (mm)."""
+    """The fixed landmark table plus columns x/y/z_moving = T(x_F) and, given moving landmarks, ``tre`` (mm).
+
+    Args:
+        fixed_table: fixed-image landmark table.
+        mapped: ``[N, 3]`` mapped points T(x_F), LPS mm, one row per landmark.
+        moving_table: optional corresponding moving-image landmarks (same row order).
+
+    Returns:
+        The fixed table with ``x_moving``, ``y_moving``, ``z_moving`` and, with ``moving_table``, ``tre`` columns.
+
+    Raises:
+        ValueError: when the two tables have different numbers of landmarks.
+    """
     table = fixed_table
     for j, name in enumerate(MAPPED_COLUMNS):
         table = table.with_column(name, mapped[:, j])
@@ -360,7 +476,28 @@ def register_pair(
 ) -> dict:
     """Register ``moving`` to ``fixed`` with each requested setting; write ``<stem>_<setting>.nii.gz`` (int16 HU on
     the fixed grid), ``<stem>_<setting>_points.csv`` (fixed landmarks + T(x_F) [+ tre]), the elastix transform
-    maps (``<stem>_<setting>_transform.json``) and a JSON log; returns the log (seconds per setting, files)."""
+    maps (``<stem>_<setting>_transform.json``) and a JSON log; returns the log (seconds per setting, files).
+
+    Args:
+        fixed: fixed image file.
+        moving: moving image file.
+        output_dir: folder of the outputs.
+        setting: setting name(s), see ``parse_settings`` (e.g. "all", "paper", "affine,bspline20").
+        fixed_landmarks: optional CSV of fixed-image landmarks (LPS mm).
+        moving_landmarks: optional CSV of the corresponding moving-image landmarks; needs ``fixed_landmarks``.
+        fixed_mask: optional fixed-image mask file for elastix.
+        moving_mask: optional moving-image mask file for elastix.
+        options: registration options (default ``RegistrationOptions()``).
+
+    Returns:
+        The log dict: inputs, options, working size, ``prepare_s``, ``affine_s`` and per setting the written files,
+        ``registration_s``, ``resample_s`` and, with both landmark files, ``tre_mean_mm`` and ``tre_median_mm``.
+
+    Raises:
+        ValueError: for an unknown setting, a bad landmark file, moving landmarks without fixed ones, or landmark
+            tables of different length.
+        InputError: for an unreadable or invalid image (``MissingInputError`` for a missing one).
+    """
     options = options or RegistrationOptions()
     names = parse_settings(setting)
     fixed_image = read_image(fixed, "fixed image")
@@ -441,7 +578,24 @@ def main(
     asgd_estimation: str = RegistrationOptions.asgd_estimation,
 ) -> None:
     """CLI: register with the named setting(s) (``all``, ``affine``, ``bspline20``, ... or a comma list); prints
-    the seconds per setting."""
+    the seconds per setting.
+
+    Args:
+        fixed: fixed image file.
+        moving: moving image file.
+        output_dir: folder of the outputs.
+        setting: setting name(s), see ``parse_settings``.
+        fixed_landmarks: optional CSV of fixed-image landmarks (LPS mm).
+        moving_landmarks: optional CSV of the corresponding moving-image landmarks.
+        fixed_mask: optional fixed-image mask file.
+        moving_mask: optional moving-image mask file.
+        working_spacing_mm: isotropic registration grid, mm; None or 0 registers at the images' own resolution.
+        threads: number of elastix threads.
+        seed: elastix ``RandomSeed``.
+        samples: random spatial samples per iteration.
+        affine_iterations: iterations per resolution of the affine stage.
+        asgd_estimation: ASGD step-size estimation method, e.g. "DisplacementDistribution" or "Original".
+    """
     options = RegistrationOptions(
         threads=int(threads),
         random_seed=int(seed),

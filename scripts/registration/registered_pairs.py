@@ -72,7 +72,18 @@ def draw_protocol(rng: np.random.RandomState) -> dict:
 
 
 def register_with_protocol(fixed: sitk.Image, moving: sitk.Image, protocol: dict, threads: int = 2):
-    """elastix transform maps of ``protocol`` registering ``moving`` onto ``fixed`` (None for "none")."""
+    """elastix transform maps of ``protocol`` registering ``moving`` onto ``fixed`` (None for "none").
+
+    Args:
+        fixed: fixed image (the scan crop), HU.
+        moving: moving image (the deformed scan), HU.
+        protocol: protocol from ``draw_protocol``: ``kind`` and ``seed``; with "bspline" also ``iterations``,
+            ``metric`` and ``grid_spacing_mm``.
+        threads: number of elastix threads.
+
+    Returns:
+        List of elastix transform parameter maps (linear stage first), or None for the "none" protocol.
+    """
     kind = protocol["kind"]
     if kind == "none":
         return None
@@ -88,7 +99,19 @@ def register_with_protocol(fixed: sitk.Image, moving: sitk.Image, protocol: dict
 
 
 def crop_to_lungs(images: dict[str, sitk.Image], lung: sitk.Image, margin_mm: float = CROP_MARGIN_MM) -> dict:
-    """Every image of ``images`` (same grid as ``lung``) cropped to the lung bounding box plus ``margin_mm``."""
+    """Every image of ``images`` (same grid as ``lung``) cropped to the lung bounding box plus ``margin_mm``.
+
+    Args:
+        images: name -> SimpleITK image, all on ``lung``'s grid.
+        lung: lung mask (non-zero inside).
+        margin_mm: margin added on every side of the lung bounding box, mm (clipped at the image border).
+
+    Returns:
+        Dict with the same keys and the cropped images.
+
+    Raises:
+        ValueError: when the lung mask is empty.
+    """
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(lung > 0, sitk.sitkUInt8))
     if not stats.HasLabel(1):
@@ -101,7 +124,22 @@ def crop_to_lungs(images: dict[str, sitk.Image], lung: sitk.Image, margin_mm: fl
 
 
 def deform(rng: np.random.RandomState, kind: str, image: sitk.Image, body: sitk.Image, lung: sitk.Image, seed: int):
-    """The deformed image and its deformation as a SimpleITK transform ``y -> y + u(y)``; ``max_mm`` drawn."""
+    """The deformed image and its deformation as a SimpleITK transform ``y -> y + u(y)``; ``max_mm`` drawn.
+
+    Args:
+        rng: random state (draws ``max_mm`` and the artificial DVF and intensity changes).
+        kind: "evaluation" or one of the artificial DVF types ("single_frequency", "mixed_frequency",
+            "respiratory_motion").
+        image: scan crop, HU.
+        body: body mask on the grid of ``image``.
+        lung: lung mask on the grid of ``image``.
+        seed: pair seed; evaluation-style draws use ``TRAINING_SEED_OFFSET + seed + attempt``.
+
+    Returns:
+        Tuple ``(deformed, field_u, info)``: the float32 deformed image, the displacement field u (SimpleITK vector
+        image on its coarse grid, mm) and a dict describing the draw (``attempt``, or ``kind``, ``max_deformation_mm``
+        and ``variant``).
+    """
     if kind == "evaluation":
         for attempt in range(EVALUATION_ATTEMPTS):  # a draw that folds is refused by draw_deformation: draw again
             try:
@@ -123,7 +161,16 @@ def deform(rng: np.random.RandomState, kind: str, image: sitk.Image, body: sitk.
 
 
 def true_residual(field_u: sitk.Image, maps, fixed: sitk.Image) -> np.ndarray:
-    """``e(x) = t(x) + u(x + t(x))`` on ``fixed``'s grid, ``[3, z, y, x]`` mm (x, y, z components)."""
+    """``e(x) = t(x) + u(x + t(x))`` on ``fixed``'s grid, ``[3, z, y, x]`` mm (x, y, z components).
+
+    Args:
+        field_u: the deformation u as a SimpleITK vector image, mm.
+        maps: elastix transform parameter maps of the registration, or None for the identity.
+        fixed: image whose grid the residual is computed on.
+
+    Returns:
+        float32 array ``[3, z, y, x]`` of e, mm (components x-y-z).
+    """
     u = sitk.Cast(field_u, sitk.sitkVectorFloat64)
     if maps is None:
         t = np.zeros((3,) + tuple(fixed.GetSize()[::-1]), dtype=np.float32)
@@ -137,14 +184,39 @@ def true_residual(field_u: sitk.Image, maps, fixed: sitk.Image) -> np.ndarray:
 
 
 def write_vector(field: np.ndarray, reference: sitk.Image, path: Path) -> Path:
-    """A ``[3, z, y, x]`` field as a float16-valued float32 vector image (half the compressed size) on ``reference``."""
+    """A ``[3, z, y, x]`` field as a float16-valued float32 vector image (half the compressed size) on ``reference``.
+
+    Args:
+        field: ``[3, z, y, x]`` vector field (components x-y-z), mm.
+        reference: image whose geometry the written image takes.
+        path: output file (written atomically, compression level 1).
+
+    Returns:
+        The written path.
+    """
     image = sitk.GetImageFromArray(np.moveaxis(field.astype(np.float16).astype(np.float32), 0, -1), isVector=True)
     image.CopyInformation(reference)
     return atomic_write_image(image, path, level=1)
 
 
 def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str, threads: int = 2) -> dict:
-    """One registered pair of a scan (files written beside ``out_stem``); returns its record."""
+    """One registered pair of a scan (files written beside ``out_stem``); returns its record.
+
+    Args:
+        scan_files: the scan's files from ``prepare_scan`` (``image_1mm``, ``body_mask``, ``lung_mask``).
+        out_stem: path prefix of the written files (``<out_stem>_fixed.nii.gz``, ``_registered``, ``_body_mask``,
+            ``_lung_mask``, ``_residual_true``).
+        seed: seed of the deformation and protocol draws.
+        kind: deformation kind, one of ``DEFORMATIONS``.
+        threads: number of elastix threads.
+
+    Returns:
+        The pair's record: file paths, deformation, protocol, seed, size, lung residual median and 95th percentile
+        (mm), lung class fractions and seconds per step.
+
+    Raises:
+        ValueError: when the scan's lung mask is empty.
+    """
     rng = np.random.RandomState(seed)
     seconds = {}
     t0 = time.perf_counter()
@@ -194,7 +266,20 @@ def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str,
 def estimate_pair(record: dict, options: ReregistrationOptions, suffix: str = "residual_estimate") -> dict:
     """Add the re-registration estimate r of one pair (``<stem>_<suffix>.nii.gz``) for ``options``; the pair is
     loaded as the bundle's inference loads it (``options.input_spacing_mm``, ``options.mask_background``) and elastix
-    samples its region. Returns the updated record."""
+    samples its region. Returns the updated record.
+
+    Args:
+        record: registered-pair record (``fixed`` and ``registered`` paths, earlier estimates under ``suffix``).
+        options: re-registration settings.
+        suffix: record key and file-name suffix of the estimate.
+
+    Returns:
+        The record with ``suffix`` -> {``path``, ``options_sha256``, ``seconds``}; unchanged when an estimate for
+        ``options`` already exists.
+
+    Raises:
+        ValueError: when the pair is not loaded on the fixed image's own grid.
+    """
     digest = options_sha256(options)
     done = record.get(suffix) if isinstance(record.get(suffix), dict) else {}
     if done.get("options_sha256") == digest and Path(done.get("path", "")).is_file():
@@ -224,7 +309,20 @@ def estimate(
 ) -> str:
     """Add the estimate of every pair of ``output_dir/datalist.json`` (default settings, or ``changes`` to them
     such as ``--bspline_iterations 1000``, written under another ``suffix``); ``first_only``: only each scan's
-    pair 0 (for settings comparisons). Returns the datalist path."""
+    pair 0 (for settings comparisons). Returns the datalist path.
+
+    Args:
+        output_dir: folder holding ``datalist.json`` of ``run``.
+        suffix: record key and file-name suffix of the estimates.
+        working_spacing_mm: registration grid of the estimator, mm; None or 0 for the images' own resolution.
+        threads: number of elastix threads.
+        splits: datalist split(s) to process, a name or a tuple of names.
+        first_only: only the pairs with index 0.
+        **changes: other ``ReregistrationOptions`` fields that differ from the defaults.
+
+    Returns:
+        Path of the updated datalist.
+    """
     options = ReregistrationOptions(working_spacing_mm=working_spacing_mm or None, threads=threads, **changes)
     datalist_path = Path(output_dir) / "datalist.json"
     datalist = json.loads(datalist_path.read_text())
@@ -251,7 +349,23 @@ def run(
 ) -> str:
     """Write ``pairs_per_scan`` registered pairs of every scan and ``output_dir/datalist.json``; returns its path.
     Deformation kinds cycle through ``DEFORMATIONS``, shifted by one per scan so that few pairs per scan still
-    cover every kind."""
+    cover every kind.
+
+    Args:
+        data_dir: folder of the CT scans.
+        output_dir: folder of the scans' cache (``scans/``), the pairs (``pairs/``) and ``datalist.json``.
+        pairs_per_scan: registered pairs per scan.
+        seed: run seed (each pair's seed comes from ``pair_seed``).
+        scans: optional scan name or names to use (default: every scan in ``data_dir``).
+        validation_scans: scan name(s) listed under "validation"; the others go to "training".
+        threads: number of elastix threads.
+
+    Returns:
+        Path of the datalist.
+
+    Raises:
+        FileNotFoundError: when ``data_dir`` is not a folder, holds no scan, or lacks a named scan.
+    """
     out = Path(output_dir)
     validation = {validation_scans} if isinstance(validation_scans, str) else set(validation_scans or ())
     datalist: dict[str, list] = {"training": [], "validation": []}

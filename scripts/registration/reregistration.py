@@ -69,7 +69,16 @@ class ReregistrationOptions(RegistrationOptions):
 def field_on_grid(maps: list, pair: ElastixPair, fixed: sitk.Image) -> sitk.Image:
     """The transform's displacement on ``fixed``'s grid. With a working grid, transformix evaluates it there and it
     is interpolated linearly onto ``fixed`` (nearest values past the border): the B-spline field is smooth on the
-    scale of its 10 mm grid, and evaluating it at every 1 mm voxel took most of the estimator's time."""
+    scale of its 10 mm grid, and evaluating it at every 1 mm voxel took most of the estimator's time.
+
+    Args:
+        maps: elastix transform parameter maps of the second registration.
+        pair: the ``ElastixPair`` it ran on (its options and working-grid fixed image).
+        fixed: image whose grid the result takes.
+
+    Returns:
+        SimpleITK vector image of the displacement (components x-y-z, mm) on ``fixed``'s grid.
+    """
     if not pair.options.working_spacing_mm:
         return displacement_field(maps, fixed)
     coarse = displacement_field(maps, itk_to_sitk(pair.fixed))
@@ -90,7 +99,22 @@ def residual_field(
 ) -> np.ndarray:
     """``r(x) = T2(x) - x`` in mm, ``[3, z, y, x]`` float32 (physical x, y, z components) on ``fixed``'s grid, where
     ``T2`` registers ``deformed`` onto ``fixed``: F(x) is seen at x + r(x) in D. If D shows F(x + e(x)) at x (e the
-    misalignment), r ~ -e. Raises ``RegistrationError`` naming ``name`` if elastix fails."""
+    misalignment), r ~ -e. Raises ``RegistrationError`` naming ``name`` if elastix fails.
+
+    Args:
+        fixed: fixed image F, HU.
+        deformed: registered moving image D on any grid, HU.
+        options: estimator settings; None for the defaults.
+        fixed_mask: optional sampling mask on ``fixed``'s grid (used with ``options.use_mask``).
+        name: name of the pair in messages.
+
+    Returns:
+        float32 array ``[3, z, y, x]``, mm.
+
+    Raises:
+        RegistrationError: when elastix fails or gives a non-finite displacement.
+        ValueError: when the options have no stage to run (``linear`` empty and ``bspline_iterations`` 0).
+    """
     options = options or ReregistrationOptions()
     mask = fixed_mask if options.use_mask else None
     t0 = time.perf_counter()
@@ -120,7 +144,21 @@ def residual_field_on_pair(
 ) -> np.ndarray:
     """The estimator on a loaded pair (``image [2, z, y, x]`` HU on an axis-aligned grid of ``spacing_mm``, one
     value or (x, y, z) mm; ``mask`` where to sample): ``r [3, z, y, x]`` mm along the grid's axes. The bundle's
-    inferer and the registered-pair maker call it the same way."""
+    inferer and the registered-pair maker call it the same way.
+
+    Args:
+        image: ``[2, z, y, x]`` HU (fixed, moving) on an axis-aligned grid.
+        mask: ``(z, y, x)`` sampling mask (non-zero inside).
+        spacing_mm: voxel spacing in mm, one value or x-y-z order.
+        options: estimator settings; None for the defaults.
+        name: name of the pair in messages.
+
+    Returns:
+        float32 array ``[3, z, y, x]``, mm (components x-y-z).
+
+    Raises:
+        RegistrationError: when elastix fails or gives a non-finite displacement.
+    """
     spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)))
     fixed, moving = (sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32)) for a in image[:2])
     fixed_mask = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))

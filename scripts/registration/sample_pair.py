@@ -39,7 +39,16 @@ PROTOCOL = {"kind": "affine", "seed": 7}
 
 
 def resample_to_spacing(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear) -> sitk.Image:
-    """``image`` on an isotropic ``spacing`` mm grid over the same extent (int16 images smoothed first)."""
+    """``image`` on an isotropic ``spacing`` mm grid over the same extent (int16 images smoothed first).
+
+    Args:
+        image: 3-D image or mask.
+        spacing: isotropic output voxel size, mm.
+        interpolator: SimpleITK interpolator; ``sitk.sitkNearestNeighbor`` for masks (no smoothing, 0 outside).
+
+    Returns:
+        The resampled image (int16 input: int16 HU clamped to [-1024, 3071]; -1024 outside for images).
+    """
     size = [int(np.floor((n - 1) * s / spacing)) + 1 for n, s in zip(image.GetSize(), image.GetSpacing())]
     reference = sitk.Image(size, image.GetPixelID())
     reference.SetSpacing([spacing] * 3)
@@ -57,7 +66,16 @@ def resample_to_spacing(image: sitk.Image, spacing: float, interpolator=sitk.sit
 
 
 def residual_at_points(residual: np.ndarray, reference: sitk.Image, points: np.ndarray) -> np.ndarray:
-    """``[N, 3]`` residual vectors (mm) at physical ``points`` from the ``[3, z, y, x]`` field on ``reference``."""
+    """``[N, 3]`` residual vectors (mm) at physical ``points`` from the ``[3, z, y, x]`` field on ``reference``.
+
+    Args:
+        residual: ``[3, z, y, x]`` residual field on ``reference``'s grid, mm.
+        reference: image whose geometry the field has.
+        points: ``[N, 3]`` physical points, LPS mm (x-y-z order).
+
+    Returns:
+        Array ``[N, 3]`` of linearly interpolated residual vectors, mm.
+    """
     index = np.array([reference.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))) for p in points])
     zyx = index[:, ::-1].T  # continuous (x, y, z) index -> (z, y, x) coordinates
     return np.stack([ndimage.map_coordinates(c, zyx, order=1, mode="nearest") for c in residual], axis=1)
@@ -73,7 +91,21 @@ def make_sample_pair(
     threads: int = 2,
 ) -> dict:
     """Write ``fixed.nii.gz``, ``moving.nii.gz`` (registered, on the fixed grid) and ``landmarks.csv``
-    (id, x, y, z, tre) to ``output_dir``; returns a summary of the true residual errors."""
+    (id, x, y, z, tre) to ``output_dir``; returns a summary of the true residual errors.
+
+    Args:
+        scan: source CT file.
+        output_dir: folder of the written files.
+        spacing: isotropic voxel size of the shipped images, mm.
+        seed: seed of the deformation.
+        landmark_count: number of landmarks to select in the lungs.
+        cache_dir: folder for the prepared 1 mm scan; None uses a temporary folder.
+        threads: number of elastix threads.
+
+    Returns:
+        Dict with ``size``, ``landmarks``, ``tre_mean``, ``tre_max`` (mm), ``landmark_classes``,
+        ``lung_voxel_class_fractions`` and the file ``bytes``.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         files = prepare_scan(Path(scan), Path(cache_dir or tmp) / Path(scan).name.split(".")[0])
         loaded = {

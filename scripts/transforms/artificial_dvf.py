@@ -120,7 +120,16 @@ def dvf_settings(max_deformation_mm: float = 10.0) -> DVFSettings:
 
 # ----------------------------------------------------------------------------------------------- basic operations
 def cap_components(dvf: np.ndarray, max_mm: float, min_mm: float | None = None) -> np.ndarray:
-    """Rescale ``dvf`` so that no component exceeds ``max_mm`` (and the largest reaches at least ``min_mm``)."""
+    """Rescale ``dvf`` so that no component exceeds ``max_mm`` (and the largest reaches at least ``min_mm``).
+
+    Args:
+        dvf: displacement field (any shape, typically ``[3, z, y, x]``), mm.
+        max_mm: largest allowed absolute component, mm; a larger peak scales the whole field down.
+        min_mm: if given, a non-zero field whose peak is below it is scaled up to reach it, mm.
+
+    Returns:
+        ``dvf`` itself if no rescaling is needed, otherwise a rescaled copy (same shape and dtype).
+    """
     peak = float(np.abs(dvf).max()) if dvf.size else 0.0
     if peak > max_mm:
         return dvf * np.float32(max_mm / peak)
@@ -130,7 +139,16 @@ def cap_components(dvf: np.ndarray, max_mm: float, min_mm: float | None = None) 
 
 
 def smooth_components(dvf: np.ndarray, sigma_mm, spacing_zyx: tuple[float, ...]) -> np.ndarray:
-    """Gaussian smoothing of each component of a ``[3, z, y, x]`` field; ``sigma_mm`` scalar or one per component."""
+    """Gaussian smoothing of each component of a ``[3, z, y, x]`` field; ``sigma_mm`` scalar or one per component.
+
+    Args:
+        dvf: ``[C, z, y, x]`` field.
+        sigma_mm: Gaussian sigma in mm, a scalar or one value per component.
+        spacing_zyx: voxel spacing in mm, z-y-x order (converts ``sigma_mm`` to voxels per axis).
+
+    Returns:
+        Smoothed field, same shape and dtype as ``dvf`` (edges "nearest", truncated at 3 sigma).
+    """
     sigmas = np.broadcast_to(np.asarray(sigma_mm, dtype=float), (dvf.shape[0],))
     out = np.empty_like(dvf)
     for c, s in enumerate(sigmas):
@@ -144,7 +162,16 @@ def _cubic_bspline(t: np.ndarray) -> np.ndarray:
 
 
 def bspline_basis(num_samples: int, spacing_mm: float, num_cells: int) -> np.ndarray:
-    """``[num_samples, num_cells + 3]`` weights of a uniform cubic B-spline whose ``num_cells`` cells span the axis."""
+    """``[num_samples, num_cells + 3]`` weights of a uniform cubic B-spline whose ``num_cells`` cells span the axis.
+
+    Args:
+        num_samples: number of samples along the axis.
+        spacing_mm: sample spacing along the axis, mm.
+        num_cells: number of B-spline cells spanning the axis (``num_cells + 3`` control points).
+
+    Returns:
+        float32 array ``[num_samples, num_cells + 3]``; row i holds the basis weights of sample i.
+    """
     extent = max((num_samples - 1) * spacing_mm, 1e-6)
     position = np.arange(num_samples) * spacing_mm / (extent / num_cells)  # in cells
     return _cubic_bspline(position[:, None] - (np.arange(num_cells + 3)[None, :] - 1)).astype(np.float32)
@@ -157,6 +184,14 @@ def evaluate_bspline(
 
     Own code because the tensor-product evaluation is three small matrix products, about 100x faster than
     evaluating a SimpleITK BSplineTransform point by point.
+
+    Args:
+        coefficients: control-point values ``[C, cz, cy, cx]`` (``c - 3`` cells per axis).
+        shape_zyx: size of the dense grid, z-y-x order, voxels.
+        spacing_zyx: dense-grid spacing in mm, z-y-x order.
+
+    Returns:
+        float32 array ``[C, *shape_zyx]``.
     """
     bases = [bspline_basis(n, s, c - 3) for n, s, c in zip(shape_zyx, spacing_zyx, coefficients.shape[1:])]
     out = np.einsum("czyx,Xx->czyX", coefficients.astype(np.float32), bases[2], optimize=True)
@@ -176,7 +211,21 @@ def random_bspline_coefficients(
 ) -> np.ndarray:
     """Random control-point displacements ``[3, cz, cy, cx]`` as in the original code: uniform in +-4 x amplitude,
     ``border_to_zero`` outer control points zeroed (one more before smoothing), Gaussian-smoothed on the grid, then
-    rescaled into ``cap`` = (max, min or None) mm."""
+    rescaled into ``cap`` = (max, min or None) mm.
+
+    Args:
+        rng: random state that draws the coefficients.
+        shape_zyx: size of the grid the B-spline spans, z-y-x order, voxels.
+        spacing_zyx: grid spacing in mm, z-y-x order.
+        grid_mm_xyz: control-point spacing in mm, x-y-z order (the number of cells per axis is rounded, at least 1).
+        amplitude_mm: amplitude; coefficients are drawn uniformly in +-4 x this value, mm.
+        border_to_zero: number of outer control points zeroed on each side (at least one free point is kept per axis).
+        grid_sigma: sigma of the Gaussian smoothing on the control-point grid, in control points.
+        cap: ``(max_mm, min_mm or None)`` passed to ``cap_components``.
+
+    Returns:
+        float32 array ``[3, cz, cy, cx]`` of control-point displacements (components x, y, z), mm.
+    """
     grid_zyx = grid_mm_xyz[::-1]
     cells = [max(1, int(round((n - 1) * s / g))) for n, s, g in zip(shape_zyx, spacing_zyx, grid_zyx)]
     size = [c + 3 for c in cells]
@@ -197,7 +246,16 @@ def random_bspline_coefficients(
 
 def upsample_dvf(dvf: np.ndarray | torch.Tensor, factor: int, shape_zyx: tuple[int, ...]) -> torch.Tensor:
     """Dense ``[3, z, y, x]`` float32 field on the image grid from the coarse one: sample j of the coarse grid lies
-    on image voxel ``factor * j``; linear in between (the definition of the dense field)."""
+    on image voxel ``factor * j``; linear in between (the definition of the dense field).
+
+    Args:
+        dvf: coarse ``[3, z, y, x]`` field (numpy array or tensor), mm.
+        factor: coarse-grid spacing in image voxels (1 only crops).
+        shape_zyx: size of the image grid, z-y-x order, voxels; the result is cropped to it.
+
+    Returns:
+        float32 tensor ``[3, *shape_zyx]``.
+    """
     coarse = torch.as_tensor(dvf, dtype=torch.float32)
     if factor == 1:
         return coarse[:, : shape_zyx[0], : shape_zyx[1], : shape_zyx[2]]
@@ -207,23 +265,55 @@ def upsample_dvf(dvf: np.ndarray | torch.Tensor, factor: int, shape_zyx: tuple[i
 
 
 def coarse_shape(shape_zyx: tuple[int, ...], factor: int = DVF_GRID_FACTOR) -> tuple[int, ...]:
-    """Coarse-grid size covering an image of ``shape_zyx`` (last sample at or beyond the last voxel)."""
+    """Coarse-grid size covering an image of ``shape_zyx`` (last sample at or beyond the last voxel).
+
+    Args:
+        shape_zyx: image size, z-y-x order, voxels.
+        factor: coarse-grid spacing in image voxels.
+
+    Returns:
+        Coarse-grid size, z-y-x order.
+    """
     return tuple((n - 1 + factor - 1) // factor + 1 for n in shape_zyx)
 
 
 def to_coarse_mask(mask: np.ndarray, factor: int = DVF_GRID_FACTOR) -> np.ndarray:
-    """Nearest-neighbour sample of a ``(z, y, x)`` mask on the coarse grid (voxels ``factor * j``, edge replicated)."""
+    """Nearest-neighbour sample of a ``(z, y, x)`` mask on the coarse grid (voxels ``factor * j``, edge replicated).
+
+    Args:
+        mask: ``(z, y, x)`` mask on the image grid.
+        factor: coarse-grid spacing in image voxels.
+
+    Returns:
+        bool array of size ``coarse_shape(mask.shape, factor)``.
+    """
     idx = [np.minimum(np.arange(m) * factor, n - 1) for m, n in zip(coarse_shape(mask.shape, factor), mask.shape)]
     return mask[np.ix_(*idx)].astype(bool)
 
 
 def to_coarse_image(image: np.ndarray, factor: int = DVF_GRID_FACTOR) -> np.ndarray:
-    """Image on the coarse grid with the pyramid's smoothing down-sampling (scripts.transforms.pyramid)."""
+    """Image on the coarse grid with the pyramid's smoothing down-sampling (scripts.transforms.pyramid).
+
+    Args:
+        image: ``(z, y, x)`` image on the image grid (e.g. HU).
+        factor: coarse-grid spacing in image voxels (down-sampling factor).
+
+    Returns:
+        float32 ``(z, y, x)`` array on the coarse grid.
+    """
     return smooth_downsample(torch.tensor(np.asarray(image), dtype=torch.float32)[None, None], factor)[0, 0].numpy()
 
 
 def jacobian_determinant(dvf: np.ndarray, spacing_zyx: tuple[float, ...]) -> np.ndarray:
-    """Determinant of the Jacobian of ``x + u(x)`` for a ``[3, z, y, x]`` field (components x, y, z, mm)."""
+    """Determinant of the Jacobian of ``x + u(x)`` for a ``[3, z, y, x]`` field (components x, y, z, mm).
+
+    Args:
+        dvf: ``[3, z, y, x]`` field, components x-y-z, mm.
+        spacing_zyx: voxel spacing in mm, z-y-x order.
+
+    Returns:
+        float32 ``(z, y, x)`` array of determinants (1 where the field is locally a translation).
+    """
     # grads[c][a]: derivative of component c (x, y, z) along physical axis a (x, y, z)
     grads = [np.gradient(dvf[c], *spacing_zyx)[::-1] for c in range(3)]
     j = [[grads[c][a] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]
@@ -253,7 +343,22 @@ def single_frequency_dvf(
     shape_zyx: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """One random spatial frequency: a perturbed B-spline grid (coefficients capped at 1.7 M), times the torso mask
-    and smoothed with ``body_sigma_mm`` (skipped if ``body`` is None), no component above ``max_mm``."""
+    and smoothed with ``body_sigma_mm`` (skipped if ``body`` is None), no component above ``max_mm``.
+
+    Args:
+        rng: random state.
+        body: ``(z, y, x)`` torso mask; None for no masking and smoothing (then ``shape_zyx`` is needed).
+        spacing_zyx: grid spacing in mm, z-y-x order.
+        max_mm: maximum deformation M, mm per component.
+        grid_mm_xyz: B-spline control-point spacing in mm, x-y-z order.
+        border_to_zero: outer control points zeroed per side.
+        grid_sigma: Gaussian sigma on the control-point grid, in control points.
+        body_sigma_mm: smoothing after the torso mask, mm (used only with ``body``).
+        shape_zyx: grid size, z-y-x order, voxels; only used when ``body`` is None.
+
+    Returns:
+        float32 ``[3, z, y, x]`` field (components x-y-z), mm.
+    """
     shape = tuple(body.shape) if body is not None else tuple(shape_zyx)
     coeff = random_bspline_coefficients(
         rng, shape, spacing_zyx, grid_mm_xyz, max_mm, border_to_zero, grid_sigma, (1.7 * max_mm, None)
@@ -327,7 +432,25 @@ def mixed_frequency_dvf(
     canny_thresholds_hu: tuple[float, float] = (50.0, 100.0),
 ) -> np.ndarray:
     """Local, sharper motion: Canny edges (HU) inside the dilated lung, grown and cut in random blocks, times a
-    B-spline field with coefficients in [M, 2M], each component smoothed with a random sigma, capped at M."""
+    B-spline field with coefficients in [M, 2M], each component smoothed with a random sigma, capped at M.
+
+    Args:
+        rng: random state.
+        image: ``(z, y, x)`` image, HU.
+        lung: ``(z, y, x)`` lung mask (bool), same grid as ``image``.
+        spacing_zyx: grid spacing in mm, z-y-x order.
+        max_mm: maximum deformation M, mm per component.
+        grid_mm_xyz: B-spline control-point spacing in mm, x-y-z order.
+        sigma_range_mm: range of the random per-component smoothing sigma, mm.
+        iterations: grow/cut iterations for an adult lung of ``REFERENCE_LUNG_ML``; scaled down with the lung volume
+            (at least 12).
+        block_radius_mm: radius of the random blocks that cut and grow the edge regions, mm.
+        grid_sigma: Gaussian sigma on the control-point grid, in control points.
+        canny_thresholds_hu: lower and upper Canny thresholds, HU.
+
+    Returns:
+        float32 ``[3, z, y, x]`` field (components x-y-z), mm.
+    """
     image_sitk = sitk.GetImageFromArray(image.astype(np.float32))
     image_sitk.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
     canny = (
@@ -348,7 +471,16 @@ def mixed_frequency_dvf(
 
 
 def respiratory_profile(z_mm: np.ndarray, diaphragm_mm: float, extension_mm: float) -> np.ndarray:
-    """1 below the lung base, fading logarithmically to 0 at ``extension_mm`` above it (half the lung height)."""
+    """1 below the lung base, fading logarithmically to 0 at ``extension_mm`` above it (half the lung height).
+
+    Args:
+        z_mm: positions along z (towards the head), mm.
+        diaphragm_mm: z of the lung base, mm.
+        extension_mm: distance above the base where the profile reaches 0, mm.
+
+    Returns:
+        Array like ``z_mm`` with values in [0, 1].
+    """
     alpha = 1.3 / extension_mm
     rel = np.clip(z_mm - diaphragm_mm, 0.0, extension_mm)
     return 1.0 - np.log1p(rel * alpha) / math.log1p(extension_mm * alpha)
@@ -372,7 +504,29 @@ def respiratory_motion_dvf(
     """Breathing (Hub et al. 2009, as in the original code): the diaphragm moves cranio-caudally by t ~ U(0.8,1.1)
     t0 and the chest expands antero-posteriorly by s ~ U(0.8,1.1) s0 about a point near the spine, both fading
     logarithmically from the lung base to mid-lung; plus a half-size single-frequency field (z part x 0.3);
-    torso-masked, smoothed, capped at ``cap_ratio`` x M. Array z must grow towards the head."""
+    torso-masked, smoothed, capped at ``cap_ratio`` x M. Array z must grow towards the head.
+
+    Args:
+        rng: random state.
+        body: ``(z, y, x)`` torso mask.
+        lung: ``(z, y, x)`` lung mask (bool), same grid.
+        spacing_zyx: grid spacing in mm, z-y-x order.
+        max_mm: maximum deformation M, mm.
+        t0_mm: nominal cranio-caudal diaphragm motion, mm.
+        s0: nominal antero-posterior expansion (relative, e.g. 0.12).
+        grid_mm_xyz: control-point spacing of the added single-frequency field in mm, x-y-z order.
+        border_to_zero: outer control points zeroed per side in the single-frequency field.
+        grid_sigma: Gaussian sigma on the control-point grid, in control points.
+        single_ratio: amplitude of the single-frequency field relative to M.
+        cap_ratio: final cap relative to M.
+        body_sigma_mm: smoothing after the torso mask, mm.
+
+    Returns:
+        float32 ``[3, z, y, x]`` field (components x-y-z), mm.
+
+    Raises:
+        ValueError: when ``lung`` is empty.
+    """
     if not lung.any():
         raise ValueError("respiratory motion needs a lung mask; the given one is empty")
     t0 = rng.uniform(0.8 * t0_mm, 1.1 * t0_mm)
@@ -407,7 +561,24 @@ def draw_dvf(
     settings: DVFSettings,
 ) -> np.ndarray:
     """A ``[3, z, y, x]`` field of ``dvf_type`` (variant = index into the settings' lists) on the grid of the
-    ``(z, y, x)`` arrays ``image`` (HU), ``body`` and ``lung`` (bool)."""
+    ``(z, y, x)`` arrays ``image`` (HU), ``body`` and ``lung`` (bool).
+
+    Args:
+        rng: random state.
+        dvf_type: one of ``DVF_TYPES``.
+        variant: parameter variant, taken modulo the length of the settings' lists.
+        image: ``(z, y, x)`` image, HU (used by the mixed-frequency type).
+        body: ``(z, y, x)`` torso mask.
+        lung: ``(z, y, x)`` lung mask (bool).
+        spacing_zyx: grid spacing in mm, z-y-x order.
+        settings: parameters of every DVF type, e.g. from ``dvf_settings``.
+
+    Returns:
+        float32 ``[3, z, y, x]`` field (components x-y-z), mm.
+
+    Raises:
+        ValueError: when ``dvf_type`` is not one of ``DVF_TYPES``.
+    """
     if dvf_type not in DVF_TYPES:
         raise ValueError(f"unknown DVF type {dvf_type!r}; choose one of {DVF_TYPES}")
     m = settings.max_deformation_mm
@@ -460,7 +631,17 @@ def draw_dvf(
 
 
 def next_image_dvf(rng: np.random.RandomState, shape_zyx: tuple[int, ...], spacing_zyx, settings: DVFSettings):
-    """The "next image" field: one single-frequency field of ``settings.next_image_max_mm`` (15 mm), not masked."""
+    """The "next image" field: one single-frequency field of ``settings.next_image_max_mm`` (15 mm), not masked.
+
+    Args:
+        rng: random state.
+        shape_zyx: grid size, z-y-x order, voxels.
+        spacing_zyx: grid spacing in mm, z-y-x order.
+        settings: DVF settings; uses ``next_image_max_mm`` and the first single-frequency variant.
+
+    Returns:
+        float32 ``[3, z, y, x]`` field (components x-y-z), mm.
+    """
     return single_frequency_dvf(
         rng,
         None,
@@ -475,7 +656,16 @@ def next_image_dvf(rng: np.random.RandomState, shape_zyx: tuple[int, ...], spaci
 
 # ------------------------------------------------------------------------------------------------ SimpleITK glue
 def dvf_to_sitk(dvf: np.ndarray, reference: sitk.Image, factor: int = DVF_GRID_FACTOR) -> sitk.Image:
-    """Vector image (float32, components x, y, z) of a coarse ``[3, z, y, x]`` field for the 1 mm ``reference``."""
+    """Vector image (float32, components x, y, z) of a coarse ``[3, z, y, x]`` field for the 1 mm ``reference``.
+
+    Args:
+        dvf: coarse ``[3, z, y, x]`` field (components x-y-z), mm.
+        reference: image whose origin and direction the field takes; its spacing is multiplied by ``factor``.
+        factor: coarse-grid spacing in image voxels.
+
+    Returns:
+        SimpleITK float32 vector image on the coarse grid.
+    """
     out = sitk.GetImageFromArray(np.moveaxis(np.asarray(dvf, dtype=np.float32), 0, -1), isVector=True)
     out.SetOrigin(reference.GetOrigin())
     out.SetDirection(reference.GetDirection())
@@ -489,13 +679,32 @@ def dvf_from_sitk(dvf: sitk.Image) -> np.ndarray:
 
 
 def check_axis_aligned(image: sitk.Image, source: str = "image") -> None:
-    """The generators need an identity direction (array axes = physical axes); prepare_data resamples onto one."""
+    """The generators need an identity direction (array axes = physical axes); prepare_data resamples onto one.
+
+    Args:
+        image: image to check.
+        source: name used in the error message.
+
+    Raises:
+        ValueError: when the direction of ``image`` is not the identity (tolerance 1e-4).
+    """
     if not np.allclose(image.GetDirection(), np.eye(3).ravel(), atol=1e-4):
         raise ValueError(f"{source}: direction {image.GetDirection()} is not the identity; resample it first")
 
 
 def coarse_arrays(image: sitk.Image, body: sitk.Image, lung: sitk.Image, factor: int = DVF_GRID_FACTOR):
-    """Image (HU), body and lung ``(z, y, x)`` arrays on the coarse DVF grid, and that grid's spacing (z, y, x)."""
+    """Image (HU), body and lung ``(z, y, x)`` arrays on the coarse DVF grid, and that grid's spacing (z, y, x).
+
+    Args:
+        image: CT image, HU, identity direction.
+        body: torso mask on the grid of ``image`` (non-zero inside).
+        lung: lung mask on the grid of ``image`` (non-zero inside).
+        factor: coarse-grid spacing in image voxels.
+
+    Returns:
+        Tuple ``(image float32, body bool, lung bool, spacing_zyx)``: ``(z, y, x)`` arrays on the coarse grid and its
+        spacing in mm, z-y-x order.
+    """
     spacing = tuple(factor * s for s in image.GetSpacing()[::-1])
     return (
         to_coarse_image(sitk.GetArrayViewFromImage(image), factor),

@@ -40,6 +40,14 @@ def warp_image(image: sitk.Image, dvf: sitk.Image, default_hu: float = AIR_HU) -
     The B-spline coefficients come from scipy's float32 prefilter (mirror boundaries, as ITK's), then SimpleITK
     evaluates them multithreaded (BSplineResamplerOrder3): same values as sitkBSpline (max difference 5e-4 HU on
     a 1 mm chest CT), 25% faster, because ITK's own prefilter runs single-threaded in double.
+
+    Args:
+        image: 3-D image, HU.
+        dvf: displacement field u as a SimpleITK vector image (mm), any grid covering the image.
+        default_hu: value where ``x + u(x)`` leaves the image, HU.
+
+    Returns:
+        float32 SimpleITK image on ``image``'s grid.
     """
     coefficients = ndimage.spline_filter(
         sitk.GetArrayViewFromImage(image).astype(np.float32), order=3, output=np.float32, mode="mirror"
@@ -52,13 +60,30 @@ def warp_image(image: sitk.Image, dvf: sitk.Image, default_hu: float = AIR_HU) -
 
 
 def warp_mask(mask: sitk.Image, dvf: sitk.Image) -> sitk.Image:
-    """A label mask resampled through ``x + u(x)`` with nearest-neighbour interpolation (outside: 0)."""
+    """A label mask resampled through ``x + u(x)`` with nearest-neighbour interpolation (outside: 0).
+
+    Args:
+        mask: label mask.
+        dvf: displacement field u as a SimpleITK vector image, mm.
+
+    Returns:
+        The warped mask on its own grid, same pixel type.
+    """
     return sitk.Resample(mask, mask, _transform(dvf), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
 
 
 def dense_jacobian(dvf: sitk.Image, shape_zyx: tuple[int, ...], factor: int) -> np.ndarray:
     """Jacobian determinant of ``x + u`` computed on the field's grid (every ``factor``-th image voxel), linearly
-    up-sampled to the image grid ``shape_zyx``."""
+    up-sampled to the image grid ``shape_zyx``.
+
+    Args:
+        dvf: displacement field u as a SimpleITK vector image on the coarse grid, mm.
+        shape_zyx: image grid size, z-y-x order, voxels.
+        factor: coarse-grid spacing in image voxels.
+
+    Returns:
+        float32 array of size ``shape_zyx``.
+    """
     jac = torch.from_numpy(jacobian_determinant(dvf_from_sitk(dvf), dvf.GetSpacing()[::-1]))[None, None]
     if factor > 1:
         size = [factor * (n - 1) + 1 for n in jac.shape[2:]]
@@ -77,6 +102,17 @@ def sponge_model(
     """Mass preservation in the lung: inside ``inside``, ``(I + offset) / clip(J) * scale - offset``.
 
     ``offset_hu`` = 0 divides raw HU as the original code does; 1000 would act on density (HU + 1000) instead.
+
+    Args:
+        warped: ``(z, y, x)`` warped image, HU.
+        jacobian: ``(z, y, x)`` Jacobian determinant of the warp on the same grid.
+        inside: bool ``(z, y, x)`` mask where the model applies.
+        scale: global intensity factor (drawn from ``sponge_scale_range`` by ``deform_image``).
+        clip: lower and upper limit of the Jacobian.
+        offset_hu: added before the division and removed after it, HU.
+
+    Returns:
+        Copy of ``warped`` with the changed values inside ``inside``.
     """
     out = warped.copy()
     j = np.clip(jacobian[inside], *clip)
@@ -87,7 +123,18 @@ def sponge_model(
 def add_noise(
     rng: np.random.RandomState, image: np.ndarray, inside: np.ndarray, sigma_hu: float, mean_hu: float = 0.0
 ) -> np.ndarray:
-    """Gaussian noise N(mean, sigma) (HU) added inside ``inside`` only."""
+    """Gaussian noise N(mean, sigma) (HU) added inside ``inside`` only.
+
+    Args:
+        rng: random state (seeds a numpy Generator).
+        image: ``(z, y, x)`` image, HU.
+        inside: bool ``(z, y, x)`` mask of the voxels that get noise.
+        sigma_hu: noise standard deviation, HU.
+        mean_hu: noise mean, HU.
+
+    Returns:
+        Copy of ``image`` with noise inside ``inside``.
+    """
     out = image.copy()
     if sigma_hu > 0 or mean_hu != 0:
         generator = np.random.default_rng(rng.randint(2**31))
@@ -112,6 +159,23 @@ def deform_image(
     noise inside the warped body, ``background_hu`` outside it (None keeps the warped values there).
 
     Paper: noise sigma 5 HU, mean 0; the original code: sigma 10, mean U(-10, 10) (``noise_mean_range_hu=10``).
+
+    Args:
+        rng: random state (sponge scale, noise mean and noise).
+        image: 3-D image, HU.
+        dvf: displacement field u as a SimpleITK vector image (mm), on the coarse grid.
+        body: body mask on ``image``'s grid, or None (the changes then apply everywhere).
+        sponge: apply the sponge model.
+        sponge_clip: Jacobian limits of the sponge model.
+        sponge_scale_range: range of the uniform global scale of the sponge model.
+        sponge_offset_hu: offset of the sponge model, HU.
+        noise_sigma_hu: Gaussian noise sigma, HU.
+        noise_mean_range_hu: the noise mean is drawn from U(-range, range), HU; 0 keeps it 0.
+        background_hu: value outside the warped body, HU, or None.
+
+    Returns:
+        Tuple ``(deformed, warped_body)``: float32 SimpleITK image on ``image``'s grid and the warped body mask (None
+        without ``body``).
     """
     warped = warp_image(image, dvf, AIR_HU if background_hu is None else background_hu)
     array = sitk.GetArrayFromImage(warped)
@@ -135,7 +199,16 @@ def deform_image(
 
 
 def apply_background(image: sitk.Image, body: sitk.Image, background_hu: float = BACKGROUND_HU) -> sitk.Image:
-    """``image`` (float32) with ``background_hu`` outside ``body`` (docs/method.md section 2)."""
+    """``image`` (float32) with ``background_hu`` outside ``body`` (docs/method.md section 2).
+
+    Args:
+        image: image, HU.
+        body: body mask on the same grid (0 outside).
+        background_hu: value outside the body, HU.
+
+    Returns:
+        float32 SimpleITK image with ``image``'s geometry.
+    """
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     array[sitk.GetArrayViewFromImage(body) == 0] = background_hu
     out = sitk.GetImageFromArray(array)

@@ -41,7 +41,16 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 def check_3d_image(image: sitk.Image, source: str = "image") -> None:
     """Raise ValueError naming ``source`` unless ``image`` is a scalar 3-D volume with at least MIN_SIZE_VOXELS
-    voxels per axis (none of size zero), a positive spacing and a non-singular direction matrix."""
+    voxels per axis (none of size zero), a positive spacing and a non-singular direction matrix.
+
+    Args:
+        image: image to check.
+        source: name of the image in the message (e.g. its path).
+
+    Raises:
+        ValueError: when the image is not a scalar 3-D volume of at least ``MIN_SIZE_VOXELS`` per axis, or has a
+            non-positive spacing or a singular direction matrix.
+    """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{source}: expected a scalar 3-D CT volume, got a {image.GetDimension()}-D image with "
@@ -92,7 +101,16 @@ def cut_lung_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: Sequence[float
     ``LUNG_CORE_MM`` of a part thicker than ``LUNG_CORE_MM`` (an opening), at least ``MIN_CUT_LUNG_ML`` in all. In-plane
     hole filling cannot keep such lung where it touches an image face, as outside air does, or where the crop cut its
     tissue ring off the body's largest part (a lung apex). The opening drops the thin bands that smoothing or thick
-    slices' partial volume lift into the lung range along the skin and between the back and a table."""
+    slices' partial volume lift into the lung range along the skin and between the back and a table.
+
+    Args:
+        hu: ``(z, y, x)`` CT array, HU.
+        body: bool ``(z, y, x)`` body mask before the cut lung is added.
+        spacing_zyx: voxel spacing in mm, z-y-x order.
+
+    Returns:
+        bool ``(z, y, x)`` mask of the cut lung (outside ``body``).
+    """
     cross = ndimage.generate_binary_structure(3, 1)
     air = np.maximum(hu.astype(np.float32), AIR_HU)  # -2048 background (outside a scan or a body) smooths as air
     smooth = ndimage.gaussian_filter(air, [CUT_LUNG_SMOOTHING_MM / float(s) for s in spacing_zyx])
@@ -121,7 +139,15 @@ def cut_lung_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: Sequence[float
 
 def body_mask_array(hu: np.ndarray, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """Torso mask of a ``(z, y, x)`` HU array (bool): threshold, largest component, in-plane hole filling, and lung
-    that a crop takes out of that mask (``cut_lung_array``), so a crop through the lungs keeps them."""
+    that a crop takes out of that mask (``cut_lung_array``), so a crop through the lungs keeps them.
+
+    Args:
+        hu: ``(z, y, x)`` CT array, HU.
+        spacing_zyx: voxel spacing in mm, z-y-x order.
+
+    Returns:
+        bool array of the shape of ``hu``.
+    """
     tissue = hu > BODY_THRESHOLD_HU
     cross = ndimage.generate_binary_structure(3, 1)
     core = _largest_components(ndimage.binary_opening(tissue, structure=cross), min_fraction=1.0)  # cut table links
@@ -154,6 +180,14 @@ def lung_mask_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: tuple[float, 
 
     Air below -400 HU; thick lung cores found on a 2x coarser grid; every air voxel goes to its nearest core so
     that gas in the bowel, even where it touches a lung base, stays out; vessels filled slice by slice.
+
+    Args:
+        hu: ``(z, y, x)`` CT array, HU.
+        body: bool ``(z, y, x)`` body mask.
+        spacing_zyx: voxel spacing in mm, z-y-x order.
+
+    Returns:
+        bool array of the shape of ``hu``; all False when no lung core is found.
     """
     air = (hu < LUNG_THRESHOLD_HU) & ndimage.binary_erosion(body, iterations=2)
     coarse_spacing = tuple(2.0 * s for s in spacing_zyx)
@@ -178,7 +212,19 @@ def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 def ct_masks(image: sitk.Image, source: str = "image") -> tuple[sitk.Image, sitk.Image]:
     """Body and lung masks (uint8 0/1 images on the grid of ``image``, HU); clear errors naming ``source`` for a
-    2-D image, an empty or all-air image, or a scan without lung."""
+    2-D image, an empty or all-air image, or a scan without lung.
+
+    Args:
+        image: 3-D CT image, HU.
+        source: name of the image in error messages (e.g. its path).
+
+    Returns:
+        Tuple ``(body, lung)`` of uint8 SimpleITK images with ``image``'s geometry.
+
+    Raises:
+        ValueError: for an image that is not 3-D, holds NaN or infinite values, has less than ``MIN_BODY_ML`` of body
+            or less than ``MIN_LUNG_ML`` of lung.
+    """
     check_3d_image(image, source)
     hu = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(hu).all():

@@ -59,7 +59,15 @@ class EvaluationDeformation:
         return np.array([np.subtract(self.transform.TransformPoint(p.tolist()), p) for p in points])
 
     def partners(self, fixed_points: np.ndarray, iterations: int = 50) -> np.ndarray:
-        """True moving-space partners x_M of fixed points x_F: solve x_M + v(x_M) = x_F."""
+        """True moving-space partners x_M of fixed points x_F: solve x_M + v(x_M) = x_F.
+
+        Args:
+            fixed_points: ``[N, 3]`` fixed-space physical points x_F, LPS mm.
+            iterations: maximum number of fixed-point iterations (stops early below 1e-4 mm change).
+
+        Returns:
+            float64 array ``[N, 3]`` of x_M, LPS mm.
+        """
         fixed_points = np.asarray(fixed_points, dtype=np.float64)
         y = fixed_points.copy()
         for _ in range(iterations):
@@ -98,7 +106,16 @@ def sliding_region(lung: np.ndarray, body: np.ndarray, inferior_first: bool = Tr
     """Voxels that follow the breathing motion in a (z, y, x) grid: in every (y, x) column that crosses the lung
     (dilated by one voxel), the body from the bottom up to the column's highest lung voxel (lung, diaphragm,
     abdomen). Along z the region only ends upwards, so the cranio-caudal motion compresses nowhere; the chest wall
-    beside the lungs stays still, so the lungs slide along the pleura."""
+    beside the lungs stays still, so the lungs slide along the pleura.
+
+    Args:
+        lung: bool ``(z, y, x)`` lung mask.
+        body: bool ``(z, y, x)`` body mask.
+        inferior_first: whether z index 0 is the most inferior slice (else the z axis is flipped for the computation).
+
+    Returns:
+        bool ``(z, y, x)`` mask.
+    """
     if not inferior_first:
         return sliding_region(lung[::-1], body[::-1])[::-1]
     lung = ndimage.binary_dilation(lung, iterations=1)
@@ -114,7 +131,23 @@ def draw_deformation(
     seed: int = 0,
     settings: EvaluationDeformationSettings | None = None,
 ) -> EvaluationDeformation:
-    """Draw respiratory + local motion for the scan ``fixed`` with its body and lung masks (uint8 images)."""
+    """Draw respiratory + local motion for the scan ``fixed`` with its body and lung masks (uint8 images).
+
+    Args:
+        fixed: the scan, HU.
+        body: body mask on the scan's grid.
+        lung: lung mask on the scan's grid.
+        seed: draw seed (combined with ``EVALUATION_SEED_SPACE``).
+        settings: ranges of the deformation; None for the defaults.
+
+    Returns:
+        ``EvaluationDeformation`` with the transform, the coarse float64 field (``field_spacing_mm`` grid) and the drawn
+        parameters.
+
+    Raises:
+        ValueError: when the lung mask is empty on the coarse grid, or the field still folds after scaling down the
+            local motion.
+    """
     s = settings or EvaluationDeformationSettings()
     rng = np.random.default_rng([EVALUATION_SEED_SPACE, int(seed)])
     grid = _coarse_grid(fixed, s.field_spacing_mm)
@@ -191,7 +224,15 @@ def draw_deformation(
 
 
 def jacobian_image(deformation: EvaluationDeformation, reference: sitk.Image) -> sitk.Image:
-    """Jacobian determinant of y -> y + v(y) resampled on ``reference`` (float32)."""
+    """Jacobian determinant of y -> y + v(y) resampled on ``reference`` (float32).
+
+    Args:
+        deformation: the drawn deformation.
+        reference: image whose grid the result takes.
+
+    Returns:
+        float32 SimpleITK image (1 outside the field's grid).
+    """
     jac = sitk.DisplacementFieldJacobianDeterminant(deformation.field)
     return sitk.Resample(jac, reference, sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32)
 
@@ -205,7 +246,19 @@ def deform_scan(
     settings: EvaluationDeformationSettings | None = None,
 ) -> sitk.Image:
     """The second time point on the fixed grid: I_F warped (cubic B-spline), sponge model in the lung (density
-    ratio = Jacobian, clipped), a global intensity scale and Gaussian noise inside the body; int16 HU."""
+    ratio = Jacobian, clipped), a global intensity scale and Gaussian noise inside the body; int16 HU.
+
+    Args:
+        fixed: the scan, HU.
+        body: body mask on the scan's grid.
+        lung: lung mask on the scan's grid.
+        deformation: the deformation from ``draw_deformation``.
+        seed: seed of the intensity scale and noise (combined with ``EVALUATION_SEED_SPACE``).
+        settings: sponge clip, intensity scale and noise; None for the defaults.
+
+    Returns:
+        int16 SimpleITK image on ``fixed``'s grid, HU clipped to [-1024, 3071].
+    """
     s = settings or EvaluationDeformationSettings()
     rng = np.random.default_rng([EVALUATION_SEED_SPACE, int(seed), 1])
     warped = sitk.Resample(

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 
 
 def bspline_kernel_1d(factor: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Cubic B-spline stretched by ``factor`` and normalised to sum 1 (``4 * factor - 1`` taps)."""
+    """Cubic B-spline stretched by ``factor`` and normalised to sum 1 (``4 * factor - 1`` taps).
+
+    Args:
+        factor: down-sampling factor (1 gives the single tap ``[1]``).
+        dtype: dtype of the kernel.
+
+    Returns:
+        1-D tensor of ``4 * factor - 1`` weights summing to 1.
+    """
     if factor == 1:
         return torch.ones(1, dtype=dtype)
     x = torch.arange(-2 * factor + 1, 2 * factor, dtype=torch.float64).abs() / factor
@@ -20,7 +28,15 @@ def bspline_kernel_1d(factor: int, dtype: torch.dtype = torch.float32) -> torch.
 
 
 def num_level_samples(size: int, factor: int) -> int:
-    """Samples of level ``factor`` needed so that ``factor * (m - 1) >= size - 1`` (the last 1 mm voxel is covered)."""
+    """Samples of level ``factor`` needed so that ``factor * (m - 1) >= size - 1`` (the last 1 mm voxel is covered).
+
+    Args:
+        size: number of 1 mm voxels along the axis.
+        factor: down-sampling factor.
+
+    Returns:
+        Number of level samples m.
+    """
     return (size - 1 + factor - 1) // factor + 1
 
 
@@ -39,6 +55,14 @@ def smooth_downsample_with_kernel(image: torch.Tensor, kernel: torch.Tensor, fac
 
     The output has ``num_level_samples(n, factor)`` samples along each axis. Each axis is a weighted sum of strided
     slices (own code: 5-10x faster on CPU than ``conv3d`` with a 1-D kernel, and TorchScript-compatible).
+
+    Args:
+        image: ``[B, C, D, H, W]`` tensor.
+        kernel: 1-D smoothing kernel, odd length (e.g. ``bspline_kernel_1d(factor)``).
+        factor: down-sampling factor (1 returns ``image`` itself).
+
+    Returns:
+        Contiguous tensor ``[B, C, d, h, w]`` of ``image``'s dtype.
     """
     if factor == 1:
         return image
@@ -61,10 +85,26 @@ def smooth_downsample_with_kernel(image: torch.Tensor, kernel: torch.Tensor, fac
 
 
 def smooth_downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
-    """Down-sample a ``[B, C, D, H, W]`` tensor by ``factor`` (level ``factor`` of the pyramid)."""
+    """Down-sample a ``[B, C, D, H, W]`` tensor by ``factor`` (level ``factor`` of the pyramid).
+
+    Args:
+        image: ``[B, C, D, H, W]`` tensor at 1 mm.
+        factor: down-sampling factor (level, mm).
+
+    Returns:
+        Tensor ``[B, C, d, h, w]`` with ``num_level_samples`` samples per axis.
+    """
     return smooth_downsample_with_kernel(image, bspline_kernel_1d(factor), factor)
 
 
 def image_pyramid(image: torch.Tensor, factors: Sequence[int] = (4, 2, 1)) -> List[torch.Tensor]:
-    """The levels of ``image`` (1 mm, ``[B, C, D, H, W]``) for ``factors``, each computed from the 1 mm image."""
+    """The levels of ``image`` (1 mm, ``[B, C, D, H, W]``) for ``factors``, each computed from the 1 mm image.
+
+    Args:
+        image: ``[B, C, D, H, W]`` tensor at 1 mm.
+        factors: down-sampling factors, in the order of the result.
+
+    Returns:
+        One tensor per factor.
+    """
     return [smooth_downsample(image, f) for f in factors]

@@ -28,7 +28,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically.
+
+    Args:
+        path: destination file.
+        text: content (written without newline translation).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     with atomic_output(path) as temporary:
         with temporary.open("w", newline="") as f:
             f.write(text)
@@ -37,7 +45,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True, level: int = -1) -> Path:
     """Write a SimpleITK image to ``path`` (format from the extension, compression ``level`` -1 = the writer's
-    default) atomically."""
+    default) atomically.
+
+    Args:
+        image: image to write.
+        path: destination file; its extension picks the format.
+        compress: compress the file (e.g. gzip for ``.nii.gz``).
+        level: compression level; -1 for the writer's default.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     with atomic_output(path) as temporary:
         sitk.WriteImage(image, str(temporary), compress, level)
     return Path(path)

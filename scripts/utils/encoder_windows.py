@@ -17,6 +17,14 @@ def level_window(center: int, latent_size: int, factor: int) -> Tuple[int, int]:
     The tile has ``latent_size`` (``1 + 8k``) 1 mm voxels centred on 1 mm voxel ``center`` (a multiple of 4). The
     window is centred on the same point, holds the encoder's 38-sample context (ENCODER_CONTEXT) and is ``101 + 4j``
     long (PATCH_SIZE + 4j). Literals, not the constants: TorchScript compiles this inside the network's tiling.
+
+    Args:
+        center: 1 mm voxel index of the tile centre (a multiple of 4).
+        latent_size: tile size on the 1 mm grid (``1 + 8k``), voxels.
+        factor: level (4, 2 or 1).
+
+    Returns:
+        Tuple ``(start, size)`` in level samples.
     """
     m = (latent_size - 1) // factor + 1
     extra = 0 if m % 4 == 1 else 1
@@ -34,6 +42,17 @@ def check_output_size(output_size: int) -> int:
 
 
 def window_sizes(output_size: int = LATENT_SIZE, factors=(4, 2, 1)) -> Dict[int, int]:
-    """``{factor: encoder input edge}`` for a 1 mm output block of ``output_size`` voxels (101 each for 25)."""
+    """``{factor: encoder input edge}`` for a 1 mm output block of ``output_size`` voxels (101 each for 25).
+
+    Args:
+        output_size: 1 mm output block edge (``1 + 8k``, at least 25), voxels.
+        factors: levels (4, 2, 1).
+
+    Returns:
+        Dict factor -> encoder input edge, samples.
+
+    Raises:
+        ValueError: for an invalid ``output_size``.
+    """
     check_output_size(output_size)
     return {f: level_window(0, output_size, f)[1] for f in factors}

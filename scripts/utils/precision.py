@@ -26,7 +26,15 @@ def native_bfloat16(device: torch.device | str = "cpu") -> bool:
 
 def resolve_precision(precision: str | None, device: torch.device | str = "cpu") -> str:
     """``precision`` as given ("float32", "bfloat16", ...), or for "auto" "bfloat16" where ``device`` has it
-    natively (``native_bfloat16``) and "float32" elsewhere; None and "" mean "float32"."""
+    natively (``native_bfloat16``) and "float32" elsewhere; None and "" mean "float32".
+
+    Args:
+        precision: "float32", "bfloat16", "auto", None or "".
+        device: device checked for native bfloat16 with "auto".
+
+    Returns:
+        The precision name, e.g. "float32" or "bfloat16".
+    """
     if precision in (None, ""):
         return "float32"
     if precision == AUTO:

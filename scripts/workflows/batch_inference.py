@@ -136,7 +136,18 @@ def _file_signature(path: str) -> Dict[str, Any]:
 
 def summarise_outputs(folder: Path, stem: str, landmarks: str) -> Dict[str, Any]:
     """Class fractions in the mask, the mean expected error (methods with an error map) and, with a ``tre`` column
-    in the landmark table, the landmark scores (mean F1, kappa, accuracy; the error map's mean absolute error)."""
+    in the landmark table, the landmark scores (mean F1, kappa, accuracy; the error map's mean absolute error).
+
+    Args:
+        folder: the pair's output folder.
+        stem: stem of the moving image (names the output files).
+        landmarks: the pair's landmark CSV path, "" for none.
+
+    Returns:
+        Dict with ``voxels_in_mask``, ``fraction_<class>`` and, when available, ``mean_error_mm``, ``landmarks_n``,
+        ``landmarks_unassessed``, ``landmark_mean_f1``, ``landmark_kappa``, ``landmark_accuracy`` and
+        ``landmark_error_mae_mm``.
+    """
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{stem}_misalignment.nii.gz")))
     probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{stem}_probabilities.nii.gz")))
     mask = probabilities.sum(axis=-1) > 0  # the probabilities are 0 outside the predicted region
@@ -212,7 +223,15 @@ class BatchInference:
         self.progress = progress
 
     def workflow(self, entry: PairEntry, folder: Path) -> ConfigWorkflow:
-        """The bundle's inference workflow for one pair (configs/inference.json with this batch's overrides)."""
+        """The bundle's inference workflow for one pair (configs/inference.json with this batch's overrides).
+
+        Args:
+            entry: the pair.
+            folder: its output folder.
+
+        Returns:
+            The ``ConfigWorkflow`` (not yet initialised).
+        """
         configs = self.bundle_root / "configs"
         settings: Dict[str, Any] = {"bundle_root": str(self.bundle_root), "progress": False}
         settings.update(self.overrides)
@@ -236,7 +255,15 @@ class BatchInference:
         }
 
     def complete_record(self, entry: PairEntry, folder: Path) -> Optional[Dict[str, Any]]:
-        """The pair's record if its outputs are there, complete and made from the same inputs; else None."""
+        """The pair's record if its outputs are there, complete and made from the same inputs; else None.
+
+        Args:
+            entry: the pair.
+            folder: its output folder.
+
+        Returns:
+            The record dict (``signature``, ``outputs``, ``summary``), or None.
+        """
         path = folder / RECORD_NAME
         try:
             record = json.loads(path.read_text())

@@ -54,7 +54,23 @@ def run_bundle(
     timeout_s: float = BUNDLE_TIMEOUT_S,
 ) -> Path:
     """``python -m monai.bundle run --config_file configs/inference.json`` on one pair (no landmarks) into
-    ``output_dir``; ``BundleRunError`` with the bundle's own reason when it fails."""
+    ``output_dir``; ``BundleRunError`` with the bundle's own reason when it fails.
+
+    Args:
+        fixed: fixed image file.
+        moving: registered moving image file.
+        output_dir: folder of the bundle's outputs.
+        bundle_root: bundle folder (holds ``configs/inference.json``).
+        overrides: extra bundle arguments, name -> value ("" passed as an empty value).
+        python: interpreter of the bundle run; None uses ``sys.executable``.
+        timeout_s: time limit of the subprocess, seconds.
+
+    Returns:
+        ``output_dir`` as a ``Path``.
+
+    Raises:
+        BundleRunError: when the run times out or exits with an error.
+    """
     bundle_root = Path(bundle_root).resolve()
     command = [
         python or sys.executable,
@@ -89,7 +105,16 @@ def run_bundle(
 
 def viewer_label_map(output_dir: str | os.PathLike, stem: str, destination: str | os.PathLike) -> Path:
     """``<stem>_misalignment.nii.gz`` -> a label map with 0 outside the predicted region (where the probabilities
-    are 0) and class + 1 inside, written atomically to ``destination``."""
+    are 0) and class + 1 inside, written atomically to ``destination``.
+
+    Args:
+        output_dir: folder of the bundle's outputs.
+        stem: stem of the moving image (names the output files).
+        destination: label map file to write.
+
+    Returns:
+        The written path (uint8 label map on the fixed image's grid).
+    """
     output_dir = Path(output_dir)
     labels = sitk.ReadImage(str(output_dir / f"{stem}_misalignment.nii.gz"))
     probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(output_dir / f"{stem}_probabilities.nii.gz")))
@@ -109,7 +134,24 @@ def infer_pair(
     python: Optional[str] = None,
 ) -> Tuple[str, Dict[str, Any]]:
     """Run the bundle on a pair; returns the viewer label map's path and the result parameters: label names and
-    values, label colours (RGB 0-255), the class fractions, and for methods with an error map its path and mean."""
+    values, label colours (RGB 0-255), the class fractions, and for methods with an error map its path and mean.
+
+    Args:
+        fixed: fixed image file.
+        moving: registered moving image file.
+        bundle_root: bundle folder.
+        result_dir: folder of the outputs; None creates a temporary one.
+        overrides: extra bundle arguments, name -> value.
+        python: interpreter of the bundle run; None uses ``sys.executable``.
+
+    Returns:
+        Tuple ``(label_path, params)``: the label map path and a dict with ``label_names``, ``label_colors``,
+        ``fractions``, ``voxels``, ``fixed``, ``moving`` and, with an error map, ``error_mm_file`` and
+        ``mean_error_mm``.
+
+    Raises:
+        BundleRunError: when the bundle run fails.
+    """
     result_dir = Path(result_dir or tempfile.mkdtemp(prefix="misalignment_"))
     stem = image_stem(moving)
     run_bundle(fixed, moving, result_dir, bundle_root, overrides, python)
