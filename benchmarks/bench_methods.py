@@ -43,16 +43,6 @@ METHODS = {
         "--class_weights_file",
         "",
     ],
-    "residual network, encoders": [
-        "--method",
-        "network",
-        "--residual_input",
-        "encoders",
-        "--checkpoint",
-        "models/model_residual_encoders.pt",
-        "--class_weights_file",
-        "",
-    ],
     "image-only network (paper's input)": ["--method", "network"],
 }
 
