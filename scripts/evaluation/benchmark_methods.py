@@ -90,7 +90,6 @@ def bundle_path(path: str) -> Path:
 
 REREGISTRATION = "re-registration (calibrated, mean-F1 decision)"
 RESIDUAL_NETWORK = "LSTM 6-3-1 + r prior (residual-informed)"
-RESIDUAL_CLASS_WEIGHTS = "models/class_weights_residual.json"
 DEFAULT_METHODS = (
     MethodSpec(
         REREGISTRATION,
@@ -115,13 +114,6 @@ DEFAULT_METHODS = (
         "bundle",
         "models/model_residual.pt",
         ["--method", "network", "--residual_input", "lstm_prior", "--class_weights_file", ""],
-    ),
-    MethodSpec(
-        "LSTM 6-3-1 + r prior, class-weighted",
-        "derived",
-        source=RESIDUAL_NETWORK,
-        relabel=relabel_with_weights(RESIDUAL_CLASS_WEIGHTS),
-        files=(RESIDUAL_CLASS_WEIGHTS,),
     ),
     MethodSpec(
         "multi-scale CNN", "bundle", "models/model_multi_cnn.pt", ["--method", "network", "--decoder", "multi_cnn"]

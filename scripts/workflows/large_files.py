@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser
 from scripts.workflows.bundle_run import UsageExit
 
 LARGE_FILES = "large_files.yml"
-RELEASE_BASE_URL = "https://github.com/registration-misalignment/chest-ct-misalignment/releases/download/v0.6.0/"
+RELEASE_BASE_URL = "https://github.com/registration-misalignment/chest-ct-misalignment/releases/download/v0.7.0/"
 
 
 def read_large_files(bundle_path: str | os.PathLike = ".") -> List[Dict[str, Any]]:
