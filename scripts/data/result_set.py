@@ -180,13 +180,16 @@ class ResultSet:
                 descriptor = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._lock_holder()
-                if holder is None and _age_s(self.lock_path) < LOCK_WRITE_GRACE_S:
-                    holder = {"pid": "?", "host": socket.gethostname(), "started": "just now"}  # being written now
-                if holder is not None and self._held_by_a_live_run(holder):
+                if holder is None:  # unreadable: being written by its run right now, or left by one that died
+                    alive, holder = _age_s(self.lock_path) < LOCK_WRITE_GRACE_S, {"pid": "?", "started": "just now"}
+                else:  # a run on another host cannot be checked: it counts as running
+                    alive = holder.get("host") != socket.gethostname() or _process_alive(holder["pid"])
+                if alive:
                     raise ResultSetError(
-                        f"--output_dir {self.output_dir}: another run (pid {holder['pid']} on {holder.get('host')}, "
-                        f"started {holder.get('started')}) is writing the results of {self.stem} there; wait for it "
-                        f"to end or choose another --output_dir (remove {self.lock_path} if no such run exists)"
+                        f"--output_dir {self.output_dir}: another run (pid {holder['pid']} on "
+                        f"{holder.get('host', socket.gethostname())}, started {holder.get('started')}) is writing the "
+                        f"results of {self.stem} there; wait for it to end or choose another --output_dir (remove "
+                        f"{self.lock_path} if no such run exists)"
                     ) from None
                 logger.warning("removing the stale lock %s of a run that no longer runs", self.lock_path)
                 self.lock_path.unlink(missing_ok=True)
@@ -199,13 +202,6 @@ class ResultSet:
                 f.write(text)
             return
         raise ResultSetError(f"--output_dir {self.output_dir}: cannot take the lock {self.lock_path}")
-
-    @staticmethod
-    def _held_by_a_live_run(holder: Mapping[str, Any]) -> bool:
-        """Whether the lock's run still runs (a run on another host, or one still writing its lock, counts)."""
-        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-            return True
-        return _process_alive(holder["pid"])
 
     def _lock_holder(self) -> Optional[Dict[str, Any]]:
         try:

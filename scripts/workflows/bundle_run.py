@@ -68,17 +68,16 @@ def command_line_options(argv: Sequence[str]) -> Dict[str, Optional[str]]:
     return options
 
 
-def _as_file_list(value: Any) -> List[str]:
-    """A config_file argument as a list of paths (fire passes "['a.json','b.json']" or "a.json,b.json")."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
+def _config_files(value: str) -> str | List[str]:
+    """A config_file argument as ``ConfigParser.load_config_files`` takes it: fire passes a list as the text
+    "['a.json','b.json']"; a single path or "a.json,b.json" goes through as it is (MONAI splits the commas)."""
     text = str(value).strip()
     if text.startswith("["):
         try:
             return [str(v) for v in ast.literal_eval(text)]
         except (ValueError, SyntaxError):
             pass
-    return [part for part in text.split(",") if part] if not Path(text).is_file() and "," in text else [text]
+    return text
 
 
 def _known_ids(parser: ConfigParser, parent: str) -> List[str]:
@@ -106,14 +105,15 @@ def unknown_options(config: ConfigParser, overrides: Iterable[str], allowed: Ite
     allowed = set(allowed)
     problems = []
     for name in overrides:
-        key = name.replace("-", "_") if name.replace("-", "_") in config else name
+        underscored = name.replace("-", "_")
+        key = underscored if underscored in config else name
         if name in allowed or key in allowed or key in config:
             continue
-        parent = key.rsplit(ID_SEPARATOR, 1)[0] if ID_SEPARATOR in key else ""
+        parent = key.rpartition(ID_SEPARATOR)[0]
         if parent in config and config[parent] == {}:
             continue  # a new entry of an open mapping, such as batch QA's inference_overrides
         while parent and parent not in config:
-            parent = parent.rsplit(ID_SEPARATOR, 1)[0] if ID_SEPARATOR in parent else ""
+            parent = parent.rpartition(ID_SEPARATOR)[0]
         candidates = _known_ids(config, parent) + ([] if parent else sorted(allowed))
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
         hint = f"; did you mean --{close[0]}?" if close else "; see the configs for the options"
@@ -137,7 +137,7 @@ def check_options(argv: Optional[Sequence[str]] = None) -> None:
         options.setdefault("config_file", args.get("config_file"))
     if not options.get("config_file"):
         return
-    config = ConfigParser(ConfigParser.load_config_files(_as_file_list(options["config_file"])))
+    config = ConfigParser(ConfigParser.load_config_files(_config_files(options["config_file"])))
     problems = unknown_options(config, sorted(overrides), allowed=arguments)
     if problems:
         raise UsageExit("; ".join(problems))
