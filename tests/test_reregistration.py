@@ -253,7 +253,9 @@ def test_the_method_factory_picks_the_inferer_and_its_batch_keys():
         == set(batch_keys("reregistration"))
         == {"mask", "name", "region", "spacing"}
     )
-    with pytest.raises(ValueError, match="unknown --method 'regnet'; choose one of: reregistration, network"):
+    with pytest.raises(
+        ValueError, match="unknown --method 'regnet'; choose one of: reregistration, network, multiview"
+    ):
         method_inferer("regnet", network, rereg)
 
 

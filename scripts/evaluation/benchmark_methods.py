@@ -89,6 +89,7 @@ def bundle_path(path: str) -> Path:
 
 
 REREGISTRATION = "re-registration (calibrated, mean-F1 decision)"
+MULTIVIEW = "multiview (views + calibrated boosted trees)"
 RESIDUAL_NETWORK = "LSTM 6-3-1 + r prior (residual-informed)"
 DEFAULT_METHODS = (
     MethodSpec(
@@ -98,6 +99,13 @@ DEFAULT_METHODS = (
         ["--method", "reregistration"],
         files=("models/reregistration_calibration.json",),
         landmark_mask=False,
+    ),
+    MethodSpec(
+        MULTIVIEW,
+        "bundle",
+        None,
+        ["--method", "multiview"],
+        files=("models/multiview_combiner.json",),
     ),
     MethodSpec(
         "re-registration (calibrated, argmax)", "derived", source=REREGISTRATION, relabel=relabel_with_weights(None)

@@ -9,17 +9,22 @@ from monai.inferers import Inferer
 
 from scripts.inferers.reregistration_inferer import ResidualNetworkInferer
 
-METHODS = ("reregistration", "network")  # the default first
+METHODS = ("reregistration", "network", "multiview")  # the default first
 PAIR_KEYS = {"mask": "mask", "name": "moving", "region": "region", "spacing": "spacing"}
 
 
 def reads_residual(method: str, residual_input: str = "none") -> bool:
-    """Whether ``method`` re-registers the pair: the re-registration itself, or a residual-informed network."""
-    return method == "reregistration" or residual_input != "none"
+    """Whether ``method`` re-registers the pair: the re-registration, the multiview estimator, or a residual-informed
+    network."""
+    return method in ("reregistration", "multiview") or residual_input != "none"
 
 
 def method_inferer(
-    method: str, network_inferer: Inferer, reregistration_inferer: Inferer, residual_input: str = "none"
+    method: str,
+    network_inferer: Inferer,
+    reregistration_inferer: Inferer,
+    residual_input: str = "none",
+    multiview_inferer: Inferer | None = None,
 ) -> Inferer:
     """The inferer of ``method``.
 
@@ -29,14 +34,20 @@ def method_inferer(
         reregistration_inferer: the re-registration estimator (``ReregistrationInferer``).
         residual_input: the network's residual input ("none": images only; else the network also reads the
             re-registration's residual, so both run).
+        multiview_inferer: the multiview estimator (``MultiviewInferer``).
 
     Returns:
-        The re-registration estimator, the network inferer, or both chained (``ResidualNetworkInferer``).
+        The re-registration estimator, the multiview estimator, the network inferer, or the network after the
+        re-registration (``ResidualNetworkInferer``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
     if method == "reregistration":
         return reregistration_inferer
+    if method == "multiview":
+        if multiview_inferer is None:
+            raise ValueError("--method multiview needs a multiview inferer")
+        return multiview_inferer
     if residual_input == "none":
         return network_inferer
     return ResidualNetworkInferer(reregistration_inferer, network_inferer)

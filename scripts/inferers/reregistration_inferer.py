@@ -1,18 +1,21 @@
-"""The re-registration method as a MONAI inferer, so that configs/inference.json runs it through the same loading,
-saving and overlay as the network: ``--method reregistration``."""
+"""The re-registration methods as MONAI inferers, so that configs/inference.json runs them through the same loading,
+saving and overlay as the network: ``--method reregistration`` (|r| calibrated) and ``--method multiview`` (the
+views of the pair combined by boosted trees)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from monai.inferers import Inferer
 
 from scripts.registration.calibration_tables import ResidualCalibration
+from scripts.registration.combiner import ViewCombiner
 from scripts.registration.reregistration import ReregistrationOptions, residual_field_on_pair
+from scripts.registration.views import ViewOptions, compute_views
 from scripts.transforms.ct_masks import body_mask_array
 
 logger = logging.getLogger(__name__)
@@ -172,4 +175,95 @@ class ResidualNetworkInferer(Inferer):
         region = torch.ones_like(inputs[:, :1], dtype=torch.float32) if mask is None else (mask != 0).float()
         out["error_mm"] = found["error_mm"] * region
         out["residual_mm"] = found["residual_mm"] * region
+        return out
+
+
+class MultiviewInferer(Inferer):
+    """The multiview estimator: the re-registration's r, the views of the pair (``scripts.registration.views``) and
+    the calibrated combiner that reads them (``scripts.registration.combiner``).
+
+    Returns the same dict as ``ReregistrationInferer`` (probabilities and ``error_mm`` from the combiner, the
+    re-registration's ``residual_mm``, and with the "weighted" decision the combiner's ``class_weights``).
+
+    Args:
+        reregistration: the ``ReregistrationInferer`` that finds r (its options must be those the combiner was
+            fitted on).
+        combiner_file: the combiner JSON of ``scripts.registration.combiner_fit``.
+        views: the views computed (must be the combiner's); None: ``ViewOptions``' default.
+        working_spacing_mm: grid the views run on, mm (None: the pair's own grid).
+        decision: "weighted" (the combiner's mean-F1 class weights) or "argmax".
+    """
+
+    def __init__(
+        self,
+        reregistration: ReregistrationInferer,
+        combiner_file: str | Path,
+        views: Sequence[str] | None = None,
+        working_spacing_mm: float | None = ViewOptions.working_spacing_mm,
+        decision: str = "weighted",
+    ) -> None:
+        super().__init__()
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; choose one of {DECISIONS}")
+        self.reregistration = reregistration
+        self.combiner_file = str(combiner_file)
+        settings: dict[str, Any] = {"working_spacing_mm": working_spacing_mm or None}
+        if views is not None:
+            settings["views"] = tuple(views)
+        self.view_options = ViewOptions(**settings)
+        self.decision = decision
+        self._combiner: ViewCombiner | None = None
+
+    @property
+    def combiner(self) -> ViewCombiner:
+        """The combiner, read and checked against the run's settings on first use."""
+        if self._combiner is None:
+            self._combiner = ViewCombiner.read(self.combiner_file, self.view_options, self.reregistration.options)
+        return self._combiner
+
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: Any = None,
+        mask: torch.Tensor | None = None,
+        name: Any = None,
+        region: torch.Tensor | None = None,
+        spacing: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``inputs [B, 2, z, y, x]`` (fixed, moving HU) -> the dict above (``mask``, ``region``, ``spacing``,
+        ``name``: as for ``ReregistrationInferer``)."""
+        names = [name] if isinstance(name, str) else list(name or [])
+        combiner = self.combiner  # a missing or mismatched combiner stops the run before the registration
+        image = inputs.detach().cpu().float().numpy()
+        batch, shape = image.shape[0], image.shape[2:]
+        predict = np.ones((batch,) + shape, dtype=bool) if mask is None else _bool(mask)
+        spacings = (
+            np.full((batch, 3), self.reregistration.spacing_mm)
+            if spacing is None
+            else np.asarray(spacing, dtype=float).reshape(-1, 3)
+        )
+        probabilities, errors, residuals = [], [], []
+        for b in range(batch):
+            pair = f"pair with moving image {names[b]}" if b < len(names) else "the pair"
+            sampled = body_mask_array(image[b, 0], spacings[b][::-1]) if region is None else _bool(region)[b]
+            options = self.reregistration.options
+            residual = residual_field_on_pair(image[b], sampled, tuple(spacings[b]), options, name=pair)
+            features, _ = compute_views(image[b], residual, sampled, tuple(spacings[b]), self.view_options, pair)
+            inside = np.flatnonzero(predict[b])
+            p_flat, e_flat = combiner.predict(features.reshape(len(features), -1)[:, inside].T)
+            p = np.zeros((3, predict[b].size), dtype=np.float32)
+            expected = np.zeros(predict[b].size, dtype=np.float32)
+            p[:, inside], expected[inside] = p_flat.T, e_flat
+            probabilities.append(p.reshape((3,) + shape))
+            errors.append(expected.reshape((1,) + shape))
+            residuals.append(residual * predict[b])
+        device = inputs.device
+        out = {
+            "probabilities": torch.from_numpy(np.stack(probabilities)).to(device),
+            "error_mm": torch.from_numpy(np.stack(errors)).to(device),
+            "residual_mm": torch.from_numpy(np.stack(residuals)).to(device),
+        }
+        if self.decision == "weighted" and combiner.class_weights is not None:
+            weights = torch.tensor(combiner.class_weights, dtype=torch.float32, device=device)
+            out["class_weights"] = weights.expand(batch, -1).clone()
         return out

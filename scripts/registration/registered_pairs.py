@@ -3,9 +3,12 @@
 For a training scan S (1 mm, as ``scripts.data.prepare_data`` caches it): draw a deformation u (the paper's
 artificial DVF types with a maximum of 10-20 mm per axis, or the evaluation-style respiratory + local motion),
 make the deformed image ``I(y) = S(y + u(y))`` with the usual intensity changes, then register I back onto S
-with a protocol drawn as users run them (none, translation, rigid, affine, or affine + B-spline with 20-2000
-iterations, Mattes MI or NCC, final grid 10-30 mm). With the found transform ``T(x) = x + t(x)`` the registered
-image is ``D(x) = I(T(x)) = S(T(x) + u(T(x)))``, so the exact residual misalignment at x is
+with a protocol drawn as users run them. The "elastix" mix: none, translation, rigid, affine, or affine + B-spline
+with 20-2000 iterations, Mattes MI or NCC, final grid 10-30 mm. The "engines" mix adds what the estimators' own
+registrations do not share: B-spline grids of 5 mm, ANTs affine and ANTs SyN with few or many iterations
+(``scripts.registration.ants_registration``), and inputs as users have them: the whole lung crop, one lung of it, or
+both images with 5 mm slices (the pair then lives on the thick grid). With the found transform ``T(x) = x + t(x)``
+the registered image is ``D(x) = I(T(x)) = S(T(x) + u(T(x)))``, so the exact residual misalignment at x is
 
     e(x) = t(x) + u(x + t(x))      (mm, vector)
 
@@ -16,6 +19,8 @@ its JSON exists (an interrupted run resumes). ``estimate`` then adds the re-regi
 for given estimator settings, recomputed when the settings change::
 
     python -m scripts.registration.registered_pairs make --output_dir <work_dir>/registered --pairs_per_scan 2
+    python -m scripts.registration.registered_pairs make --output_dir <work_dir>/registered --pairs_per_scan 8 \
+        --protocol_mix engines      # pairs 2..7 drawn from the "engines" mix
     python -m scripts.registration.registered_pairs estimate --output_dir <work_dir>/registered
 """
 
@@ -33,12 +38,13 @@ from tqdm import tqdm
 
 from scripts.data.image_io import Grid, load_pair
 from scripts.data.prepare_data import DEFAULT_VALIDATION_SCANS, find_scans, pair_seed, prepare_scan, scan_name
+from scripts.registration.ants_registration import AntsOptions
+from scripts.registration.ants_registration import register as ants_register
 from scripts.registration.calibration_tables import options_sha256
 from scripts.registration.elastix import (
     ElastixPair,
     RegistrationOptions,
     bspline_parameter_map,
-    deform_image,
     displacement_field,
     linear_parameter_map,
 )
@@ -53,22 +59,126 @@ logger = logging.getLogger(__name__)
 TRAINING_SEED_OFFSET = 7_000_000  # evaluation-style draws for training use seeds far from the benchmark's (0..)
 PROTOCOLS = ("none", "translation", "rigid", "affine", "bspline")
 PROTOCOL_WEIGHTS = (0.08, 0.1, 0.1, 0.17, 0.55)
+# the "engines" mix: other engines, finer grids and user-cut inputs beside elastix's usual settings
+ENGINE_PROTOCOLS = ("none", "rigid", "affine", "bspline", "ants_affine", "ants_syn")
+ENGINE_PROTOCOL_WEIGHTS = (0.05, 0.05, 0.1, 0.4, 0.1, 0.3)
+ANTS_SYN_ITERATIONS = {"few": (20, 10, 0), "many": (100, 70, 0)}  # 1 mm levels cost minutes on 2 cores
+INPUTS = ("whole", "one_lung", "thick_5mm")
+INPUT_WEIGHTS = (0.5, 0.25, 0.25)
+THICK_SLICE_MM = 5.0
+PROTOCOL_MIXES = ("elastix", "engines")
 DEFORMATIONS = ("single_frequency", "mixed_frequency", "respiratory_motion", "evaluation")
 EVALUATION_ATTEMPTS = 5
 CROP_MARGIN_MM = 15  # the scan is cropped to its lungs plus this margin: the misalignment that matters is there
 
 
-def draw_protocol(rng: np.random.RandomState) -> dict:
-    """A registration protocol as users run them (kind, iterations, metric, final grid spacing, seed)."""
-    kind = str(rng.choice(PROTOCOLS, p=PROTOCOL_WEIGHTS))
+def draw_protocol(rng: np.random.RandomState, mix: str = "elastix") -> dict:
+    """A registration protocol as users run them (kind, iterations, metric, final grid spacing, seed; with the
+    "engines" mix also the engine's settings and the input variant).
+
+    Args:
+        rng: random state of the draw.
+        mix: "elastix" (the former draws, unchanged) or "engines" (see the module).
+
+    Returns:
+        Dict with ``kind`` and ``seed``; B-spline: ``iterations``, ``metric``, ``grid_spacing_mm``; ANTs SyN:
+        ``syn_iterations``; "engines": ``input``.
+    """
+    if mix not in PROTOCOL_MIXES:
+        raise ValueError(f"unknown protocol mix {mix!r}; choose one of {PROTOCOL_MIXES}")
+    engines = mix == "engines"
+    kinds, weights = (ENGINE_PROTOCOLS, ENGINE_PROTOCOL_WEIGHTS) if engines else (PROTOCOLS, PROTOCOL_WEIGHTS)
+    kind = str(rng.choice(kinds, p=weights))
     protocol = {"kind": kind, "seed": int(rng.randint(1, 2**31 - 1))}
     if kind == "bspline":
         protocol.update(
             iterations=int(round(np.exp(rng.uniform(np.log(20), np.log(2000))))),
             metric=str(rng.choice(["AdvancedMattesMutualInformation", "AdvancedNormalizedCorrelation"])),
-            grid_spacing_mm=float(rng.choice([10.0, 15.0, 20.0, 25.0, 30.0])),
+            grid_spacing_mm=float(rng.choice([5.0, 10.0, 20.0, 30.0] if engines else [10.0, 15.0, 20.0, 25.0, 30.0])),
         )
+    if kind == "ants_syn":
+        protocol["syn_iterations"] = list(ANTS_SYN_ITERATIONS[str(rng.choice(list(ANTS_SYN_ITERATIONS)))])
+    if engines:
+        protocol["input"] = str(rng.choice(INPUTS, p=INPUT_WEIGHTS))
     return protocol
+
+
+def user_displacement(fixed: sitk.Image, moving: sitk.Image, protocol: dict, threads: int = 2) -> sitk.Image | None:
+    """The displacement ``t`` of ``protocol``'s registration of ``moving`` onto ``fixed`` on ``fixed``'s grid
+    (elastix or ANTs), or None for "none".
+
+    Args:
+        fixed: fixed image, HU.
+        moving: moving image, HU.
+        protocol: protocol from ``draw_protocol``.
+        threads: number of threads.
+
+    Returns:
+        SimpleITK vector image (mm) or None.
+    """
+    kind = protocol["kind"]
+    if kind.startswith("ants_"):
+        options = AntsOptions(
+            transform=kind.removeprefix("ants_"),
+            syn_iterations=tuple(protocol.get("syn_iterations", AntsOptions.syn_iterations)),
+            threads=threads,
+            random_seed=protocol["seed"],
+        )
+        return ants_register(fixed, moving, options, name="user registration")
+    maps = register_with_protocol(fixed, moving, protocol, threads)
+    return None if maps is None else displacement_field(maps, fixed)
+
+
+def user_input(variant: str, images: dict[str, sitk.Image], rng: np.random.RandomState) -> dict[str, sitk.Image]:
+    """The pair as a user has it: ``images`` ("image", "deformed", "body", "lung" on one grid) as they are
+    ("whole"), cut to one lung's half of the lung box plus 10 mm ("one_lung"), or with 5 mm slices ("thick_5mm":
+    both images smoothed with the slice profile along z and resampled; masks by nearest neighbour).
+
+    Args:
+        variant: one of ``INPUTS``.
+        images: name -> SimpleITK image, all on one grid.
+        rng: random state (the side of the one-lung cut).
+
+    Returns:
+        Dict with the same keys on the variant's grid.
+    """
+    if variant == "whole":
+        return images
+    if variant == "one_lung":
+        lung = sitk.GetArrayViewFromImage(images["lung"]) > 0
+        columns = np.flatnonzero(lung.any(axis=(0, 1)))
+        middle = int((columns[0] + columns[-1]) // 2)
+        margin = int(np.ceil(10.0 / images["lung"].GetSpacing()[0]))
+        size_x = images["lung"].GetSize()[0]
+        lo, hi = (0, min(size_x, middle + margin)) if rng.rand() < 0.5 else (max(0, middle - margin), size_x)
+        size = list(images["lung"].GetSize())
+        size[0] = hi - lo
+        return {k: sitk.RegionOfInterest(im, size, [lo, 0, 0]) for k, im in images.items()}
+    if variant != "thick_5mm":
+        raise ValueError(f"unknown input variant {variant!r}; choose one of {INPUTS}")
+    reference = images["image"]
+    spacing = list(reference.GetSpacing())
+    size = list(reference.GetSize())
+    size[2] = int(np.floor(size[2] * spacing[2] / THICK_SLICE_MM))
+    spacing[2] = THICK_SLICE_MM
+    out = {}
+    for key, image in images.items():
+        is_mask = key in ("body", "lung")
+        if not is_mask:  # a slice's profile: Gaussian along z with a FWHM of the slice thickness
+            image = sitk.DiscreteGaussian(sitk.Cast(image, sitk.sitkFloat32), [0.0, 0.0, (THICK_SLICE_MM / 2.355) ** 2])
+        interpolator = sitk.sitkNearestNeighbor if is_mask else sitk.sitkLinear
+        out[key] = sitk.Resample(
+            image,
+            size,
+            sitk.Transform(),
+            interpolator,
+            reference.GetOrigin(),
+            spacing,
+            reference.GetDirection(),
+            0 if is_mask else -1000.0,
+            image.GetPixelID(),
+        )
+    return out
 
 
 def register_with_protocol(fixed: sitk.Image, moving: sitk.Image, protocol: dict, threads: int = 2):
@@ -160,26 +270,27 @@ def deform(rng: np.random.RandomState, kind: str, image: sitk.Image, body: sitk.
     return deformed, data["dvf"], {"kind": kind, "max_deformation_mm": max_mm, "variant": int(data["variant"])}
 
 
-def true_residual(field_u: sitk.Image, maps, fixed: sitk.Image) -> np.ndarray:
+def true_residual(field_u: sitk.Image, transform, fixed: sitk.Image) -> np.ndarray:
     """``e(x) = t(x) + u(x + t(x))`` on ``fixed``'s grid, ``[3, z, y, x]`` mm (x, y, z components).
 
     Args:
         field_u: the deformation u as a SimpleITK vector image, mm.
-        maps: elastix transform parameter maps of the registration, or None for the identity.
+        transform: the registration: elastix transform parameter maps, its displacement t as a SimpleITK vector
+            image on ``fixed``'s grid, or None for the identity.
         fixed: image whose grid the residual is computed on.
 
     Returns:
         float32 array ``[3, z, y, x]`` of e, mm (components x-y-z).
     """
     u = sitk.Cast(field_u, sitk.sitkVectorFloat64)
-    if maps is None:
+    if transform is None:
         t = np.zeros((3,) + tuple(fixed.GetSize()[::-1]), dtype=np.float32)
         resampled = sitk.Resample(u, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, u.GetPixelID())
     else:
-        t_image = displacement_field(maps, fixed)
+        t_image = transform if isinstance(transform, sitk.Image) else displacement_field(transform, fixed)
         t = np.moveaxis(sitk.GetArrayFromImage(t_image), -1, 0)
-        transform = sitk.DisplacementFieldTransform(sitk.Cast(t_image, sitk.sitkVectorFloat64))
-        resampled = sitk.Resample(u, fixed, transform, sitk.sitkLinear, 0.0, u.GetPixelID())
+        warp = sitk.DisplacementFieldTransform(sitk.Cast(t_image, sitk.sitkVectorFloat64))
+        resampled = sitk.Resample(u, fixed, warp, sitk.sitkLinear, 0.0, u.GetPixelID())
     return t + np.moveaxis(sitk.GetArrayFromImage(resampled), -1, 0).astype(np.float32)
 
 
@@ -199,7 +310,9 @@ def write_vector(field: np.ndarray, reference: sitk.Image, path: Path) -> Path:
     return atomic_write_image(image, path, level=1)
 
 
-def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str, threads: int = 2) -> dict:
+def make_registered_pair(
+    scan_files: dict, out_stem: Path, seed: int, kind: str, threads: int = 2, protocol_mix: str = "elastix"
+) -> dict:
     """One registered pair of a scan (files written beside ``out_stem``); returns its record.
 
     Args:
@@ -209,6 +322,7 @@ def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str,
         seed: seed of the deformation and protocol draws.
         kind: deformation kind, one of ``DEFORMATIONS``.
         threads: number of elastix threads.
+        protocol_mix: "elastix" or "engines" (``draw_protocol``).
 
     Returns:
         The pair's record: file paths, deformation, protocol, seed, size, lung residual median and 95th percentile
@@ -229,15 +343,21 @@ def make_registered_pair(scan_files: dict, out_stem: Path, seed: int, kind: str,
     deformed, field_u, extra = deform(rng, kind, crop["image"], crop["body"], crop["lung"], seed)
     kind = extra.pop("kind", kind)
     seconds["deform"] = time.perf_counter() - t0
-    protocol = draw_protocol(rng)
+    protocol = draw_protocol(rng, protocol_mix)
+    cut = user_input(protocol.get("input", "whole"), {**crop, "image": crop["image"], "deformed": deformed}, rng)
+    crop = {k: cut[k] for k in ("image", "body", "lung")}
     t0 = time.perf_counter()
-    maps = register_with_protocol(crop["image"], deformed, protocol, threads)
+    t = user_displacement(crop["image"], cut["deformed"], protocol, threads)
     seconds["register"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    registered = deformed if maps is None else deform_image(maps, deformed, crop["image"])
+    if t is None:
+        registered = cut["deformed"]
+    else:
+        warp = sitk.DisplacementFieldTransform(sitk.Cast(t, sitk.sitkVectorFloat64))
+        registered = sitk.Resample(cut["deformed"], crop["image"], warp, sitk.sitkBSpline, -1000.0, sitk.sitkFloat32)
     registered = sitk.Cast(sitk.Round(sitk.Clamp(registered, sitk.sitkFloat32, -32768, 32767)), sitk.sitkInt16)
     registered.CopyInformation(crop["image"])
-    residual = true_residual(field_u, maps, crop["image"])
+    residual = true_residual(field_u, t, crop["image"])
     seconds["resample"] = time.perf_counter() - t0
 
     files = {k: Path(f"{out_stem}_{k}.nii.gz") for k in ("fixed", "registered", "body_mask", "lung_mask")}
@@ -346,6 +466,7 @@ def run(
     scans=None,
     validation_scans=DEFAULT_VALIDATION_SCANS,
     threads: int = 2,
+    protocol_mix: str = "elastix",
 ) -> str:
     """Write ``pairs_per_scan`` registered pairs of every scan and ``output_dir/datalist.json``; returns its path.
     Deformation kinds cycle through ``DEFORMATIONS``, shifted by one per scan so that few pairs per scan still
@@ -359,6 +480,8 @@ def run(
         scans: optional scan name or names to use (default: every scan in ``data_dir``).
         validation_scans: scan name(s) listed under "validation"; the others go to "training".
         threads: number of elastix threads.
+        protocol_mix: "elastix" or "engines" (``draw_protocol``) for the pairs this run writes; pairs already
+            written keep theirs.
 
     Returns:
         Path of the datalist.
@@ -381,7 +504,7 @@ def run(
             if not record_path.is_file():
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 s = pair_seed(seed, name, k, 99.0)
-                record = make_registered_pair(scan_files, stem, s, kind, threads)
+                record = make_registered_pair(scan_files, stem, s, kind, threads, protocol_mix)
                 record.update(scan=name, index=k, record=str(record_path))
                 atomic_write_text(record_path, json.dumps(record, indent=1))
                 tqdm.write(

@@ -1,0 +1,245 @@
+"""The multiview estimator: each view on a synthetic pair with a known deformation, the combiner's file round trip
+and refusal, and ``--method multiview`` through ConfigWorkflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from monai.bundle import ConfigWorkflow
+from scipy import ndimage
+
+import scripts.registration.combiner_fit as combiner_fit
+import scripts.registration.views as views
+from scripts.inferers.io_transforms import BadInputExit
+from scripts.inferers.reregistration_inferer import MultiviewInferer
+from scripts.registration.ants_registration import AntsError, AntsOptions
+from scripts.registration.ants_registration import register as ants_register
+from scripts.registration.calibration_tables import options_sha256
+from scripts.registration.combiner import CombinerMismatch, ViewCombiner
+from scripts.registration.reregistration import ReregistrationOptions
+from scripts.registration.views import ViewError, ViewOptions, compute_views
+from tests.helpers.chest_phantom import chest_phantom_arrays
+from tests.test_reregistration import textured, warp, write_phantom_pair
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (48, 56, 56)  # (z, y, x) at 1 mm
+
+
+def smooth_deformation() -> np.ndarray:
+    """A smooth displacement ``[3, z, y, x]`` in voxels (z, y, x components) of up to 3 mm."""
+    z, y, x = np.indices(SHAPE).astype(np.float64)
+    return np.stack(
+        [
+            1.5 * np.sin(2 * np.pi * y / SHAPE[1]),
+            1.0 * np.cos(2 * np.pi * z / SHAPE[0]),
+            3.0 * np.sin(2 * np.pi * z / SHAPE[0]) * np.cos(np.pi * y / SHAPE[1]),
+        ]
+    )
+
+
+def known_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A phantom pair D(x) = F(x + u(x)): image ``[2, z, y, x]``, the body, the lungs and the true r = -u
+    (``[3, z, y, x]``, components x, y, z, mm)."""
+    hu, body, lungs = chest_phantom_arrays(SHAPE, seed=5, gas=False)
+    u = smooth_deformation()
+    return np.stack([hu, warp(hu, u)]), body, lungs, (-u[::-1]).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_ants_view_finds_a_known_smooth_deformation_within_half_a_millimetre():
+    image, body, _, truth = known_pair()
+    fixed, moving = (sitk.GetImageFromArray(a) for a in image)
+    options = AntsOptions(transform="syn", syn_metric="CC", syn_iterations=(60, 40, 20))
+    t = np.moveaxis(sitk.GetArrayFromImage(ants_register(fixed, moving, options)), -1, 0)
+    sel = textured(image[0], body)
+    error = np.linalg.norm(t[:, sel] - truth[:, sel], axis=0)
+    assert np.median(error) < 0.5
+    assert np.median(np.linalg.norm(truth[:, sel], axis=0)) > 1.0  # a real deformation there
+
+
+def test_views_of_a_perfect_re_registration_on_a_known_deformation():
+    """With r = the true misalignment every view says what it should: |r| is the truth, warping by r restores the
+    local similarity, the Jacobian of a smooth field is near 1, the lungs are inside, flat air has no structure."""
+    image, body, lungs, truth = known_pair()
+    options = ViewOptions(working_spacing_mm=None)
+    features, seconds = compute_views(image, truth, body, 1.0, options)
+    named = dict(zip(options.features, features))
+    assert features.shape == (len(options.features),) + SHAPE and np.isfinite(features).all()
+    assert set(seconds) >= {"residual", "neighbourhood", "similarity", "texture", "lung"}
+    np.testing.assert_allclose(np.expm1(named["log1p_r"]), np.linalg.norm(truth, axis=0), rtol=1e-4, atol=1e-4)
+    assert (named["log1p_max_r_4mm"] >= named["log1p_r"] - 1e-4).all()
+    sel = textured(image[0], body)
+    assert np.median(named["ncc_after"][sel]) > 0.95 > np.median(named["ncc_before"][sel])
+    assert np.median(named["ncc_gain"][sel]) > 0.05
+    assert np.median(named["abs_difference_after_hu"][sel]) < 0.6 * np.median(named["abs_difference_before_hu"][sel])
+    assert abs(np.median(named["jacobian_r"][body]) - 1.0) < 0.05
+    assert np.median(named["lung_depth_mm"][lungs]) > 0 > np.median(named["lung_depth_mm"][~body])
+    air = ~ndimage.binary_dilation(body, iterations=5)  # away from the skin's edge
+    assert np.percentile(named["structure_min_eigenvalue"][air], 90) < 0.2 * np.median(
+        named["structure_min_eigenvalue"][sel]
+    )
+
+
+def test_views_on_a_working_grid_come_back_on_the_pair_grid():
+    image, body, _, truth = known_pair()
+    features, _ = compute_views(image, truth, body, 1.0, ViewOptions(working_spacing_mm=2.0))
+    assert features.shape[1:] == SHAPE and np.isfinite(features).all()
+    native, _ = compute_views(image, truth, body, 1.0, ViewOptions(working_spacing_mm=None))
+    depth = ViewOptions().features.index("lung_depth_mm")
+    inner = textured(image[0], body)
+    assert np.median(np.abs(features[depth][inner] - native[depth][inner])) < 2.0  # mm
+
+
+def test_a_failing_view_ends_with_one_error_naming_the_pair_and_the_view(monkeypatch):
+    image, body, _, truth = known_pair()
+
+    def failing(*args, **kwargs):
+        raise AntsError("pair with moving image m.nii.gz: registration with ANTs (syn) failed (test)")
+
+    monkeypatch.setattr(views, "ants_register", failing)
+    options = ViewOptions(views=("residual", "ants"), working_spacing_mm=None)
+    with pytest.raises(ViewError, match="pair with moving image m.nii.gz: the ants view failed"):
+        compute_views(image, truth, body, 1.0, options, name="pair with moving image m.nii.gz")
+    broken = truth.copy()
+    broken[0, 10, 10, 10] = np.nan
+    with pytest.raises(ViewError, match="m.nii.gz: the neighbourhood view gave non-finite values"):
+        compute_views(image, broken, body, 1.0, ViewOptions(working_spacing_mm=None), name="m.nii.gz")
+
+
+def synthetic_combiner(options: ViewOptions, seed: int = 0, rounds: int = 30) -> tuple[ViewCombiner, np.ndarray]:
+    """A combiner fitted by the real fitting code on synthetic features where e grows with |r| and with a low NCC
+    after the re-registration; returns it and held-out features."""
+    rng = np.random.default_rng(seed)
+    features = list(options.features)
+    x = rng.normal(size=(6000, len(features))).astype(np.float32)
+    r = rng.gamma(2.0, 1.5, size=len(x))
+    x[:, features.index("log1p_r")] = np.log1p(r)
+    after = rng.uniform(0.2, 1.0, size=len(x))
+    x[:, features.index("ncc_after")] = after
+    e = r * (1.0 + 2.0 * (1.0 - after)) + rng.gamma(1.0, 0.5, size=len(x))
+    original = combiner_fit.ROUNDS
+    combiner_fit.ROUNDS = rounds
+    try:
+        boosters = combiner_fit.train_models(x[:4000], e[:4000], features, seed)
+    finally:
+        combiner_fit.ROUNDS = original
+    raw = {name: b.predict(x[:4000]) for name, b in boosters.items()}
+    combiner = ViewCombiner(
+        features=features,
+        models={name: b.model_to_string() for name, b in boosters.items()},
+        calibration=combiner_fit.calibrate(raw, e[:4000]),
+        view_options=json.loads(json.dumps(options.__dict__, default=lambda o: o.__dict__)),
+        views_sha256=options.sha256(),
+        reregistration_sha256=options_sha256(ReregistrationOptions()),
+        class_weights=[1.0, 1.5, 1.2],
+    )
+    return combiner, x[4000:]
+
+
+def test_combiner_file_round_trip_is_exact_json_and_monotone_in_r(tmp_path):
+    options = ViewOptions()
+    combiner, held_out = synthetic_combiner(options)
+    path = tmp_path / "combiner.json"
+    path.write_text(combiner.to_json())
+    record = json.loads(path.read_text())  # plain JSON: LightGBM's text models, no pickle
+    assert record["format"] == "misalignment-view-combiner/1" and set(record["models"]) == set(combiner_fit.MODELS)
+    read = ViewCombiner.read(path, options, ReregistrationOptions())
+    p, expected = combiner.predict(held_out)
+    p_read, expected_read = read.predict(held_out)
+    np.testing.assert_array_equal(p, p_read)
+    np.testing.assert_array_equal(expected, expected_read)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    assert (p >= 0).all() and read.class_weights == [1.0, 1.5, 1.2]
+    # monotone in |r|: raising log1p_r alone never lowers P(>= 3 mm), P(>= 6 mm) or the expected error
+    column = options.features.index("log1p_r")
+    steps = np.repeat(held_out[:50], 20, axis=0)
+    steps[:, column] = np.tile(np.log1p(np.linspace(0, 12, 20)), 50)
+    p_steps, e_steps = read.predict(steps)
+    at_least_3 = (1 - p_steps[:, 0]).reshape(50, 20)
+    assert (np.diff(at_least_3, axis=1) >= -1e-9).all()
+    assert (np.diff(p_steps[:, 2].reshape(50, 20), axis=1) >= -1e-9).all()
+    assert (np.diff(e_steps.reshape(50, 20), axis=1) >= -1e-6).all()
+
+
+def test_combiner_of_other_settings_or_a_broken_file_is_refused_by_name(tmp_path):
+    combiner, _ = synthetic_combiner(ViewOptions())
+    path = tmp_path / "combiner.json"
+    path.write_text(combiner.to_json())
+    with pytest.raises(CombinerMismatch, match=f"{path}: fitted for other view settings"):
+        ViewCombiner.read(path, ViewOptions(window_mm=9.0), ReregistrationOptions())
+    with pytest.raises(CombinerMismatch, match=f"{path}: fitted on residuals of other re-registration settings"):
+        ViewCombiner.read(path, ViewOptions(), ReregistrationOptions(bspline_iterations=100))
+    with pytest.raises(FileNotFoundError, match="combiner file not found"):
+        ViewCombiner.read(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="bad.json: not a combiner file"):
+        ViewCombiner.read(tmp_path / "bad.json")
+    record = json.loads(path.read_text())
+    record["models"]["at_least_3"] = "tree\nnot a model"
+    (tmp_path / "broken.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="broken.json: (its models do not parse|not a combiner file)"):
+        ViewCombiner.read(tmp_path / "broken.json")
+
+
+def multiview_workflow(paths: dict[str, Path], out: Path, combiner_file: Path) -> ConfigWorkflow:
+    """configs/inference.json with ``--method multiview`` on a phantom pair."""
+    return ConfigWorkflow(
+        config_file=str(REPO_ROOT / "configs" / "inference.json"),
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type="infer",
+        bundle_root=str(REPO_ROOT),
+        method="multiview",
+        combiner_file=str(combiner_file),
+        fixed_image=str(paths["fixed"]),
+        moving_image=str(paths["moving"]),
+        landmarks=str(paths["landmarks"]),
+        output_dir=str(out),
+        progress=False,
+    )
+
+
+@pytest.mark.slow
+def test_method_multiview_writes_the_contract_files(tmp_path):
+    paths = write_phantom_pair(tmp_path / "data")
+    combiner, _ = synthetic_combiner(ViewOptions())
+    combiner_file = tmp_path / "combiner.json"
+    combiner_file.write_text(combiner.to_json())
+    out = tmp_path / "out"
+    workflow = multiview_workflow(paths, out, combiner_file)
+    workflow.initialize()
+    assert not workflow.check_properties()
+    assert isinstance(workflow.parser.get_parsed_content("inferer"), MultiviewInferer)
+    workflow.run()
+    workflow.finalize()
+    names = sorted(p.name for p in out.iterdir())
+    expected_files = ("misalignment.nii.gz", "probabilities.nii.gz", "error_mm.nii.gz", "overlay.png")
+    assert names == sorted(f"moving_{s}" for s in expected_files + ("landmarks.csv", "run.json"))
+    probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "moving_probabilities.nii.gz")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "moving_misalignment.nii.gz")))
+    inside = labels != 255
+    assert inside.any()
+    np.testing.assert_allclose(probabilities[inside].sum(axis=-1), 1.0, atol=1e-3)
+    manifest = json.loads((out / "moving_run.json").read_text())
+    assert manifest["method"] == "multiview"
+    assert any(str(combiner_file) in json.dumps(v) for v in manifest["inputs"].values())
+    with open(out / "moving_landmarks.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 5 and all(0 <= float(r["p_wrong"]) <= 1 for r in rows)
+
+
+def test_method_multiview_refuses_a_combiner_of_other_settings_and_writes_nothing(tmp_path):
+    paths = write_phantom_pair(tmp_path / "data")
+    combiner, _ = synthetic_combiner(ViewOptions(window_mm=9.0))
+    combiner_file = tmp_path / "combiner.json"
+    combiner_file.write_text(combiner.to_json())
+    workflow = multiview_workflow(paths, tmp_path / "out", combiner_file)
+    workflow.initialize()
+    with pytest.raises(BadInputExit, match="combiner.json: fitted for other view settings"):
+        workflow.run()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
