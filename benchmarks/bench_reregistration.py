@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,7 @@ CROP_SIZE = (115, 157, 129)  # x, y, z voxels: one lung, cut through it on every
 def measure(command: list[str], cwd: Path = REPO_ROOT) -> dict:
     """Run ``command`` in a subprocess (from the repository root): wall seconds and peak RSS (GB) of that process,
     its ``VmHWM`` polled every 50 ms (``os.wait4``'s ``ru_maxrss`` would count this process's own memory, which the
-    child inherits at fork)."""
+    child inherits at fork), and the seconds its log gives for the re-registration and the views."""
     peak_kb = 0
     with tempfile.TemporaryFile(mode="w+") as errors:
         start = time.perf_counter()
@@ -58,7 +59,14 @@ def measure(command: list[str], cwd: Path = REPO_ROOT) -> dict:
         if process.returncode != 0:
             errors.seek(0)
             raise RuntimeError(f"run failed: {' '.join(command)}\n{errors.read()[-2000:]}")
-    return {"wall_s": wall, "peak_rss_gb": peak_kb / 1024**2}
+        errors.seek(0)
+        log = errors.read()
+    out = {"wall_s": wall, "peak_rss_gb": peak_kb / 1024**2}
+    for key, pattern in (("reregistration_s", r"re-registered in ([0-9.]+) s"), ("views_s", r"views in ([0-9.]+) s")):
+        found = re.findall(pattern, log)
+        if found:
+            out[key] = float(found[-1])
+    return out
 
 
 def _high_water_kb(pid: int) -> int:
@@ -180,10 +188,10 @@ def crop_truth(fixed_path: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.linalg.norm(sitk.GetArrayFromImage(field), axis=-1), sitk.GetArrayFromImage(lung) > 0
 
 
-def main(repeats: int = 3, scan: str = "") -> dict:
-    """Run every case ``repeats`` times with the bundle and with elastix's defaults; print and return the medians.
-    ``scan``: a training scan to crop for the one-lung case (``<dataset_dir>/thorax_lidc_idri_0002.nii.gz``); without
-    it only the sample pair is timed."""
+def main(repeats: int = 3, scan: str = "", methods: str = "reregistration,multiview") -> dict:
+    """Run every case ``repeats`` times with the bundle (each of ``methods``) and with elastix's defaults; print and
+    return the medians. ``scan``: a training scan to crop for the one-lung case
+    (``<dataset_dir>/thorax_lidc_idri_0002.nii.gz``); without it only the sample pair is timed."""
     results: dict = {"load_average_at_start": [round(v, 2) for v in os.getloadavg()], "cases": {}}
     with tempfile.TemporaryDirectory(prefix="bench_rereg_") as tmp:
         cases = {
@@ -198,27 +206,45 @@ def main(repeats: int = 3, scan: str = "") -> dict:
             cases["one-lung crop (115 x 157 x 129, 1.37 x 1.37 x 2.5 mm)"] = crop
         for index, (case, paths) in enumerate(cases.items()):
             out = Path(tmp) / f"case_{index}"
-            runs = {"bundle (default method)": [], "elastix default affine + B-spline": []}
-            for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits both
-                runs["bundle (default method)"].append(
-                    run_bundle(paths["fixed"], paths["moving"], str(out), paths["landmarks"])
-                )
-                runs["elastix default affine + B-spline"].append(run_elastix(paths["fixed"], paths["moving"]))
-            rows = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-            bundle, reference = rows.values()
+            names = [m.strip() for m in str(methods).split(",") if m.strip()]
+            reference_name = "elastix default affine + B-spline"
+            runs: dict[str, list] = {f"bundle --method {m}": [] for m in names}
+            runs[reference_name] = []
+            for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits every row
+                for method in names:
+                    outputs = out / method
+                    runs[f"bundle --method {method}"].append(
+                        run_bundle(
+                            paths["fixed"], paths["moving"], str(outputs), paths["landmarks"], ["--method", method]
+                        )
+                    )
+                runs[reference_name].append(run_elastix(paths["fixed"], paths["moving"]))
+            rows = {
+                name: {k: statistics.median(r[k] for r in rs if k in r) for k in rs[0]} for name, rs in runs.items()
+            }
             stem = Path(paths["moving"]).name.split(".")[0]
-            if paths["landmarks"]:
-                bundle.update(landmark_accuracy(out / f"{stem}_landmarks.csv"))
-            else:
-                truth, lung = crop_truth(paths["fixed"])
-                error = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stem}_error_mm.nii.gz")))
-                bundle["lung_error_mae_mm"] = float(np.nanmean(np.abs(error[lung] - truth[lung])))
-            results["cases"][case] = {"runs": rows, "bundle_over_elastix_wall": bundle["wall_s"] / reference["wall_s"]}
+            for method in names:
+                bundle = rows[f"bundle --method {method}"]
+                if paths["landmarks"]:
+                    bundle.update(landmark_accuracy(out / method / f"{stem}_landmarks.csv"))
+                else:
+                    truth, lung = crop_truth(paths["fixed"])
+                    error = sitk.GetArrayFromImage(sitk.ReadImage(str(out / method / f"{stem}_error_mm.nii.gz")))
+                    bundle["lung_error_mae_mm"] = float(np.nanmean(np.abs(error[lung] - truth[lung])))
+                if "views_s" in bundle:
+                    bundle["views_share"] = bundle["views_s"] / bundle["wall_s"]
+            results["cases"][case] = {
+                "runs": rows,
+                "bundle_over_elastix_wall": {
+                    m: rows[f"bundle --method {m}"]["wall_s"] / rows[reference_name]["wall_s"] for m in names
+                },
+            }
     for case, summary in results["cases"].items():
         print(f"\n{case} (medians of {repeats} runs; load average at start {results['load_average_at_start']})")
         for name, row in summary["runs"].items():
-            print(f"  {name:34s} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-        print(f"  bundle / elastix wall time: {summary['bundle_over_elastix_wall']:.2f}")
+            print(f"  {name:36s} " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        for method, ratio in summary["bundle_over_elastix_wall"].items():
+            print(f"  bundle --method {method} / elastix wall time: {ratio:.2f}")
     print(json.dumps(results))
     return results
 
