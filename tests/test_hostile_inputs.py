@@ -120,7 +120,7 @@ def test_an_unknown_method_is_one_line_listing_the_methods(tmp_path, pair):
     workflow = _workflow(tmp_path, pair, method="rereg")
     with pytest.raises(UsageExit) as info:
         workflow.initialize()
-    assert str(info.value) == "unknown --method 'rereg'; choose one of: reregistration, network"
+    assert str(info.value) == "unknown --method 'rereg'; choose one of: reregistration, network, multiview"
     assert not (tmp_path / "out").exists()
 
 

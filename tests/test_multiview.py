@@ -93,6 +93,8 @@ def test_views_on_a_working_grid_come_back_on_the_pair_grid():
     depth = ViewOptions().features.index("lung_depth_mm")
     inner = textured(image[0], body)
     assert np.median(np.abs(features[depth][inner] - native[depth][inner])) < 2.0  # mm
+    thick, _ = compute_views(image, truth, body, (1.0, 1.0, 3.0), ViewOptions(working_spacing_mm=2.0))  # 3 mm slices
+    assert thick.shape[1:] == SHAPE and np.isfinite(thick).all()
 
 
 def test_a_failing_view_ends_with_one_error_naming_the_pair_and_the_view(monkeypatch):

@@ -584,11 +584,25 @@ def _register_with_ants(
     stem: str,
     options: RegistrationOptions,
 ) -> dict:
-    """The ``ants_syn`` setting: ANTs affine + SyN (``AntsOptions``' defaults, the protocol's seed and threads); the
-    registered image, the mapped landmarks and the displacement field written as ``register_pair`` writes them."""
+    """The ``ants_syn`` setting: ANTs affine + SyN (``AntsOptions``' defaults, the protocol's seed and threads) on the
+    protocol's working grid like elastix's settings (its field interpolated onto the fixed grid); the registered
+    image, the mapped landmarks and the displacement field written as ``register_pair`` writes them."""
     t0 = time.perf_counter()
     ants_options = AntsOptions(transform="syn", threads=options.threads, random_seed=options.random_seed)
-    field = ants_register(fixed_image, moving_image, ants_options, name=f"{stem} (setting ants_syn)")
+    spacing = options.working_spacing_mm
+    fixed_w, moving_w = (
+        (resample_to_working_grid(im, spacing) for im in (fixed_image, moving_image))
+        if spacing
+        else (fixed_image, moving_image)
+    )
+    field = ants_register(fixed_w, moving_w, ants_options, name=f"{stem} (setting ants_syn)")
+    if spacing:
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetReferenceImage(fixed_image)
+        resampler.SetInterpolator(sitk.sitkLinear)
+        resampler.SetOutputPixelType(field.GetPixelID())
+        resampler.SetUseNearestNeighborExtrapolator(True)
+        field = resampler.Execute(field)
     register_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     warp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))

@@ -222,10 +222,12 @@ def compute_views(
         if on_native:
             return array.astype(np.float32) if interpolator == sitk.sitkLinear else array
         src = _image(array.astype(np.float32) if interpolator == sitk.sitkLinear else array, spacing_xyz)
-        if smooth:  # anti-aliasing before a coarser grid
-            src = sitk.SmoothingRecursiveGaussian(
-                src, [max(0.0, (options.working_spacing_mm - s) / 2) for s in spacing_xyz]
-            )
+        if smooth:  # anti-aliasing before a coarser grid, along the axes that get coarser (not a thick slice's)
+            sigma = [max(0.0, (options.working_spacing_mm - s) / 2) for s in spacing_xyz]
+            if min(sigma) > 0:
+                src = sitk.SmoothingRecursiveGaussian(src, sigma)
+            elif max(sigma) > 0:  # the recursive filter refuses a zero sigma
+                src = sitk.DiscreteGaussian(src, [v**2 for v in sigma], 32, 0.01, True)
         return _resample(src, coarse, interpolator)
 
     def up(array: np.ndarray) -> np.ndarray:
