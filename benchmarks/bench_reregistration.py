@@ -51,7 +51,7 @@ def measure(command: list[str], cwd: Path = REPO_ROOT) -> dict:
     peak_kb = 0
     with tempfile.TemporaryFile(mode="w+") as errors:
         start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        process = subprocess.Popen(command, cwd=cwd, stdout=errors, stderr=subprocess.STDOUT, text=True)
         while process.poll() is None:
             peak_kb = max(peak_kb, _high_water_kb(process.pid))
             time.sleep(0.05)
