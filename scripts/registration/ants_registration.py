@@ -93,7 +93,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: AntsOptions | None 
     with tempfile.TemporaryDirectory(prefix="ants_") as folder:
         try:
             f, m = to_ants(fixed), to_ants(moving)
-            kind = "Affine" if options.transform == "affine" else "antsRegistrationSyN[so]"
+            kind = "affine" if options.transform == "affine" else "affine + SyN"
             found = ants.registration(
                 f,
                 m,

@@ -344,7 +344,7 @@ def make_registered_pair(
     kind = extra.pop("kind", kind)
     seconds["deform"] = time.perf_counter() - t0
     protocol = draw_protocol(rng, protocol_mix)
-    cut = user_input(protocol.get("input", "whole"), {**crop, "image": crop["image"], "deformed": deformed}, rng)
+    cut = user_input(protocol.get("input", "whole"), {**crop, "deformed": deformed}, rng)
     crop = {k: cut[k] for k in ("image", "body", "lung")}
     t0 = time.perf_counter()
     t = user_displacement(crop["image"], cut["deformed"], protocol, threads)
