@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from scripts.registration.calibration import probability_scores, true_classes
+from scripts.registration.views import local_ncc
 from scripts.utils.atomic_write import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,26 +44,6 @@ WINDOW = 7  # voxels (1 mm grid) of the local NCC and difference windows
 
 def _array(path: str) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(path))  # a copy: a view would outlive its image
-
-
-def local_ncc(a: np.ndarray, b: np.ndarray, size: int = WINDOW) -> np.ndarray:
-    """Normalised cross-correlation of ``a`` and ``b`` in ``size^3`` windows (0 where either is flat).
-
-    Args:
-        a: ``(z, y, x)`` image, HU.
-        b: ``(z, y, x)`` image of the same shape, HU.
-        size: window edge, voxels.
-
-    Returns:
-        float32 array of the same shape.
-    """
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    mean_a, mean_b = ndimage.uniform_filter(a, size), ndimage.uniform_filter(b, size)
-    cov = ndimage.uniform_filter(a * b, size) - mean_a * mean_b
-    var_a = ndimage.uniform_filter(a * a, size) - mean_a**2
-    var_b = ndimage.uniform_filter(b * b, size) - mean_b**2
-    denominator = np.sqrt(np.clip(var_a, 0, None) * np.clip(var_b, 0, None))
-    return np.where(denominator > 1.0, cov / np.maximum(denominator, 1e-6), 0.0).astype(np.float32)
 
 
 def jacobian_at(field: np.ndarray, points: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -117,7 +98,7 @@ def pair_features(record: dict, per_pair: int, rng: np.random.Generator) -> tupl
         "log1p_r": np.log1p(magnitude[at]),
         "max_r_4mm": ndimage.maximum_filter(magnitude, size=tuple(2 * radius + 1))[at],
         "jacobian_r": jacobian_at(estimate, points, spacing_zyx),
-        "local_ncc": local_ncc(fixed, registered)[at],
+        "local_ncc": local_ncc(fixed, registered, (WINDOW,) * 3)[at],
         "local_abs_difference_hu": ndimage.uniform_filter(np.abs(fixed - registered), WINDOW)[at],
         "fixed_gradient_hu_per_mm": ndimage.gaussian_gradient_magnitude(fixed, 1.0)[at] / spacing_zyx.mean(),
         "lung_depth_mm": ndimage.distance_transform_edt(lung, sampling=spacing_zyx)[at],

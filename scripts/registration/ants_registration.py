@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,7 +52,6 @@ class AntsOptions:
     affine_iterations: tuple[int, ...] = (100, 50, 25)
     threads: int = 2
     random_seed: int = 20210101
-    extra: dict = field(default_factory=dict)
 
 
 def to_ants(image: sitk.Image):
@@ -109,7 +108,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: AntsOptions | None 
                 random_seed=options.random_seed,
                 outprefix=os.path.join(folder, "t"),
                 verbose=False,
-                **options.extra,
             )
             composed = ants.apply_transforms(
                 f, m, found["fwdtransforms"], compose=os.path.join(folder, "field")

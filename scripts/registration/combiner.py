@@ -101,8 +101,7 @@ class ViewCombiner:
 
     def to_json(self) -> str:
         """The file's text."""
-        record = {k: v for k, v in asdict(self).items()}
-        return json.dumps({"format": FORMAT, **record}, indent=1)
+        return json.dumps({"format": FORMAT, **asdict(self)}, indent=1)
 
     def check_settings(self, views: ViewOptions, reregistration: ReregistrationOptions, source: str) -> None:
         """Refuse a combiner fitted for other settings than ``views`` and ``reregistration``.

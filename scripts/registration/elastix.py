@@ -561,18 +561,27 @@ def register_pair(
         entry = {"image": str(image_path), "registration_s": register_s, "resample_s": time.perf_counter() - t0}
         if fixed_table is not None:
             mapped = transform_points(maps, fixed_table.points(), pair.moving)
-            table = landmark_errors(fixed_table, mapped, moving_table)
-            entry["points"] = str(write_landmarks(table, output_dir / f"{stem}_{name}_points.csv"))
-            if moving_table is not None:
-                tre = np.array(table.float_columns([TRE_COLUMN])[:, 0])
-                entry["tre_mean_mm"] = float(tre.mean())
-                entry["tre_median_mm"] = float(np.median(tre))
+            entry.update(_landmark_entry(fixed_table, mapped, moving_table, output_dir / f"{stem}_{name}_points.csv"))
         transform_path = output_dir / f"{stem}_{name}_transform.json"
         entry["transform"] = str(atomic_write_text(transform_path, json.dumps(maps)))
         log["settings"][name] = entry
     log["affine_s"] = affine_s
     atomic_write_text(output_dir / f"{stem}_registration.json", json.dumps(log, indent=1))
     return log
+
+
+def _landmark_entry(
+    fixed_table: LandmarkTable, mapped: np.ndarray, moving_table: LandmarkTable | None, path: Path
+) -> dict:
+    """Write the fixed landmarks with T(x_F) (and their TRE) to ``path``: the log entry's ``points`` and, with
+    moving landmarks, ``tre_mean_mm`` and ``tre_median_mm``."""
+    table = landmark_errors(fixed_table, mapped, moving_table)
+    entry: dict = {"points": str(write_landmarks(table, path))}
+    if moving_table is not None:
+        tre = np.array(table.float_columns([TRE_COLUMN])[:, 0])
+        entry["tre_mean_mm"] = float(tre.mean())
+        entry["tre_median_mm"] = float(np.median(tre))
+    return entry
 
 
 def _register_with_ants(
@@ -612,12 +621,7 @@ def _register_with_ants(
     entry = {"image": str(image_path), "registration_s": register_s, "resample_s": time.perf_counter() - t0}
     if fixed_table is not None:
         mapped = np.array([warp.TransformPoint(tuple(float(v) for v in p)) for p in fixed_table.points()])
-        table = landmark_errors(fixed_table, mapped, moving_table)
-        entry["points"] = str(write_landmarks(table, output_dir / f"{stem}_ants_syn_points.csv"))
-        if moving_table is not None:
-            tre = np.array(table.float_columns([TRE_COLUMN])[:, 0])
-            entry["tre_mean_mm"] = float(tre.mean())
-            entry["tre_median_mm"] = float(np.median(tre))
+        entry.update(_landmark_entry(fixed_table, mapped, moving_table, output_dir / f"{stem}_ants_syn_points.csv"))
     entry["transform"] = str(atomic_write_image(field, output_dir / f"{stem}_ants_syn_field.nii.gz", level=1))
     return entry
 

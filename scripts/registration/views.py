@@ -126,13 +126,13 @@ def working_grid(shape_zyx: Sequence[int], spacing_xyz: Sequence[float], spacing
     return reference
 
 
-def local_ncc(a: np.ndarray, b: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def local_ncc(a: np.ndarray, b: np.ndarray, size: int | Sequence[int] = 7) -> np.ndarray:
     """Normalised cross-correlation of ``a`` and ``b`` in windows of ``size`` voxels (0 where either is flat).
 
     Args:
         a: ``(z, y, x)`` image, HU.
         b: ``(z, y, x)`` image of the same shape, HU.
-        size: window edge per axis, voxels (z, y, x).
+        size: window edge, voxels: one value or one per axis (z, y, x).
 
     Returns:
         float32 array of the same shape.
