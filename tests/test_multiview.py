@@ -97,6 +97,24 @@ def test_views_on_a_working_grid_come_back_on_the_pair_grid():
     assert thick.shape[1:] == SHAPE and np.isfinite(thick).all()
 
 
+def test_context_view_is_the_pair_level_size_of_r_and_leaves_the_default_hash():
+    """The context view is the same at every voxel: the median and 90th percentile of |r| over the region; adding
+    the view to the vocabulary changes neither the default features nor the hash the shipped combiner was fitted for.
+    """
+    image, body, _, truth = known_pair()
+    options = ViewOptions(views=("residual", "context"), working_spacing_mm=None)
+    features, seconds = compute_views(image, 2.0 * truth, body, 1.0, options)
+    named = dict(zip(options.features, features))
+    size = np.linalg.norm(2.0 * truth, axis=0)[body]
+    for key, q in (("log1p_median_r_region", 50), ("log1p_p90_r_region", 90)):
+        assert np.ptp(named[key]) == 0
+        assert np.expm1(named[key][0, 0, 0]) == pytest.approx(np.percentile(size, q), rel=1e-5)
+    assert "context" in seconds
+    shipped = json.loads((REPO_ROOT / "models" / "multiview_combiner.json").read_text())
+    assert ViewOptions().sha256() == shipped["views_sha256"]
+    assert "log1p_median_r_region" not in ViewOptions().features
+
+
 def test_a_failing_view_ends_with_one_error_naming_the_pair_and_the_view(monkeypatch):
     image, body, _, truth = known_pair()
 
@@ -166,6 +184,46 @@ def test_combiner_file_round_trip_is_exact_json_and_monotone_in_r(tmp_path):
     assert (np.diff(at_least_3, axis=1) >= -1e-9).all()
     assert (np.diff(p_steps[:, 2].reshape(50, 20), axis=1) >= -1e-9).all()
     assert (np.diff(e_steps.reshape(50, 20), axis=1) >= -1e-6).all()
+
+
+def test_fit_writes_a_readable_combiner_and_scores_each_protocol_kind(tmp_path, monkeypatch):
+    """``combiner_fit.fit`` end to end on synthetic samples of three training scans and one validation scan: the
+    combiner it writes is read back for its settings, the LOSO scores come per protocol kind with every voxel counted
+    once, and where the error depends on the NCC after the re-registration the views beat |r| alone."""
+    options = ViewOptions()
+    features = list(options.features)
+    rng = np.random.default_rng(3)
+    kinds = ("none", "bspline", "ants_syn")
+
+    def split(scans: tuple[str, ...], per_pair: int = 1500) -> dict:
+        records = [
+            {"record": f"{scan}_{k}", "scan": scan, "protocol": {"kind": kinds[k], "seed": k}}
+            for scan in scans
+            for k in range(len(kinds))
+        ]
+        x = rng.normal(size=(len(records) * per_pair, len(features))).astype(np.float32)
+        r = rng.gamma(2.0, 1.5, size=len(x))
+        after = rng.uniform(0.2, 1.0, size=len(x))
+        x[:, features.index("log1p_r")], x[:, features.index("ncc_after")] = np.log1p(r), after
+        e = (r * (1.0 + 2.0 * (1.0 - after)) + rng.gamma(1.0, 0.5, size=len(x))).astype(np.float32)
+        pair = np.repeat(np.arange(len(records)), per_pair)
+        return {"x": x, "e": e, "scan": np.array([records[k]["scan"] for k in pair]), "pair": pair, "records": records}
+
+    data = {"training": split(("scan_a", "scan_b", "scan_c")), "validation": split(("scan_v",))}
+    monkeypatch.setattr(combiner_fit, "collect", lambda *args, **kwargs: data)
+    monkeypatch.setattr(combiner_fit, "ROUNDS", 30)
+    output, report = tmp_path / "combiner.json", tmp_path / "fit.json"
+    results = combiner_fit.fit("unused.json", output=str(output), report=str(report))
+    read = ViewCombiner.read(output, options, ReregistrationOptions())
+    assert read.features == features and (tmp_path / "reliability.png").is_file()
+    assert json.loads(report.read_text())["class_weights"] == results["class_weights"]
+    for scores in (results["multiview"]["per_protocol_loso"], results["reregistration"]["per_protocol_loso"]):
+        assert set(scores) == {f"{kind}/whole" for kind in kinds}
+        assert sum(v["voxels"] for v in scores.values()) == len(data["training"]["e"])
+        assert all(sum(v["class_counts"]) == v["voxels"] for v in scores.values())
+    loso = results["multiview"]["leave_one_scan_out"]
+    assert loso["decision_mean_f1"] > results["reregistration"]["leave_one_scan_out"]["decision_mean_f1"] + 0.05
+    assert 0 <= loso["ece"] < 0.05
 
 
 def test_combiner_of_other_settings_or_a_broken_file_is_refused_by_name(tmp_path):

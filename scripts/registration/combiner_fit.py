@@ -221,9 +221,9 @@ def leave_one_scan_out(
     return raw
 
 
-def cross_calibrated_scores(raw: dict, e: np.ndarray, scan: np.ndarray, seed: int = 0) -> dict:
-    """LOSO scores where each held-out scan's calibration tables and class weights come from the OTHER scans'
-    out-of-fold outputs (no voxel calibrates its own prediction)."""
+def cross_decisions(raw: dict, e: np.ndarray, scan: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold probabilities and mean-F1 decisions where each held-out scan's calibration tables and class
+    weights come from the OTHER scans' out-of-fold outputs (no voxel calibrates its own prediction)."""
     probabilities = np.zeros((len(e), 3))
     labels_all = true_classes(e)
     decided = np.zeros(len(e), dtype=int)
@@ -233,11 +233,17 @@ def cross_calibrated_scores(raw: dict, e: np.ndarray, scan: np.ndarray, seed: in
         weights = _weights(labels_all[~test], _probabilities({k: v[~test] for k, v in raw.items()}, tables), seed)
         probabilities[test] = _probabilities({k: v[test] for k, v in raw.items()}, tables)
         decided[test] = weighted_argmax(probabilities[test], weights, axis=1)
-    out = scores(e, probabilities, None, np.clip(raw["expected_mm"], 0, None) if "expected_mm" in raw else None)
+    return probabilities, decided
+
+
+def decision_scores(e: np.ndarray, probabilities: np.ndarray, decided: np.ndarray, expected=None) -> dict:
+    """``scores`` of the probabilities with the class scores and confusions of given decisions."""
     from scripts.registration.calibration import class_scores
 
-    out.update({f"decision_{k}": round(v, 4) for k, v in class_scores(labels_all, decided).items()})
-    confusion = np.bincount(labels_all * 3 + decided, minlength=9).reshape(3, 3)
+    labels = true_classes(e)
+    out = scores(e, probabilities, None, expected)
+    out.update({f"decision_{k}": round(v, 4) for k, v in class_scores(labels, decided).items()})
+    confusion = np.bincount(labels * 3 + decided, minlength=9).reshape(3, 3)
     out["confusion"] = confusion.tolist()
     out["correct_wrong_confusions_percent"] = round(float(100 * (confusion[0, 2] + confusion[2, 0]) / len(e)), 4)
     return out
@@ -245,7 +251,7 @@ def cross_calibrated_scores(raw: dict, e: np.ndarray, scan: np.ndarray, seed: in
 
 def residual_only_scores(train: dict, validation: dict, seed: int = 0) -> dict:
     """The shipped single-view estimator on the same voxels: isotonic |r| tables and class weights fitted on the
-    other scans (LOSO) or on every training voxel (validation)."""
+    other scans (LOSO) or on every training voxel (validation); with the decisions per protocol kind."""
     r_train, r_val = np.expm1(train["x"][:, 0]), np.expm1(validation["x"][:, 0])
     labels = true_classes(train["e"])
     probabilities, expected, decided = np.zeros((len(r_train), 3)), np.zeros(len(r_train)), np.zeros(len(r_train), int)
@@ -255,15 +261,13 @@ def residual_only_scores(train: dict, validation: dict, seed: int = 0) -> dict:
         p, expected[test] = tables.predict(r_train[test])
         probabilities[test] = p.T
         decided[test] = tables.decide(p, axis=0)
-    from scripts.registration.calibration import class_scores
-
-    loso = scores(train["e"], probabilities, None, expected)
-    loso.update({f"decision_{k}": round(v, 4) for k, v in class_scores(labels, decided).items()})
     tables = fit_isotonic(r_train, train["e"], labels=labels)
     p, expected_val = tables.predict(r_val)
     return {
-        "leave_one_scan_out": loso,
+        "leave_one_scan_out": decision_scores(train["e"], probabilities, decided, expected),
         "validation": scores(validation["e"], p.T, tables.class_weights, expected_val),
+        "per_protocol_loso": per_protocol(train, decided),
+        "per_protocol_validation": per_protocol(validation, weighted_argmax(p.T, tables.class_weights, axis=1)),
     }
 
 
@@ -295,6 +299,7 @@ def fit(
     train, validation = data["training"], data["validation"]
     features = list(options.features)
     raw = leave_one_scan_out(train["x"], train["e"], train["scan"], features, seed)
+    probabilities_oof, decided_oof = cross_decisions(raw, train["e"], train["scan"], seed)
     tables = calibrate(raw, train["e"])
     labels = true_classes(train["e"])
     weights = _weights(labels, _probabilities(raw, tables), seed)
@@ -319,18 +324,21 @@ def fit(
             "validation": np.bincount(true_classes(validation["e"]), minlength=3).tolist(),
         },
         "multiview": {
-            "leave_one_scan_out": cross_calibrated_scores(raw, train["e"], train["scan"], seed),
+            "leave_one_scan_out": decision_scores(
+                train["e"], probabilities_oof, decided_oof, np.clip(raw["expected_mm"], 0, None)
+            ),
             "validation": scores(validation["e"], p_val, weights, expected_val),
+            "per_protocol_loso": per_protocol(train, decided_oof),
+            "per_protocol_validation": per_protocol(validation, weighted_argmax(p_val, weights, axis=1)),
         },
         "reregistration": residual_only_scores(train, validation, seed),
-        "per_protocol_validation": per_protocol(validation, p_val, weights),
         "importance_gain": {
             name: dict(
                 zip(features, np.round(b.feature_importance("gain") / b.feature_importance("gain").sum(), 4).tolist())
             )
             for name, b in boosters.items()
         },
-        "reliability_loso": reliability(cross_probabilities(raw, train["e"], train["scan"]), labels),
+        "reliability_loso": reliability(probabilities_oof, labels),
         "class_weights": weights,
     }
     combiner.scores = {k: results[k] for k in ("pairs", "voxels", "class_counts", "multiview")}
@@ -341,16 +349,6 @@ def fit(
         reliability_figure(results["reliability_loso"], Path(report).with_name("reliability.png"))
     print(json.dumps({k: v for k, v in results.items() if k not in ("importance_gain", "reliability_loso")}, indent=1))
     return results
-
-
-def cross_probabilities(raw: dict, e: np.ndarray, scan: np.ndarray) -> np.ndarray:
-    """Out-of-fold probabilities calibrated with tables of the other scans (as ``cross_calibrated_scores``)."""
-    probabilities = np.zeros((len(e), 3))
-    for held in np.unique(scan):
-        test = scan == held
-        tables = calibrate({k: v[~test] for k, v in raw.items()}, e[~test])
-        probabilities[test] = _probabilities({k: v[test] for k, v in raw.items()}, tables)
-    return probabilities
 
 
 def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
@@ -395,8 +393,12 @@ def reliability_figure(table: dict, path: Path) -> Path:
     return path
 
 
-def per_protocol(split: dict, probabilities: np.ndarray, weights) -> dict:
-    """Scores of ``probabilities`` per user-side protocol kind and input variant of the pairs."""
+def per_protocol(split: dict, decided: np.ndarray) -> dict:
+    """Class counts and scores of the decisions ``decided`` per user-side protocol kind and input variant of the
+    pairs: large errors (none, translation, rigid) and good B-splines are the two regimes a pooled score mixes."""
+    from scripts.registration.calibration import class_scores
+
+    labels = true_classes(split["e"])
     groups: dict[str, list[int]] = {}
     for k, record in enumerate(split["records"]):
         protocol = record["protocol"]
@@ -404,8 +406,14 @@ def per_protocol(split: dict, probabilities: np.ndarray, weights) -> dict:
     out = {}
     for group, pairs in sorted(groups.items()):
         sel = np.isin(split["pair"], pairs)
-        s = scores(split["e"][sel], probabilities[sel], weights)
-        out[group] = {"pairs": len(pairs), "voxels": int(sel.sum()), "decision_mean_f1": s["decision_mean_f1"]}
+        decided_scores = class_scores(labels[sel], decided[sel])
+        out[group] = {
+            "pairs": len(pairs),
+            "voxels": int(sel.sum()),
+            "class_counts": np.bincount(labels[sel], minlength=3).tolist(),
+            "decision_mean_f1": round(decided_scores["mean_f1"], 4),
+            "decision_kappa": round(decided_scores["kappa"], 4),
+        }
     return out
 
 
@@ -438,7 +446,9 @@ def ablation(
         keep = [i for i, name in enumerate(features) if name not in VIEW_FEATURES.get(removed, ())]
         names = [features[i] for i in keep]
         raw = leave_one_scan_out(train["x"][:, keep], train["e"], train["scan"], names, seed, regressor=False)
-        results[removed] = cross_calibrated_scores(raw, train["e"], train["scan"], seed)
+        probabilities, decided = cross_decisions(raw, train["e"], train["scan"], seed)
+        results[removed] = decision_scores(train["e"], probabilities, decided)
+        results[removed]["per_protocol"] = per_protocol(train, decided)
         logger.info("without %s: %s", removed, results[removed]["decision_mean_f1"])
     if output:
         atomic_write_text(Path(output), json.dumps(results, indent=1))

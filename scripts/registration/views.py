@@ -11,7 +11,10 @@ Each view adds what |r| does not carry, per voxel of the pair's grid:
   the image constrains a registration locally);
 - ``lung``: signed distance to the lung boundary (mm, positive inside; sliding motion lives there);
 - ``ants``: an independent engine, ANTs SyN with local cross-correlation (``scripts.registration.ants_registration``):
-  log(1 + |r_ants|) and the disagreement |r - r_ants|. Off by default: it costs minutes on 2 cores.
+  log(1 + |r_ants|) and the disagreement |r - r_ants|. Off by default: it costs minutes on 2 cores;
+- ``context``: the median and 90th percentile of |r| over the whole region, the same at every voxel: whether the
+  pair is in the regime where a second registration recovers the error (large errors) or where it is blind (after a
+  good B-spline), so the trees can weigh |r| against the other views by regime. Off by default.
 
 Views run on an isotropic working grid (``ViewOptions.working_spacing_mm``) and are interpolated back onto the pair's
 grid; |r| itself keeps the pair's resolution. ``ViewOptions.sha256`` names the settings a combiner was fitted for.
@@ -44,6 +47,7 @@ VIEW_FEATURES = {
     "texture": ("gradient_hu_per_mm", "structure_min_eigenvalue"),
     "lung": ("lung_depth_mm",),
     "ants": ("log1p_r_ants", "r_disagreement_mm"),
+    "context": ("log1p_median_r_region", "log1p_p90_r_region"),
 }
 VIEWS = tuple(VIEW_FEATURES)
 MONOTONE_FEATURES = ("log1p_r", "log1p_max_r_4mm")  # the combiner's outputs may only grow with these
@@ -212,6 +216,12 @@ def compute_views(
     magnitude = np.linalg.norm(residual, axis=0)
     out["log1p_r"] = np.log1p(magnitude)
     seconds["residual"] = time.perf_counter() - start
+    if "context" in options.views:  # pair-level, on the pair's own grid: two numbers broadcast to every voxel
+        t0 = time.perf_counter()
+        inside = magnitude[region > 0] if np.any(region) else magnitude.ravel()
+        for key, q in (("log1p_median_r_region", 50), ("log1p_p90_r_region", 90)):
+            out[key] = np.full(shape, np.log1p(np.percentile(inside, q)), dtype=np.float32)
+        seconds["context"] = time.perf_counter() - t0
 
     native = _image(np.zeros(shape, np.uint8), spacing_xyz)
     coarse = working_grid(shape, spacing_xyz, options.working_spacing_mm)
