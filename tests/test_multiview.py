@@ -226,6 +226,49 @@ def test_fit_writes_a_readable_combiner_and_scores_each_protocol_kind(tmp_path, 
     assert 0 <= loso["ece"] < 0.05
 
 
+def test_pair_samples_compute_every_view_once_and_serve_any_subset_from_the_cache(tmp_path, monkeypatch):
+    """A registered pair's samples: the true |e| at lung voxels, the features of the views asked for; the first call
+    caches every view, a later call for another subset reads its columns from that cache and computes nothing."""
+    image, body, lungs, truth = known_pair()
+
+    def write(array: np.ndarray, name: str) -> str:
+        vector = array.ndim == 4
+        picture = sitk.GetImageFromArray(np.moveaxis(array, 0, -1) if vector else array, isVector=vector)
+        sitk.WriteImage(picture, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    record = {
+        "record": str(tmp_path / "pair_000.json"),
+        "seed": 7,
+        "fixed": write(image[0].astype(np.int16), "pair_000_fixed.nii.gz"),
+        "registered": write(image[1].astype(np.int16), "pair_000_registered.nii.gz"),
+        "lung_mask": write(lungs.astype(np.uint8), "pair_000_lung_mask.nii.gz"),
+        "residual_true": write(truth, "pair_000_residual_true.nii.gz"),
+        "residual_estimate": {
+            "path": write(truth, "pair_000_residual_estimate.nii.gz"),
+            "options_sha256": options_sha256(ReregistrationOptions()),
+        },
+    }
+    first = ViewOptions(views=("residual", "similarity"))
+    x, e = combiner_fit.pair_samples(record, first, per_pair=500, seed=0)
+    assert x.shape == (500, len(first.features)) and e.shape == (500,)
+    np.testing.assert_allclose(np.expm1(x[:, 0]), e, atol=0.01)  # r is the truth here
+    assert len(list(tmp_path.glob("pair_000_views_*_500_0.npz"))) == 1
+
+    def no_views(*args, **kwargs):
+        raise AssertionError("views computed again")
+
+    monkeypatch.setattr(combiner_fit, "compute_views", no_views)
+    second = ViewOptions(views=("residual", "lung", "context"))
+    y, e_again = combiner_fit.pair_samples(record, second, per_pair=500, seed=0)
+    assert y.shape == (500, len(second.features))
+    np.testing.assert_array_equal(y[:, 0], x[:, 0])
+    np.testing.assert_array_equal(e_again, e)
+    record["residual_estimate"]["options_sha256"] = "other"
+    with pytest.raises(ValueError, match="pair_000.json: its re-registration estimate is not of the default"):
+        combiner_fit.pair_samples(record, second, per_pair=500, seed=0)
+
+
 def test_combiner_of_other_settings_or_a_broken_file_is_refused_by_name(tmp_path):
     combiner, _ = synthetic_combiner(ViewOptions())
     path = tmp_path / "combiner.json"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import fire
@@ -30,7 +30,7 @@ from scripts.registration.calibration import fit_isotonic, probability_scores, t
 from scripts.registration.calibration_tables import options_sha256
 from scripts.registration.combiner import MODELS, ViewCombiner
 from scripts.registration.reregistration import ReregistrationOptions
-from scripts.registration.views import MONOTONE_FEATURES, VIEW_FEATURES, ViewOptions, compute_views
+from scripts.registration.views import MONOTONE_FEATURES, VIEW_FEATURES, VIEWS, ViewOptions, compute_views
 from scripts.utils.atomic_write import atomic_write_text
 from scripts.utils.class_decision import fit_class_weights, weighted_argmax
 from scripts.utils.constants import CLASS_THRESHOLDS_MM
@@ -79,8 +79,9 @@ def pair_samples(
     record: dict, options: ViewOptions, per_pair: int, seed: int, cache: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features ``[n, len(options.features)]`` and true |e| (mm) at ``per_pair`` random lung voxels of one pair,
-    computed as inference computes them (the pair on the fixed image's own grid, the default re-registration's r);
-    cached in ``<stem>_views_<digest>.npz``.
+    computed as inference computes them (the pair on the fixed image's own grid, the default re-registration's r).
+    Every view but ANTs is computed and cached (``<stem>_views_<digest>_<per_pair>_<seed>.npz``), whichever are
+    asked for: views are independent, so any subset of them (a fit, an ablation) reads its columns from one cache.
 
     Args:
         record: registered-pair record (``fixed``, ``registered``, ``lung_mask``, ``residual_true``,
@@ -99,14 +100,16 @@ def pair_samples(
     estimate = record["residual_estimate"]
     if estimate["options_sha256"] != options_sha256(ReregistrationOptions()):
         raise ValueError(f"{record['record']}: its re-registration estimate is not of the default settings")
-    digest = options.sha256()[:12]
+    computed = replace(options, views=tuple(v for v in VIEWS if v != "ants" or "ants" in options.views))
+    columns = [computed.features.index(name) for name in options.features]
+    digest = computed.sha256()[:12]
     path = Path(record["registered"].replace("_registered.nii.gz", f"_views_{digest}_{per_pair}_{seed}.npz"))
     if cache and path.is_file():
         with np.load(path) as stored:
-            return stored["features"], stored["error"]
+            return stored["features"][:, columns], stored["error"]
     pair = load_pair(record["fixed"], record["registered"], None, None, False)
     residual = np.moveaxis(sitk.GetArrayFromImage(sitk.ReadImage(estimate["path"])), -1, 0)
-    features, _ = compute_views(pair.image, residual, pair.region, pair.grid.spacing, options, name=record["record"])
+    features, _ = compute_views(pair.image, residual, pair.region, pair.grid.spacing, computed, name=record["record"])
     lung = sitk.GetArrayFromImage(sitk.ReadImage(record["lung_mask"])) > 0
     rng = np.random.default_rng([seed, int(record["seed"])])
     idx = np.flatnonzero(lung)
@@ -114,9 +117,12 @@ def pair_samples(
     truth = sitk.GetArrayFromImage(sitk.ReadImage(record["residual_true"])).reshape(-1, 3)
     x = features.reshape(len(features), -1)[:, idx].T.astype(np.float32)
     e = np.linalg.norm(truth[idx], axis=1).astype(np.float32)
-    if cache:
-        np.savez(path, features=x, error=e)
-    return x, e
+    if cache:  # written whole, then renamed: an interrupted run leaves no broken cache
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, features=x, error=e)
+        partial.replace(path)
+    return x[:, columns], e
 
 
 def collect(datalist: str, options: ViewOptions, per_pair: int = 10000, seed: int = 0) -> dict[str, dict]:

@@ -7,7 +7,10 @@ with a protocol drawn as users run them. The "elastix" mix: none, translation, r
 with 20-2000 iterations, Mattes MI or NCC, final grid 10-30 mm. The "engines" mix adds what the estimators' own
 registrations do not share: B-spline grids of 5 mm, ANTs affine and ANTs SyN with few or many iterations
 (``scripts.registration.ants_registration``), and inputs as users have them: the whole lung crop, one lung of it, or
-both images with 5 mm slices (the pair then lives on the thick grid). With the found transform ``T(x) = x + t(x)``
+both images with 5 mm slices (the pair then lives on the thick grid). The "large_errors" mix draws only what
+leaves errors of several mm (none, translation, rigid, affine) on the same inputs: the regime where |r| recovers
+most of the error, which the two other mixes visit too rarely for the wrong class to reach 10 % of the lung voxels.
+With the found transform ``T(x) = x + t(x)``
 the registered image is ``D(x) = I(T(x)) = S(T(x) + u(T(x)))``, so the exact residual misalignment at x is
 
     e(x) = t(x) + u(x + t(x))      (mm, vector)
@@ -21,6 +24,8 @@ for given estimator settings, recomputed when the settings change::
     python -m scripts.registration.registered_pairs make --output_dir <work_dir>/registered --pairs_per_scan 2
     python -m scripts.registration.registered_pairs make --output_dir <work_dir>/registered --pairs_per_scan 8 \
         --protocol_mix engines      # pairs 2..7 drawn from the "engines" mix
+    python -m scripts.registration.registered_pairs make --output_dir <work_dir>/registered --pairs_per_scan 9 \
+        --protocol_mix large_errors  # pair 8 drawn from the "large_errors" mix
     python -m scripts.registration.registered_pairs estimate --output_dir <work_dir>/registered
 """
 
@@ -66,7 +71,10 @@ ANTS_SYN_ITERATIONS = {"few": (20, 10, 0), "many": (100, 70, 0)}  # 1 mm levels 
 INPUTS = ("whole", "one_lung", "thick_5mm")
 INPUT_WEIGHTS = (0.5, 0.25, 0.25)
 THICK_SLICE_MM = 5.0
-PROTOCOL_MIXES = ("elastix", "engines")
+# the "large_errors" mix: registrations that leave several mm, on the same user inputs
+LARGE_ERROR_PROTOCOLS = ("none", "translation", "rigid", "affine")
+LARGE_ERROR_PROTOCOL_WEIGHTS = (0.25, 0.3, 0.3, 0.15)
+PROTOCOL_MIXES = ("elastix", "engines", "large_errors")
 DEFORMATIONS = ("single_frequency", "mixed_frequency", "respiratory_motion", "evaluation")
 EVALUATION_ATTEMPTS = 5
 CROP_MARGIN_MM = 15  # the scan is cropped to its lungs plus this margin: the misalignment that matters is there
@@ -78,16 +86,20 @@ def draw_protocol(rng: np.random.RandomState, mix: str = "elastix") -> dict:
 
     Args:
         rng: random state of the draw.
-        mix: "elastix" (the former draws, unchanged) or "engines" (see the module).
+        mix: "elastix" (the former draws, unchanged), "engines" or "large_errors" (see the module).
 
     Returns:
         Dict with ``kind`` and ``seed``; B-spline: ``iterations``, ``metric``, ``grid_spacing_mm``; ANTs SyN:
-        ``syn_iterations``; "engines": ``input``.
+        ``syn_iterations``; "engines" and "large_errors": ``input``.
     """
     if mix not in PROTOCOL_MIXES:
         raise ValueError(f"unknown protocol mix {mix!r}; choose one of {PROTOCOL_MIXES}")
     engines = mix == "engines"
-    kinds, weights = (ENGINE_PROTOCOLS, ENGINE_PROTOCOL_WEIGHTS) if engines else (PROTOCOLS, PROTOCOL_WEIGHTS)
+    kinds, weights = {
+        "elastix": (PROTOCOLS, PROTOCOL_WEIGHTS),
+        "engines": (ENGINE_PROTOCOLS, ENGINE_PROTOCOL_WEIGHTS),
+        "large_errors": (LARGE_ERROR_PROTOCOLS, LARGE_ERROR_PROTOCOL_WEIGHTS),
+    }[mix]
     kind = str(rng.choice(kinds, p=weights))
     protocol = {"kind": kind, "seed": int(rng.randint(1, 2**31 - 1))}
     if kind == "bspline":
@@ -98,7 +110,7 @@ def draw_protocol(rng: np.random.RandomState, mix: str = "elastix") -> dict:
         )
     if kind == "ants_syn":
         protocol["syn_iterations"] = list(ANTS_SYN_ITERATIONS[str(rng.choice(list(ANTS_SYN_ITERATIONS)))])
-    if engines:
+    if mix != "elastix":
         protocol["input"] = str(rng.choice(INPUTS, p=INPUT_WEIGHTS))
     return protocol
 
@@ -322,7 +334,7 @@ def make_registered_pair(
         seed: seed of the deformation and protocol draws.
         kind: deformation kind, one of ``DEFORMATIONS``.
         threads: number of elastix threads.
-        protocol_mix: "elastix" or "engines" (``draw_protocol``).
+        protocol_mix: "elastix", "engines" or "large_errors" (``draw_protocol``).
 
     Returns:
         The pair's record: file paths, deformation, protocol, seed, size, lung residual median and 95th percentile
@@ -480,8 +492,8 @@ def run(
         scans: optional scan name or names to use (default: every scan in ``data_dir``).
         validation_scans: scan name(s) listed under "validation"; the others go to "training".
         threads: number of elastix threads.
-        protocol_mix: "elastix" or "engines" (``draw_protocol``) for the pairs this run writes; pairs already
-            written keep theirs.
+        protocol_mix: "elastix", "engines" or "large_errors" (``draw_protocol``) for the pairs this run writes;
+            pairs already written keep theirs.
 
     Returns:
         Path of the datalist.

@@ -1,0 +1,44 @@
+"""The user-side registration protocols drawn for registered pairs (scripts.registration.registered_pairs)."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from scripts.registration.registered_pairs import (
+    ENGINE_PROTOCOLS,
+    INPUTS,
+    LARGE_ERROR_PROTOCOLS,
+    PROTOCOLS,
+    draw_protocol,
+)
+
+
+def _draws(mix: str, n: int = 400) -> list[dict]:
+    rng = np.random.RandomState(11)
+    return [draw_protocol(rng, mix) for _ in range(n)]
+
+
+def test_each_mix_draws_its_own_kinds_and_inputs():
+    for mix, kinds in (("elastix", PROTOCOLS), ("engines", ENGINE_PROTOCOLS), ("large_errors", LARGE_ERROR_PROTOCOLS)):
+        draws = _draws(mix)
+        assert set(Counter(d["kind"] for d in draws)) == set(kinds), mix
+        if mix == "elastix":
+            assert all("input" not in d for d in draws)  # its pairs are the whole lung crop, as before the others
+        else:
+            assert set(d["input"] for d in draws) == set(INPUTS), mix
+    assert not any(d["kind"].startswith(("bspline", "ants")) for d in _draws("large_errors"))
+
+
+def test_the_former_mixes_draw_as_before():
+    """Adding a mix changes no draw of the other two: pairs made earlier stay reproducible from their seeds."""
+    first = draw_protocol(np.random.RandomState(5), "elastix")
+    assert first == draw_protocol(np.random.RandomState(5), "elastix")
+    rng = np.random.RandomState(5)
+    kind = str(rng.choice(PROTOCOLS, p=(0.08, 0.1, 0.1, 0.17, 0.55)))
+    assert first["kind"] == kind and first["seed"] == int(rng.randint(1, 2**31 - 1))
+
+
+def test_an_unknown_mix_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown protocol mix 'ants_only'"):
+        draw_protocol(np.random.RandomState(0), "ants_only")
