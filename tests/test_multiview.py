@@ -269,6 +269,41 @@ def test_pair_samples_compute_every_view_once_and_serve_any_subset_from_the_cach
         combiner_fit.pair_samples(record, second, per_pair=500, seed=0)
 
 
+def test_a_correction_of_r_keeps_large_errors_that_r_measures_and_survives_the_file(tmp_path):
+    """Where |r| is the error (large errors a second registration recovers) the ``log_ratio_to_r`` regressor gives it
+    back at every size, 20 mm included; the file records the target and a file naming an unknown one is refused."""
+    options = ViewOptions(views=("residual", "similarity"))
+    features = list(options.features)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8000, len(features))).astype(np.float32)
+    r = rng.uniform(0.0, 25.0, size=len(x))
+    x[:, features.index("log1p_r")] = np.log1p(r)
+    boosters = combiner_fit.train_models(x, r, features, expected_target="log_ratio_to_r")
+    held = x[:500]
+    combiner = ViewCombiner(
+        features=features,
+        models={name: b.model_to_string() for name, b in boosters.items()},
+        calibration={},
+        view_options=json.loads(json.dumps(options.__dict__, default=lambda o: o.__dict__)),
+        views_sha256=options.sha256(),
+        reregistration_sha256=options_sha256(ReregistrationOptions()),
+        expected_target="log_ratio_to_r",
+    )
+    _, expected = combiner.predict(held)
+    truth = np.expm1(held[:, 0])
+    assert np.max(np.abs(expected - truth)[truth > 10]) < 0.3 and np.mean(np.abs(expected - truth)) < 0.1
+    path = tmp_path / "combiner.json"
+    path.write_text(combiner.to_json())
+    read = ViewCombiner.read(path, options, ReregistrationOptions())
+    assert read.expected_target == "log_ratio_to_r"
+    np.testing.assert_array_equal(read.predict(held)[1], expected)
+    record = json.loads(path.read_text())
+    record["expected_target"] = "median_mm"
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="combiner.json: not a combiner file.*unknown expected_target 'median_mm'"):
+        ViewCombiner.read(path)
+
+
 def test_combiner_of_other_settings_or_a_broken_file_is_refused_by_name(tmp_path):
     combiner, _ = synthetic_combiner(ViewOptions())
     path = tmp_path / "combiner.json"

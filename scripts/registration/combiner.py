@@ -22,6 +22,30 @@ from scripts.utils.constants import CLASS_NAMES
 
 FORMAT = "misalignment-view-combiner/1"
 MODELS = ("at_least_3", "at_least_6", "expected_mm")
+# what the regressor predicts: the error itself (mm, capped), or log(1 + e) - log(1 + |r|), a correction of |r| that is
+# near 0 where |r| already measures the error (large errors), so the trees need not rebuild |r| from their bins
+EXPECTED_TARGETS = ("error_mm", "log_ratio_to_r")
+
+
+def expected_error(raw: np.ndarray, log1p_r: np.ndarray, target: str = "error_mm") -> np.ndarray:
+    """The expected misalignment (mm, >= 0) from the regressor's raw output for ``target`` (``EXPECTED_TARGETS``).
+
+    Args:
+        raw: ``[N]`` regressor outputs.
+        log1p_r: ``[N]`` the ``log1p_r`` feature of the same voxels.
+        target: what the regressor was fitted to predict.
+
+    Returns:
+        float32 ``[N]``.
+
+    Raises:
+        ValueError: for an unknown target.
+    """
+    if target == "error_mm":
+        return np.clip(raw, 0.0, None).astype(np.float32)
+    if target == "log_ratio_to_r":
+        return np.clip(np.expm1(np.asarray(log1p_r, dtype=np.float64) + raw), 0.0, None).astype(np.float32)
+    raise ValueError(f"unknown expected-error target {target!r}; choose one of {EXPECTED_TARGETS}")
 
 
 class CombinerMismatch(ValueError):
@@ -48,6 +72,7 @@ class ViewCombiner:
         reregistration_sha256: ``options_sha256`` of the re-registration settings of its residuals.
         class_weights: ``[1, w_poor, w_wrong]`` of the mean-F1 decision, or None for the plain argmax.
         scores: the fit's scores (kept with the file for the record).
+        expected_target: what the ``expected_mm`` regressor predicts (``EXPECTED_TARGETS``).
     """
 
     features: list[str]
@@ -58,9 +83,12 @@ class ViewCombiner:
     reregistration_sha256: str
     class_weights: list[float] | None = None
     scores: dict = field(default_factory=dict)
+    expected_target: str = "error_mm"
 
     def __post_init__(self) -> None:
         self._boosters: dict = {}
+        if self.expected_target not in EXPECTED_TARGETS:
+            raise ValueError(f"unknown expected_target {self.expected_target!r}; choose one of {EXPECTED_TARGETS}")
 
     def booster(self, name: str):
         """The LightGBM booster of model ``name``, parsed on first use."""
@@ -86,7 +114,8 @@ class ViewCombiner:
         p3 = self.calibrated("at_least_3", raw["at_least_3"])
         p6 = np.minimum(self.calibrated("at_least_6", raw["at_least_6"]), p3)
         probabilities = np.stack([1.0 - p3, p3 - p6, p6], axis=1).astype(np.float32)
-        return probabilities, np.clip(raw["expected_mm"], 0.0, None).astype(np.float32)
+        log1p_r = np.asarray(features)[:, self.features.index("log1p_r")]
+        return probabilities, expected_error(raw["expected_mm"], log1p_r, self.expected_target)
 
     def calibrated(self, name: str, raw: np.ndarray) -> np.ndarray:
         """The isotonic table of ``name`` applied to raw probabilities (identity without a table)."""

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from scripts.data.image_io import load_pair
 from scripts.registration.calibration import fit_isotonic, probability_scores, true_classes
 from scripts.registration.calibration_tables import options_sha256
-from scripts.registration.combiner import MODELS, ViewCombiner
+from scripts.registration.combiner import EXPECTED_TARGETS, MODELS, ViewCombiner, expected_error
 from scripts.registration.reregistration import ReregistrationOptions
 from scripts.registration.views import MONOTONE_FEATURES, VIEW_FEATURES, VIEWS, ViewOptions, compute_views
 from scripts.utils.atomic_write import atomic_write_text
@@ -41,14 +41,21 @@ ERROR_CAP_MM = 30.0  # the regressor's target is capped: a few folded voxels wou
 TABLE_POINTS = 200
 
 
-def lightgbm_parameters(objective: str, features: list[str], seed: int = 0, threads: int | None = None) -> dict:
-    """LightGBM settings of one model: monotone increasing in the residual features, otherwise unconstrained.
+def lightgbm_parameters(
+    objective: str,
+    features: list[str],
+    seed: int = 0,
+    threads: int | None = None,
+    monotone: tuple[str, ...] = MONOTONE_FEATURES,
+) -> dict:
+    """LightGBM settings of one model: monotone increasing in the ``monotone`` features, otherwise unconstrained.
 
     Args:
         objective: "binary" or "regression".
         features: feature names (their order sets the constraint vector).
         seed: random seed.
         threads: LightGBM threads.
+        monotone: the features the output may only grow with.
 
     Returns:
         The parameter dict.
@@ -62,7 +69,7 @@ def lightgbm_parameters(objective: str, features: list[str], seed: int = 0, thre
         "bagging_fraction": 0.5,
         "bagging_freq": 1,
         "lambda_l2": 1.0,
-        "monotone_constraints": [1 if name in MONOTONE_FEATURES else 0 for name in features],
+        "monotone_constraints": [1 if name in monotone else 0 for name in features],
         "num_threads": threads or THREADS,
         "seed": seed,
         "deterministic": True,
@@ -149,17 +156,39 @@ def collect(datalist: str, options: ViewOptions, per_pair: int = 10000, seed: in
     return out
 
 
-def train_models(x: np.ndarray, e: np.ndarray, features: list[str], seed: int = 0, regressor: bool = True) -> dict:
-    """The three LightGBM models (two binary classifiers at 3 and 6 mm, the capped-error regressor) as boosters."""
+def regression_target(x: np.ndarray, e: np.ndarray, features: list[str], expected_target: str) -> np.ndarray:
+    """What the ``expected_mm`` regressor learns for ``expected_target`` (``EXPECTED_TARGETS``): e capped at
+    ``ERROR_CAP_MM``, or log(1 + e) - log(1 + |r|) (``expected_error`` inverts both)."""
+    if expected_target == "error_mm":
+        return np.minimum(e, ERROR_CAP_MM)
+    if expected_target == "log_ratio_to_r":
+        return np.log1p(np.asarray(e, dtype=np.float64)) - x[:, features.index("log1p_r")]
+    raise ValueError(f"unknown expected-error target {expected_target!r}; choose one of {EXPECTED_TARGETS}")
+
+
+def train_models(
+    x: np.ndarray,
+    e: np.ndarray,
+    features: list[str],
+    seed: int = 0,
+    regressor: bool = True,
+    expected_target: str = "error_mm",
+) -> dict:
+    """The three LightGBM models (two binary classifiers at 3 and 6 mm, the expected-error regressor for
+    ``expected_target``) as boosters. A correction of |r| is not constrained in |r| (it may shrink as |r| grows)."""
     import lightgbm
 
     lo, hi = CLASS_THRESHOLDS_MM
     targets = {"at_least_3": (e >= lo).astype(float), "at_least_6": (e >= hi).astype(float)}
     if regressor:
-        targets["expected_mm"] = np.minimum(e, ERROR_CAP_MM)
+        targets["expected_mm"] = regression_target(x, e, features, expected_target)
     boosters = {}
     for name, y in targets.items():
-        params = lightgbm_parameters("regression" if name == "expected_mm" else "binary", features, seed)
+        monotone = MONOTONE_FEATURES
+        if name == "expected_mm" and expected_target != "error_mm":
+            monotone = tuple(f for f in MONOTONE_FEATURES if f != "log1p_r")
+        objective = "regression" if name == "expected_mm" else "binary"
+        params = lightgbm_parameters(objective, features, seed, monotone=monotone)
         data = lightgbm.Dataset(x, y, feature_name=list(features), free_raw_data=True)
         boosters[name] = lightgbm.train(params, data, num_boost_round=ROUNDS)
     return boosters
@@ -214,13 +243,19 @@ def scores(e: np.ndarray, probabilities: np.ndarray, weights, expected: np.ndarr
 
 
 def leave_one_scan_out(
-    x: np.ndarray, e: np.ndarray, scan: np.ndarray, features: list[str], seed: int = 0, regressor: bool = True
+    x: np.ndarray,
+    e: np.ndarray,
+    scan: np.ndarray,
+    features: list[str],
+    seed: int = 0,
+    regressor: bool = True,
+    expected_target: str = "error_mm",
 ) -> dict[str, np.ndarray]:
     """Out-of-fold raw outputs: each training scan predicted by models fitted on the others."""
     raw = {name: np.zeros(len(e)) for name in (MODELS if regressor else MODELS[:2])}
     for held in np.unique(scan):
         test = scan == held
-        boosters = train_models(x[~test], e[~test], features, seed, regressor)
+        boosters = train_models(x[~test], e[~test], features, seed, regressor, expected_target)
         for name, booster in boosters.items():
             raw[name][test] = booster.predict(x[test], num_threads=THREADS)
         logger.info("leave-one-scan-out: %s done", held)
@@ -272,8 +307,10 @@ def residual_only_scores(train: dict, validation: dict, seed: int = 0) -> dict:
     return {
         "leave_one_scan_out": decision_scores(train["e"], probabilities, decided, expected),
         "validation": scores(validation["e"], p.T, tables.class_weights, expected_val),
-        "per_protocol_loso": per_protocol(train, decided),
-        "per_protocol_validation": per_protocol(validation, weighted_argmax(p.T, tables.class_weights, axis=1)),
+        "per_protocol_loso": per_protocol(train, decided, expected),
+        "per_protocol_validation": per_protocol(
+            validation, weighted_argmax(p.T, tables.class_weights, axis=1), expected_val
+        ),
     }
 
 
@@ -284,6 +321,7 @@ def fit(
     per_pair: int = 10000,
     seed: int = 0,
     views: str | tuple[str, ...] = ViewOptions.views,
+    expected_target: str = "error_mm",
 ) -> dict:
     """Fit the combiner (see the module) and write it with its scores.
 
@@ -294,6 +332,7 @@ def fit(
         per_pair: lung voxels sampled per pair.
         seed: seed of the sampling and the trees.
         views: the views used (comma-separated or a tuple).
+        expected_target: what the expected-error regressor predicts (``EXPECTED_TARGETS``).
 
     Returns:
         The scores.
@@ -304,12 +343,13 @@ def fit(
     data = collect(datalist, options, per_pair, seed)
     train, validation = data["training"], data["validation"]
     features = list(options.features)
-    raw = leave_one_scan_out(train["x"], train["e"], train["scan"], features, seed)
+    raw = leave_one_scan_out(train["x"], train["e"], train["scan"], features, seed, expected_target=expected_target)
     probabilities_oof, decided_oof = cross_decisions(raw, train["e"], train["scan"], seed)
+    expected_oof = expected_error(raw["expected_mm"], train["x"][:, features.index("log1p_r")], expected_target)
     tables = calibrate(raw, train["e"])
     labels = true_classes(train["e"])
     weights = _weights(labels, _probabilities(raw, tables), seed)
-    boosters = train_models(train["x"], train["e"], features, seed)
+    boosters = train_models(train["x"], train["e"], features, seed, expected_target=expected_target)
     combiner = ViewCombiner(
         features=features,
         models={name: booster.model_to_string() for name, booster in boosters.items()},
@@ -318,11 +358,13 @@ def fit(
         views_sha256=options.sha256(),
         reregistration_sha256=options_sha256(ReregistrationOptions()),
         class_weights=weights,
+        expected_target=expected_target,
     )
     p_val, expected_val = combiner.predict(validation["x"])
     results = {
         "views": list(options.views),
         "features": features,
+        "expected_target": expected_target,
         "pairs": {"training": len(train["records"]), "validation": len(validation["records"])},
         "voxels": {"training": int(len(train["e"])), "validation": int(len(validation["e"]))},
         "class_counts": {
@@ -330,12 +372,10 @@ def fit(
             "validation": np.bincount(true_classes(validation["e"]), minlength=3).tolist(),
         },
         "multiview": {
-            "leave_one_scan_out": decision_scores(
-                train["e"], probabilities_oof, decided_oof, np.clip(raw["expected_mm"], 0, None)
-            ),
+            "leave_one_scan_out": decision_scores(train["e"], probabilities_oof, decided_oof, expected_oof),
             "validation": scores(validation["e"], p_val, weights, expected_val),
-            "per_protocol_loso": per_protocol(train, decided_oof),
-            "per_protocol_validation": per_protocol(validation, weighted_argmax(p_val, weights, axis=1)),
+            "per_protocol_loso": per_protocol(train, decided_oof, expected_oof),
+            "per_protocol_validation": per_protocol(validation, weighted_argmax(p_val, weights, axis=1), expected_val),
         },
         "reregistration": residual_only_scores(train, validation, seed),
         "importance_gain": {
@@ -399,9 +439,10 @@ def reliability_figure(table: dict, path: Path) -> Path:
     return path
 
 
-def per_protocol(split: dict, decided: np.ndarray) -> dict:
-    """Class counts and scores of the decisions ``decided`` per user-side protocol kind and input variant of the
-    pairs: large errors (none, translation, rigid) and good B-splines are the two regimes a pooled score mixes."""
+def per_protocol(split: dict, decided: np.ndarray, expected: np.ndarray | None = None) -> dict:
+    """Class counts and scores of the decisions ``decided`` (and the MAE of the ``expected`` error) per user-side
+    protocol kind and input variant of the pairs: large errors (none, translation, rigid) and good B-splines are the
+    two regimes a pooled score mixes."""
     from scripts.registration.calibration import class_scores
 
     labels = true_classes(split["e"])
@@ -420,6 +461,8 @@ def per_protocol(split: dict, decided: np.ndarray) -> dict:
             "decision_mean_f1": round(decided_scores["mean_f1"], 4),
             "decision_kappa": round(decided_scores["kappa"], 4),
         }
+        if expected is not None:
+            out[group]["error_mae_mm"] = round(float(np.mean(np.abs(expected[sel] - split["e"][sel]))), 4)
     return out
 
 
