@@ -5,7 +5,9 @@ estimates) the views (``scripts.registration.views``) are computed as inference 
 beside each pair. ``fit`` trains LightGBM with a monotone constraint on |r| leave-one-training-scan-out, calibrates the
 out-of-fold probabilities (isotonic), fits the mean-F1 class weights on them, refits on every training pair and writes
 the combiner file; its scores (LOSO, against the calibrated |r| alone on the same voxels) and the validation scan's
-scores (reported, never used to choose) go with it. ``ablation`` repeats the LOSO fit with each view removed::
+scores (reported, never used to choose) go with it, pooled and per protocol kind of the pairs. ``--views`` picks the
+views, ``--expected_target log_ratio_to_r`` fits the regressor as a correction of |r| (``combiner.EXPECTED_TARGETS``).
+``ablation`` repeats the LOSO fit with each view removed::
 
     python -m scripts.registration.combiner_fit fit --datalist <work_dir>/registered/datalist.json \\
         --output models/multiview_combiner.json --report docs/multiview/fit.json
