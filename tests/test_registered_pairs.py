@@ -1,10 +1,12 @@
-"""The user-side registration protocols drawn for registered pairs (scripts.registration.registered_pairs)."""
+"""Registered pairs (scripts.registration.registered_pairs): the user-side protocols drawn, the estimate bookkeeping."""
 
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
 
+import scripts.registration.registered_pairs as registered_pairs
 from scripts.registration.registered_pairs import (
     ENGINE_PROTOCOLS,
     INPUTS,
@@ -42,3 +44,24 @@ def test_the_former_mixes_draw_as_before():
 def test_an_unknown_mix_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown protocol mix 'ants_only'"):
         draw_protocol(np.random.RandomState(0), "ants_only")
+
+
+def test_estimate_reads_each_pair_from_its_own_record_not_a_stale_datalist(tmp_path, monkeypatch):
+    """A datalist written before a pair was estimated lacks the estimate its record JSON holds: ``estimate`` starts
+    from the JSON, so the pair is not registered again, and the datalist comes out up to date."""
+    record_path = tmp_path / "pair_000.json"
+    stale = {"record": str(record_path), "registered": str(tmp_path / "pair_000_registered.nii.gz"), "index": 0}
+    estimated = {**stale, "residual_estimate": {"path": "r.nii.gz", "options_sha256": "abc", "seconds": 40.0}}
+    record_path.write_text(json.dumps(estimated))
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [stale], "validation": []}))
+    seen = []
+
+    def fake_estimate_pair(record, options, suffix):
+        seen.append(record)
+        return record
+
+    monkeypatch.setattr(registered_pairs, "estimate_pair", fake_estimate_pair)
+    registered_pairs.estimate(str(tmp_path), splits="training")
+    assert seen[0]["residual_estimate"]["seconds"] == 40.0
+    datalist = json.loads((tmp_path / "datalist.json").read_text())
+    assert datalist["training"][0]["residual_estimate"] == estimated["residual_estimate"]

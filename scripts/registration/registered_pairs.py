@@ -462,9 +462,11 @@ def estimate(
         for i, record in enumerate(tqdm(datalist[split], desc=f"estimates ({split})", unit="pair")):
             if first_only and record["index"] != 0:
                 continue
+            record_path = record.get("record") or record["registered"].replace("_registered.nii.gz", ".json")
+            if Path(record_path).is_file():  # the pair's own JSON holds its newest estimates, a datalist may be older
+                record = {**record, **json.loads(Path(record_path).read_text())}
             record = estimate_pair(record, options, suffix)
             datalist[split][i] = record
-            record_path = record.get("record") or record["registered"].replace("_registered.nii.gz", ".json")
             atomic_write_text(Path(record_path), json.dumps({**record, "record": record_path}, indent=1))
             atomic_write_text(datalist_path, json.dumps(datalist, indent=1))
     return str(datalist_path)
