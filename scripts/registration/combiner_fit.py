@@ -226,22 +226,8 @@ def _weights(labels: np.ndarray, probabilities: np.ndarray, seed: int = 0, size:
 
 
 def scores(e: np.ndarray, probabilities: np.ndarray, weights, expected: np.ndarray | None = None) -> dict:
-    """Mean F1, kappa, accuracy of the mean-F1 decision, log loss and ECE of the probabilities, error MAE/Spearman."""
-    from scipy.stats import spearmanr
-
-    from scripts.registration.calibration import class_scores
-
-    labels = true_classes(e)
-    out = probability_scores(labels, probabilities)
-    decided = class_scores(labels, weighted_argmax(probabilities, weights, axis=1))
-    out.update({f"decision_{k}": v for k, v in decided.items()})
-    confusion = np.bincount(labels * 3 + weighted_argmax(probabilities, weights, axis=1), minlength=9).reshape(3, 3)
-    out["confusion"] = confusion.tolist()
-    out["correct_wrong_confusions_percent"] = float(100 * (confusion[0, 2] + confusion[2, 0]) / max(labels.size, 1))
-    if expected is not None:
-        out["error_mae_mm"] = float(np.mean(np.abs(expected - e)))
-        out["error_spearman"] = float(spearmanr(expected, e)[0])
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+    """``decision_scores`` of the mean-F1 decision argmax(weights * p) (the plain argmax without weights)."""
+    return decision_scores(e, probabilities, weighted_argmax(probabilities, weights, axis=1), expected)
 
 
 def leave_one_scan_out(
@@ -280,16 +266,22 @@ def cross_decisions(raw: dict, e: np.ndarray, scan: np.ndarray, seed: int = 0) -
 
 
 def decision_scores(e: np.ndarray, probabilities: np.ndarray, decided: np.ndarray, expected=None) -> dict:
-    """``scores`` of the probabilities with the class scores and confusions of given decisions."""
+    """Mean F1, kappa, accuracy and confusions of the decisions ``decided``, log loss and ECE of the probabilities,
+    and the MAE and Spearman correlation of the ``expected`` error (mm) when given."""
+    from scipy.stats import spearmanr
+
     from scripts.registration.calibration import class_scores
 
     labels = true_classes(e)
-    out = scores(e, probabilities, None, expected)
-    out.update({f"decision_{k}": round(v, 4) for k, v in class_scores(labels, decided).items()})
+    out = probability_scores(labels, probabilities)
+    out.update({f"decision_{k}": v for k, v in class_scores(labels, decided).items()})
     confusion = np.bincount(labels * 3 + decided, minlength=9).reshape(3, 3)
     out["confusion"] = confusion.tolist()
-    out["correct_wrong_confusions_percent"] = round(float(100 * (confusion[0, 2] + confusion[2, 0]) / len(e)), 4)
-    return out
+    out["correct_wrong_confusions_percent"] = float(100 * (confusion[0, 2] + confusion[2, 0]) / max(labels.size, 1))
+    if expected is not None:
+        out["error_mae_mm"] = float(np.mean(np.abs(expected - e)))
+        out["error_spearman"] = float(spearmanr(expected, e)[0])
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 def residual_only_scores(train: dict, validation: dict, seed: int = 0) -> dict:
