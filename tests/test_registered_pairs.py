@@ -65,3 +65,19 @@ def test_estimate_reads_each_pair_from_its_own_record_not_a_stale_datalist(tmp_p
     assert seen[0]["residual_estimate"]["seconds"] == 40.0
     datalist = json.loads((tmp_path / "datalist.json").read_text())
     assert datalist["training"][0]["residual_estimate"] == estimated["residual_estimate"]
+
+
+def test_a_run_for_some_scans_keeps_the_pairs_of_the_others_in_the_datalist(tmp_path, monkeypatch):
+    """``make --scans`` adds pairs for the named scans; the datalist still lists every pair in the folder, so the
+    validation pairs of an earlier run are not dropped (they were, and had to be merged back by hand)."""
+    earlier = tmp_path / "pairs" / "scan_v" / "pair_000.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(json.dumps({"scan": "scan_v", "index": 0, "record": str(earlier)}))
+    monkeypatch.setattr(registered_pairs, "find_scans", lambda data_dir, scans: [tmp_path / "scan_t.nii.gz"])
+    monkeypatch.setattr(registered_pairs, "prepare_scan", lambda path, folder: {})
+    made = {"protocol": {"kind": "none"}, "lung_class_fractions": [], "seconds": 0.0}
+    monkeypatch.setattr(registered_pairs, "make_registered_pair", lambda *args: dict(made))
+    path = registered_pairs.run(str(tmp_path), str(tmp_path), pairs_per_scan=2, validation_scans="scan_v")
+    datalist = json.loads(open(path).read())
+    assert [(r["scan"], r["index"]) for r in datalist["training"]] == [("scan_t", 0), ("scan_t", 1)]
+    assert [r["record"] for r in datalist["validation"]] == [str(earlier)]

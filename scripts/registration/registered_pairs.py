@@ -482,7 +482,8 @@ def run(
     threads: int = 2,
     protocol_mix: str = "elastix",
 ) -> str:
-    """Write ``pairs_per_scan`` registered pairs of every scan and ``output_dir/datalist.json``; returns its path.
+    """Write ``pairs_per_scan`` registered pairs of every scan and ``output_dir/datalist.json`` (every pair in
+    ``output_dir``, ``list_pairs``); returns its path.
     Deformation kinds cycle through ``DEFORMATIONS``, shifted by one per scan so that few pairs per scan still
     cover every kind.
 
@@ -504,8 +505,6 @@ def run(
         FileNotFoundError: when ``data_dir`` is not a folder, holds no scan, or lacks a named scan.
     """
     out = Path(output_dir)
-    validation = {validation_scans} if isinstance(validation_scans, str) else set(validation_scans or ())
-    datalist: dict[str, list] = {"training": [], "validation": []}
     paths = find_scans(data_dir, scans)
     bar = tqdm(total=len(paths) * pairs_per_scan, desc="registered pairs", unit="pair")
     for scan_index, path in enumerate(paths):
@@ -525,13 +524,29 @@ def run(
                     f"{stem.name} {name}: {kind}, {record['protocol']}, lung classes "
                     f"{record['lung_class_fractions']}, {record['seconds']} s"
                 )
-            record = json.loads(record_path.read_text())
-            datalist["validation" if name in validation else "training"].append(record)
             bar.update(1)
     bar.close()
+    datalist = list_pairs(out, validation_scans)
     datalist_path = out / "datalist.json"
     atomic_write_text(datalist_path, json.dumps(datalist, indent=1))
     return str(datalist_path)
+
+
+def list_pairs(output_dir: str | Path, validation_scans) -> dict[str, list]:
+    """Every pair record under ``output_dir/pairs`` (scans in name order, pairs by index), split into "training" and
+    "validation": a run for some scans, or with another mix, lists the pairs earlier runs wrote beside its own.
+
+    Args:
+        output_dir: folder of ``run``'s ``pairs/<scan>/pair_NNN.json``.
+        validation_scans: scan name(s) listed under "validation"; the others go to "training".
+    """
+    validation = {validation_scans} if isinstance(validation_scans, str) else set(validation_scans or ())
+    datalist: dict[str, list] = {"training": [], "validation": []}
+    for scan_dir in sorted(p for p in (Path(output_dir) / "pairs").glob("*") if p.is_dir()):
+        for record_path in sorted(scan_dir.glob("pair_[0-9][0-9][0-9].json")):
+            record = json.loads(record_path.read_text())
+            datalist["validation" if scan_dir.name in validation else "training"].append(record)
+    return datalist
 
 
 if __name__ == "__main__":
