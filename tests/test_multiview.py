@@ -115,6 +115,35 @@ def test_context_view_is_the_pair_level_size_of_r_and_leaves_the_default_hash():
     assert "log1p_median_r_region" not in ViewOptions().features
 
 
+def test_matching_view_finds_a_known_local_shift_and_nothing_after_a_perfect_r():
+    """Block matching on a known deformation: D(x) = F(x + u) with u = 2 mm along x inside a box: where r misses u
+    the matched shift is u within 0.5 mm at textured voxels; where r = the truth there is nothing left to match. Its
+    settings stay out of the default views' hash."""
+    hu, body, _ = chest_phantom_arrays(SHAPE, seed=5, gas=False)
+    u = np.zeros((3,) + SHAPE)
+    u[2, 8:40, 4:28, 4:52] = 2.0  # voxels along x (1 mm), in the front half
+    u = ndimage.gaussian_filter(u, (0, 1.0, 1.0, 1.0))
+    moving = warp(hu, u)
+    truth = (-u[::-1]).astype(np.float32)  # r = -u, components x, y, z
+    options = ViewOptions(views=("residual", "matching"), working_spacing_mm=None)
+    inside = textured(hu, body) & (np.abs(u[2] - 2.0) < 1e-3)
+    outside = textured(hu, body) & (np.abs(u[2]) < 1e-3)
+    assert inside.sum() > 500 and outside.sum() > 100
+    features, seconds = compute_views(np.stack([hu, moving]), np.zeros_like(truth), body, 1.0, options)
+    named = dict(zip(options.features, features))
+    assert np.median(np.abs(named["matching_shift_mm"][inside] - 2.0)) < 0.5
+    assert np.median(named["matching_shift_mm"][outside]) < 0.5
+    assert np.median(named["matching_ncc_gain"][inside]) > 0.05 and "matching" in seconds
+    features, _ = compute_views(np.stack([hu, moving]), truth, body, 1.0, options)
+    named = dict(zip(options.features, features))
+    assert np.mean(named["matching_shift_mm"][inside] < 0.5) > 0.9
+    assert ViewOptions().sha256() == ViewOptions(matching_reach_mm=6.0).sha256()
+    assert (
+        options.sha256()
+        != ViewOptions(views=("residual", "matching"), working_spacing_mm=None, matching_reach_mm=6.0).sha256()
+    )
+
+
 def test_a_failing_view_ends_with_one_error_naming_the_pair_and_the_view(monkeypatch):
     image, body, _, truth = known_pair()
 

@@ -81,6 +81,7 @@ def lightgbm_parameters(
 
 
 ROUNDS = 150
+ON_REQUEST = ("ants", "matching")  # cached only when asked for, so adding them leaves the other caches valid
 THREADS = 1  # one thread: OpenMP threads on 2 busy cores spent most of their time waiting for each other
 
 
@@ -89,8 +90,9 @@ def pair_samples(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features ``[n, len(options.features)]`` and true |e| (mm) at ``per_pair`` random lung voxels of one pair,
     computed as inference computes them (the pair on the fixed image's own grid, the default re-registration's r).
-    Every view but ANTs is computed and cached (``<stem>_views_<digest>_<per_pair>_<seed>.npz``), whichever are
-    asked for: views are independent, so any subset of them (a fit, an ablation) reads its columns from one cache.
+    Every view but those ``ON_REQUEST`` and not asked for is computed and cached
+    (``<stem>_views_<digest>_<per_pair>_<seed>.npz``), whichever are asked for: views are independent, so any subset
+    of them (a fit, an ablation) reads its columns from one cache.
 
     Args:
         record: registered-pair record (``fixed``, ``registered``, ``lung_mask``, ``residual_true``,
@@ -109,7 +111,7 @@ def pair_samples(
     estimate = record["residual_estimate"]
     if estimate["options_sha256"] != options_sha256(ReregistrationOptions()):
         raise ValueError(f"{record['record']}: its re-registration estimate is not of the default settings")
-    computed = replace(options, views=tuple(v for v in VIEWS if v != "ants" or "ants" in options.views))
+    computed = replace(options, views=tuple(v for v in VIEWS if v not in ON_REQUEST or v in options.views))
     columns = [computed.features.index(name) for name in options.features]
     digest = computed.sha256()[:12]
     path = Path(record["registered"].replace("_registered.nii.gz", f"_views_{digest}_{per_pair}_{seed}.npz"))

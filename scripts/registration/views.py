@@ -12,6 +12,10 @@ Each view adds what |r| does not carry, per voxel of the pair's grid:
 - ``lung``: signed distance to the lung boundary (mm, positive inside; sliding motion lives there);
 - ``ants``: an independent engine, ANTs SyN with local cross-correlation (``scripts.registration.ants_registration``):
   log(1 + |r_ants|) and the disagreement |r - r_ants|. Off by default: it costs minutes on 2 cores;
+- ``matching``: local block matching after the re-registration: the shift (up to 4 mm, whole voxels of the working
+  grid) that maximises the local NCC of F and D warped by r, and how much it raises the NCC over no shift. Unlike r
+  it is bound by no transform model or regularisation, so it can see a local misfit a smooth registration keeps.
+  Off by default;
 - ``context``: the median and 90th percentile of |r| over the whole region, the same at every voxel: whether the
   pair is in the regime where a second registration recovers the error (large errors) or where it is blind (after a
   good B-spline), so the trees can weigh |r| against the other views by regime. Off by default.
@@ -48,6 +52,7 @@ VIEW_FEATURES = {
     "lung": ("lung_depth_mm",),
     "ants": ("log1p_r_ants", "r_disagreement_mm"),
     "context": ("log1p_median_r_region", "log1p_p90_r_region"),
+    "matching": ("matching_shift_mm", "matching_ncc_gain"),
 }
 VIEWS = tuple(VIEW_FEATURES)
 MONOTONE_FEATURES = ("log1p_r", "log1p_max_r_4mm")  # the combiner's outputs may only grow with these
@@ -69,6 +74,8 @@ class ViewOptions:
         neighbourhood_mm: radius of the max |r| neighbourhood, mm.
         texture_sigma_mm: Gaussian scale of the gradient and of the structure tensor's integration, mm.
         ants: settings of the ANTs SyN view.
+        matching_window_mm: edge of the block matching's NCC windows, mm.
+        matching_reach_mm: the largest shift the block matching tries, mm.
     """
 
     views: tuple[str, ...] = ("residual", "neighbourhood", "similarity", "texture", "lung")
@@ -79,6 +86,8 @@ class ViewOptions:
     ants: AntsOptions = field(
         default_factory=lambda: AntsOptions(transform="syn", syn_metric="CC", syn_iterations=(40, 20, 10))
     )
+    matching_window_mm: float = 6.0
+    matching_reach_mm: float = 4.0
 
     def __post_init__(self) -> None:
         self.views = tuple(self.views)
@@ -98,6 +107,8 @@ class ViewOptions:
         settings = asdict(self)
         settings["views"] = sorted(self.views)
         settings["ants"] = {k: v for k, v in settings["ants"].items() if k != "threads"} if "ants" in self.views else {}
+        if "matching" not in self.views:  # settings of a view that is off change no feature (nor older hashes)
+            del settings["matching_window_mm"], settings["matching_reach_mm"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -148,6 +159,56 @@ def local_ncc(a: np.ndarray, b: np.ndarray, size: int | Sequence[int] = 7) -> np
     var_b = ndimage.uniform_filter(b * b, size) - mean_b**2
     denominator = np.sqrt(np.clip(var_a, 0, None) * np.clip(var_b, 0, None))
     return np.where(denominator > 1.0, cov / np.maximum(denominator, 1e-6), 0.0).astype(np.float32)
+
+
+def local_best_shift(
+    fixed: np.ndarray, moving: np.ndarray, size: int | Sequence[int], spacing_zyx: Sequence[float], reach_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block matching: at every voxel the whole-voxel shift s (|s| <= ``reach_mm``) that maximises the local NCC of
+    ``fixed(x)`` and ``moving(x + s)``, and the NCC gained over s = 0. One box filter per shift: the windows' means
+    and variances are shifted, not recomputed. A shift must beat no shift by 0.001 to count (flat regions stay at 0).
+
+    Args:
+        fixed: ``(z, y, x)`` image, HU.
+        moving: ``(z, y, x)`` image of the same shape, HU.
+        size: NCC window edge, voxels: one value or one per axis (z, y, x).
+        spacing_zyx: voxel spacing (z, y, x), mm.
+        reach_mm: the largest shift tried, mm.
+
+    Returns:
+        Tuple ``(shift, gain)``: float32 ``[z, y, x, 3]`` shift (components x, y, z; mm, as r) and the ``(z, y, x)``
+        NCC gain.
+    """
+    a, b = fixed.astype(np.float32), moving.astype(np.float32)
+    mean_a, mean_b = ndimage.uniform_filter(a, size), ndimage.uniform_filter(b, size)
+    var_a = np.clip(ndimage.uniform_filter(a * a, size) - mean_a**2, 0, None)
+    var_b = np.clip(ndimage.uniform_filter(b * b, size) - mean_b**2, 0, None)
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    reach = np.floor(reach_mm / spacing + 1e-9).astype(int)
+    offsets = [
+        o for o in np.ndindex(*(2 * reach + 1)) if np.sum(((np.array(o) - reach) * spacing) ** 2) <= reach_mm**2 + 1e-6
+    ]
+    offsets = sorted((tuple(int(v) for v in np.array(o) - reach) for o in offsets), key=lambda o: np.abs(o).sum())
+    pad = [(int(r), int(r)) for r in reach]
+    padded = [np.pad(x, pad, mode="edge") for x in (b, mean_b, var_b)]
+
+    def shifted(x: np.ndarray, o: tuple[int, ...]) -> np.ndarray:
+        return x[tuple(slice(r + d, r + d + n) for r, d, n in zip(reach, o, a.shape))]
+
+    best = zero = None
+    shift = np.zeros(a.shape + (3,), dtype=np.float32)
+    for o in offsets:  # (0, 0, 0) first
+        b_s, mean_s, var_s = (shifted(x, o) for x in padded)
+        denominator = np.sqrt(var_a * var_s)
+        cov = ndimage.uniform_filter(a * b_s, size) - mean_a * mean_s
+        ncc = np.where(denominator > 1.0, cov / np.maximum(denominator, 1e-6), 0.0).astype(np.float32)
+        if best is None:
+            best, zero = ncc, ncc
+            continue
+        better = ncc > best + 1e-3
+        best = np.where(better, ncc, best)
+        shift[better] = (np.array(o) * spacing)[::-1]  # z, y, x offsets -> x, y, z components
+    return shift, (best - zero).astype(np.float32)
 
 
 def jacobian_determinant(field_zyx3: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
@@ -302,6 +363,12 @@ def compute_views(
         outside = ndimage.distance_transform_edt(~lungs, sampling=spacing_c)
         return {"lung_depth_mm": np.where(lungs, inside, -outside).astype(np.float32)}
 
+    def matching() -> dict:
+        size = tuple(int(v) for v in np.maximum(3, np.round(options.matching_window_mm / spacing_c) // 2 * 2 + 1))
+        after = warp_by(moving_c, field_c, spacing_c)
+        shift, gain = local_best_shift(fixed_c, after, size, spacing_c, options.matching_reach_mm)
+        return {"matching_shift_mm": np.linalg.norm(shift, axis=-1), "matching_ncc_gain": gain}
+
     def ants_view() -> dict:
         fixed_i, moving_i = _image(fixed_c, spacing_c[::-1]), _image(moving_c, spacing_c[::-1])
         t = sitk.GetArrayFromImage(ants_register(fixed_i, moving_i, options.ants, name=name)).astype(np.float32)
@@ -314,6 +381,7 @@ def compute_views(
     run("similarity", similarity)
     run("texture", texture)
     run("lung", lung)
+    run("matching", matching)
     run("ants", ants_view)
     features = np.stack([out[key] for key in options.features]).astype(np.float32)
     seconds = {k: round(v, 2) for k, v in seconds.items()}
