@@ -16,6 +16,7 @@ the lungs). Run from the repository root with nothing else running::
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -47,7 +48,7 @@ CROP_SIZE = (115, 157, 129)  # x, y, z voxels: one lung, cut through it on every
 def measure(command: list[str], cwd: Path = REPO_ROOT) -> dict:
     """Run ``command`` in a subprocess (from the repository root): wall seconds and peak RSS (GB) of that process,
     its ``VmHWM`` polled every 50 ms (``os.wait4``'s ``ru_maxrss`` would count this process's own memory, which the
-    child inherits at fork), and the seconds its log gives for the re-registration and the views."""
+    child inherits at fork), and the seconds its log gives for the re-registration, the views and each view."""
     peak_kb = 0
     with tempfile.TemporaryFile(mode="w+") as errors:
         start = time.perf_counter()
@@ -66,6 +67,9 @@ def measure(command: list[str], cwd: Path = REPO_ROOT) -> dict:
         found = re.findall(pattern, log)
         if found:
             out[key] = float(found[-1])
+    per_view = re.findall(r"views in [0-9.]+ s \((\{[^}]*\})\)", log)  # compute_views logs each view's seconds
+    if per_view:
+        out.update({f"view_{name}_s": float(v) for name, v in ast.literal_eval(per_view[-1]).items()})
     return out
 
 

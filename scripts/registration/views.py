@@ -14,8 +14,7 @@ Each view adds what |r| does not carry, per voxel of the pair's grid:
   log(1 + |r_ants|) and the disagreement |r - r_ants|. Off by default: it costs minutes on 2 cores;
 - ``matching``: local block matching after the re-registration: the shift (up to 4 mm, whole voxels of the working
   grid) that maximises the local NCC of F and D warped by r, and how much it raises the NCC over no shift. Unlike r
-  it is bound by no transform model or regularisation, so it can see a local misfit a smooth registration keeps.
-  Off by default;
+  it is bound by no transform model or regularisation, so it can see a local misfit a smooth registration keeps;
 - ``context``: the median and 90th percentile of |r| over the whole region, the same at every voxel: whether the
   pair is in the regime where a second registration recovers the error (large errors) or where it is blind (after a
   good B-spline), so the trees can weigh |r| against the other views by regime. Off by default.
@@ -78,7 +77,7 @@ class ViewOptions:
         matching_reach_mm: the largest shift the block matching tries, mm.
     """
 
-    views: tuple[str, ...] = ("residual", "neighbourhood", "similarity", "texture", "lung")
+    views: tuple[str, ...] = ("residual", "neighbourhood", "similarity", "texture", "lung", "matching")
     working_spacing_mm: float | None = 2.0
     window_mm: float = 7.0
     neighbourhood_mm: float = 4.0
