@@ -337,9 +337,16 @@ def compute_views(
             "jacobian_r": np.clip(jacobian_determinant(field_c, spacing_c), -2.0, 4.0),
         }
 
+    warped: dict[str, np.ndarray] = {}
+
+    def moving_after_r() -> np.ndarray:  # D warped by r, computed once for the similarity and matching views
+        if "after" not in warped:
+            warped["after"] = warp_by(moving_c, field_c, spacing_c)
+        return warped["after"]
+
     def similarity() -> dict:
         size = tuple(int(v) for v in np.maximum(3, np.round(options.window_mm / spacing_c) // 2 * 2 + 1))
-        after = warp_by(moving_c, field_c, spacing_c)
+        after = moving_after_r()
         ncc_before, ncc_after = local_ncc(fixed_c, moving_c, size), local_ncc(fixed_c, after, size)
         return {
             "ncc_before": ncc_before,
@@ -364,8 +371,7 @@ def compute_views(
 
     def matching() -> dict:
         size = tuple(int(v) for v in np.maximum(3, np.round(options.matching_window_mm / spacing_c) // 2 * 2 + 1))
-        after = warp_by(moving_c, field_c, spacing_c)
-        shift, gain = local_best_shift(fixed_c, after, size, spacing_c, options.matching_reach_mm)
+        shift, gain = local_best_shift(fixed_c, moving_after_r(), size, spacing_c, options.matching_reach_mm)
         return {"matching_shift_mm": np.linalg.norm(shift, axis=-1), "matching_ncc_gain": gain}
 
     def ants_view() -> dict:
