@@ -242,7 +242,11 @@ def test_fit_writes_a_readable_combiner_and_scores_each_protocol_kind(tmp_path, 
     monkeypatch.setattr(combiner_fit, "collect", lambda *args, **kwargs: data)
     monkeypatch.setattr(combiner_fit, "ROUNDS", 30)
     output, report = tmp_path / "combiner.json", tmp_path / "fit.json"
-    results = combiner_fit.fit("unused.json", output=str(output), report=str(report))
+    fewer = tmp_path / "fewer.json"  # the pairs of a smaller fit: scores on its voxels alone
+    fewer.write_text(
+        json.dumps({"training": [r for r in data["training"]["records"] if r["protocol"]["kind"] != "none"]})
+    )
+    results = combiner_fit.fit("unused.json", output=str(output), report=str(report), score_on=str(fewer))
     read = ViewCombiner.read(output, options, ReregistrationOptions())
     assert read.features == features and (tmp_path / "reliability.png").is_file()
     assert json.loads(report.read_text())["class_weights"] == results["class_weights"]
@@ -253,6 +257,12 @@ def test_fit_writes_a_readable_combiner_and_scores_each_protocol_kind(tmp_path, 
     loso = results["multiview"]["leave_one_scan_out"]
     assert loso["decision_mean_f1"] > results["reregistration"]["leave_one_scan_out"]["decision_mean_f1"] + 0.05
     assert 0 <= loso["ece"] < 0.05
+    subset = results["multiview"]["leave_one_scan_out_on"]
+    assert subset["pairs"] == 6 and sum(map(sum, subset["confusion"])) == 6 * 1500
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"training": [{"record": "scan_z_0"}]}))
+    with pytest.raises(ValueError, match="missing.json: 1 of its training pairs are not among the fitted pairs"):
+        combiner_fit.subset_scores(data["training"], str(missing), np.zeros((1, 3)), np.zeros(1), np.zeros(1))
 
 
 def test_pair_samples_compute_every_view_once_and_serve_any_subset_from_the_cache(tmp_path, monkeypatch):

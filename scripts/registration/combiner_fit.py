@@ -318,6 +318,7 @@ def fit(
     seed: int = 0,
     views: str | tuple[str, ...] = ViewOptions.views,
     expected_target: str = "error_mm",
+    score_on: str = "",
 ) -> dict:
     """Fit the combiner (see the module) and write it with its scores.
 
@@ -329,6 +330,8 @@ def fit(
         seed: seed of the sampling and the trees.
         views: the views used (comma-separated or a tuple).
         expected_target: what the expected-error regressor predicts (``EXPECTED_TARGETS``).
+        score_on: optional datalist(s), comma-separated: the LOSO scores are also reported on its training pairs
+            alone (``leave_one_scan_out_on``), so that fits on more pairs compare on the voxels of a fit on fewer.
 
     Returns:
         The scores.
@@ -383,6 +386,10 @@ def fit(
         "reliability_loso": reliability(probabilities_oof, labels),
         "class_weights": weights,
     }
+    if score_on:
+        results["multiview"]["leave_one_scan_out_on"] = subset_scores(
+            train, score_on, probabilities_oof, decided_oof, expected_oof
+        )
     combiner.scores = {k: results[k] for k in ("pairs", "voxels", "class_counts", "multiview")}
     results["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_text(Path(output), combiner.to_json())
@@ -391,6 +398,29 @@ def fit(
         reliability_figure(results["reliability_loso"], Path(report).with_name("reliability.png"))
     print(json.dumps({k: v for k, v in results.items() if k not in ("importance_gain", "reliability_loso")}, indent=1))
     return results
+
+
+def subset_scores(
+    split: dict, datalist: str, probabilities: np.ndarray, decided: np.ndarray, expected: np.ndarray
+) -> dict:
+    """``decision_scores`` on the voxels of ``split``'s pairs that ``datalist`` (comma-separated) lists as training
+    pairs (matched by record path).
+
+    Raises:
+        ValueError: when ``datalist`` lists a training pair that ``split`` lacks.
+    """
+    listed = {
+        r["record"] for name in datalist.split(",") if name for r in json.loads(Path(name).read_text())["training"]
+    }
+    pairs = [k for k, record in enumerate(split["records"]) if record["record"] in listed]
+    if len(pairs) != len(listed):
+        raise ValueError(f"{datalist}: {len(listed) - len(pairs)} of its training pairs are not among the fitted pairs")
+    sel = np.isin(split["pair"], pairs)
+    return {
+        "datalist": datalist,
+        "pairs": len(pairs),
+        **decision_scores(split["e"][sel], probabilities[sel], decided[sel], expected[sel]),
+    }
 
 
 def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
