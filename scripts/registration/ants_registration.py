@@ -41,7 +41,7 @@ class AntsOptions:
         flow_sigma: smoothing of the update field, voxels.
         total_sigma: smoothing of the total field, voxels.
         affine_iterations: iterations per level of the affine stage.
-        threads: ITK threads.
+        threads: ITK threads; ANTs takes the count once per process, at its first registration.
         random_seed: seed of ANTs' random numbers (the affine metric's sampling); a registration is bit-reproducible
             only on one thread, where the metric's sums come in a fixed order.
     """
