@@ -12,9 +12,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 import SimpleITK as sitk
@@ -57,21 +56,6 @@ class AntsOptions:
     random_seed: int = 20210101
 
 
-@contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of a block, then restore them."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def to_ants(image: sitk.Image):
     """A scalar SimpleITK image as an ANTs image with the same geometry (float32)."""
     import ants
@@ -107,8 +91,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: AntsOptions | None 
         raise ValueError(f"unknown ANTs transform {options.transform!r}; choose one of {TRANSFORMS}")
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(options.threads)
     start = time.perf_counter()
-    # ants.registration takes no seed argument (an unknown keyword is dropped): ANTs reads it from the environment
-    with _environment(ANTS_RANDOM_SEED=str(options.random_seed)), tempfile.TemporaryDirectory(prefix="ants_") as folder:
+    # ants.registration takes no seed argument (an unknown keyword is dropped): ANTs reads it from the environment,
+    # set for this call only (patch.dict restores os.environ on exit)
+    seed = mock.patch.dict(os.environ, ANTS_RANDOM_SEED=str(options.random_seed))
+    with seed, tempfile.TemporaryDirectory(prefix="ants_") as folder:
         try:
             f, m = to_ants(fixed), to_ants(moving)
             kind = "affine" if options.transform == "affine" else "affine + SyN"
