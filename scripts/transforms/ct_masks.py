@@ -31,7 +31,7 @@ AIR_HU = -1024.0
 CUT_LUNG_MIN_HU = -975.0
 CUT_LUNG_MAX_HU = -300.0  # dense lung (ground glass, atelectasis) smooths to -650..-300; fat and muscle lie above
 MIN_CUT_LUNG_ML = 5.0  # smaller border regions (partial-volume rims, blankets) stay outside
-CUT_LUNG_GRID_MM = 1.5  # the thickness test of cut lungs runs on a grid about this coarse
+CUT_LUNG_GRID_MM = 2.0  # the thickness test of cut lungs runs on a grid of whole voxels at most this coarse
 
 # in-plane (y, x) connectivity only: fills holes slice by slice, so the lungs count as inside the body even though
 # the airways reach the top of the scan
@@ -119,7 +119,8 @@ def cut_lung_array(hu: np.ndarray, body: np.ndarray, spacing_zyx: Sequence[float
     if not lung_like.any():
         return lung_like
     # the opening of every lung-like voxel, inside the body too (a thin slab the body misses next to lung it keeps),
-    # on a grid coarsened to about 1.5 mm where the voxels are finer: a fraction of the cost, same decision
+    # on a grid coarsened to at most CUT_LUNG_GRID_MM (1 mm voxels two at a time): on crops of the six training scans
+    # at 1 mm, 2.6 times faster than a 1.5 mm grid, the same lung kept, at most 0.23 % of the voxels changed
     step = tuple(max(1, int(CUT_LUNG_GRID_MM // float(s))) for s in spacing_zyx)
     coarse_spacing = [float(s) * k for s, k in zip(spacing_zyx, step)]
     coarse = in_lung_range[:: step[0], :: step[1], :: step[2]]
