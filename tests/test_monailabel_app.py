@@ -24,6 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 from scripts.workflows.label_request import LABEL_VALUES, BundleRunError, infer_pair, viewer_label_map
+from tests.helpers.fast_elastix import FAST_ELASTIX
 from tests.helpers.synthetic_pair import write_pair
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or whole pairs: pytest -m 'not slow' skips them
@@ -31,7 +32,11 @@ pytestmark = pytest.mark.slow  # subprocesses, servers or whole pairs: pytest -m
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_LIMIT_S = 900  # the server is started under `timeout`: it stops by itself even if the test is killed
 STARTUP_S = 240
-REREGISTRATION_UNCALIBRATED = {"method": "reregistration", "calibration_file": ""}
+REREGISTRATION_UNCALIBRATED = {
+    "method": "reregistration",
+    "calibration_file": "",
+    "reregistration_inferer#elastix_options": FAST_ELASTIX,  # the server's glue is checked, not the registration
+}
 
 
 def monailabel_python() -> str:

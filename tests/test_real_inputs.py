@@ -25,18 +25,12 @@ from scripts.data.image_io import Grid, InputError, load_pair, read_image
 from scripts.transforms.ct_masks import ct_masks
 from scripts.utils.constants import BACKGROUND_HU, CLASS_THRESHOLDS_MM, UNASSESSED_ERROR_MM, UNASSESSED_LABEL
 from tests.helpers.chest_phantom import chest_phantom_arrays, to_image
+from tests.helpers.fast_elastix import FAST_ELASTIX
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or whole pairs: pytest -m 'not slow' skips them
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "sample_data"
-FAST_ELASTIX = {
-    "number_of_resolutions": 3,
-    "affine_iterations": 150,
-    "bspline_iterations": 60,
-    "number_of_spatial_samples": 1500,
-    "asgd_estimation": "DisplacementDistribution",
-}
 DECISIVE_MARGIN_MM = 0.5  # lung voxels whose |r| on the whole pair lies this far from 3 and 6 mm are compared
 LABEL_AGREEMENT = 0.95  # of those voxels, the fraction with the same label: the same voxels stored another way
 CROP_LABEL_AGREEMENT = 0.75  # a crop is another registration problem (less context, another affine stage)

@@ -1,1 +1,2 @@
-"""Test helpers: the chest phantom, a small synthetic registered pair and tiny training data, made on the fly."""
+"""Test helpers: the chest phantom, a small synthetic registered pair and tiny training data, made on the fly; fast
+re-registration settings."""
