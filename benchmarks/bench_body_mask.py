@@ -18,11 +18,10 @@ from unittest import mock
 
 import fire
 import numpy as np
-import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.data.image_io import Grid, read_image, resample  # noqa: E402
+from scripts.data.image_io import hu_on_grid, isotropic_grid, read_image  # noqa: E402
 from scripts.transforms import ct_masks  # noqa: E402
 
 SAMPLE_FIXED = Path(__file__).resolve().parents[1] / "sample_data" / "fixed.nii.gz"
@@ -52,9 +51,7 @@ def main(scan: str = str(SAMPLE_FIXED), repeats: int = 3, reference_grid_mm: flo
         Dict case -> shipped seconds, reference seconds, ratio, fraction of voxels that differ.
     """
     image = read_image(scan, "scan")
-    grid = Grid.of(image)
-    size = tuple(int(np.floor((n - 1) * s)) + 1 for n, s in zip(grid.size, grid.spacing))
-    hu = sitk.GetArrayFromImage(resample(image, Grid(size, grid.origin, (1.0, 1.0, 1.0), grid.direction)))
+    hu = hu_on_grid(image, isotropic_grid(image, 1.0))  # the network's 1 mm grid
     body = ct_masks.body_mask_array(hu, (1.0, 1.0, 1.0))
     lung = ct_masks.lung_mask_array(hu, body, (1.0, 1.0, 1.0))
     x_lung = np.nonzero(lung.any(axis=(0, 1)))[0]
